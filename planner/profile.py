@@ -74,8 +74,17 @@ class Metadata(_Strict):
     backend: Backend
     dtype: str = Field(min_length=1)
     block_size: int = Field(gt=0)
-    kv_capacity_blocks_per_gpu: int = Field(ge=0, description="KV blocks one GPU holds after weights")
-    weights: Literal["real", "random"]
+    kv_capacity_blocks_per_gpu: int = Field(
+        ge=0,
+        description="KV blocks (all layers and KV heads) one GPU's memory holds next to the weights; "
+        "a replica of tp GPUs holds tp times that unless kv_capacity_blocks_by_tp says otherwise",
+    )
+    kv_capacity_blocks_by_tp: dict[int, int] | None = Field(
+        default=None, description="measured KV blocks per replica for a given tp (overrides tp x per-GPU)"
+    )
+    weights: Literal["real", "random", "none"] = Field(
+        description="'none' for a synthetic profile that ran no model at all"
+    )
     source: Literal["measured", "synthetic"]
     created_at: datetime
     command: str = Field(description="the exact command that produced this profile")
@@ -203,7 +212,7 @@ class Acceptance(_Strict):
 
 
 class Profile(_Strict):
-    schema_version: int = Field(ge=1)
+    schema_version: int = Field(ge=1, le=SCHEMA_VERSION)
     metadata: Metadata
     decode: list[DecodePoint] = Field(default_factory=list)
     prefill: list[PrefillPoint] = Field(default_factory=list)
@@ -225,6 +234,11 @@ class Profile(_Strict):
                 target[i] = item
                 return
         target.append(item)
+
+    def kv_blocks_per_replica(self, tp: int) -> int:
+        """KV blocks a replica of ``tp`` GPUs holds (measured per tp when the profile has it)."""
+        by_tp = self.metadata.kv_capacity_blocks_by_tp or {}
+        return by_tp.get(tp, self.metadata.kv_capacity_blocks_per_gpu * tp)
 
 
 def new_profile(metadata: Metadata) -> Profile:
