@@ -1,0 +1,133 @@
+"""Speculative-decoding configuration: which method, how many draft tokens, and method options.
+
+One validated object travels from the CLI / profiler into the engine, so a bad value fails at once
+with the field and the value named, not deep inside a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import ConfigError
+
+METHODS = ("ngram", "draft", "medusa")
+
+Tree = tuple[tuple[int, ...], ...]
+
+
+def normalize_tree(paths: Sequence[Sequence[int]], *, field_name: str = "tree") -> Tree:
+    """Validate a Medusa tree given as a list of paths (each path a list of top-k ranks, one per head)
+    and return it sorted breadth-first (by depth, then lexicographically), the node order used for
+    the verify chunk. Every prefix of a path must itself be a path (a node's parent exists)."""
+    if isinstance(paths, str | bytes) or not isinstance(paths, Sequence):
+        raise ConfigError(f"{field_name} must be a list of paths (lists of ints), got {paths!r}")
+    out: set[tuple[int, ...]] = set()
+    for p in paths:
+        if isinstance(p, str | bytes) or not isinstance(p, Sequence) or len(p) == 0:
+            raise ConfigError(f"{field_name}: each path must be a non-empty list of ints, got {p!r}")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in p):
+            raise ConfigError(f"{field_name}: path {list(p)!r} must hold ints >= 0 (top-k ranks)")
+        out.add(tuple(p))
+    if not out:
+        raise ConfigError(f"{field_name} must hold at least one path, got {paths!r}")
+    for p in out:
+        if len(p) > 1 and p[:-1] not in out:
+            raise ConfigError(f"{field_name}: path {list(p)!r} has no parent path {list(p[:-1])!r}")
+    return tuple(sorted(out, key=lambda p: (len(p), p)))
+
+
+@dataclass
+class SpecConfig:
+    """What to speculate with.
+
+    method: ``ngram`` (prompt lookup), ``draft`` (a small model with its own KV pool) or ``medusa``
+    (extra heads verified as a token tree). ``k`` is num_speculative_tokens for chain methods; for
+    Medusa it is the number of heads used (tree depth), and the tree decides the verify width.
+    ``draft_model``: preset / path of the drafter (default: the target itself, truncated to
+    ``draft_layers`` layers -- a real self-speculative drafter on CPU). ``draft_weights``:
+    ``auto|real|random`` for the drafter. ``medusa_heads``: a safetensors / .pt file with Medusa-1
+    heads (``medusa_head.{i}...``), or None for seeded random heads (timing only).
+    ``tree``: Medusa tree as a list of paths; None = the default ~64-node tree.
+    """
+
+    method: str
+    k: int
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    draft_model: str | None = None
+    draft_layers: int | None = None
+    draft_weights: str = "auto"
+    medusa_heads: str | None = None
+    tree: Any = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"spec method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ConfigError(f"spec k (num_speculative_tokens) must be an int >= 1, got {self.k!r}")
+        for name in ("prompt_lookup_min", "prompt_lookup_max"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"spec {name} must be an int >= 1, got {v!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError(
+                f"spec prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
+                f"({self.prompt_lookup_max})"
+            )
+        if self.draft_layers is not None and (
+            not isinstance(self.draft_layers, int)
+            or isinstance(self.draft_layers, bool)
+            or self.draft_layers < 1
+        ):
+            raise ConfigError(f"spec draft_layers must be an int >= 1 or None, got {self.draft_layers!r}")
+        if self.draft_weights not in ("auto", "real", "random"):
+            raise ConfigError(f"spec draft_weights must be auto|real|random, got {self.draft_weights!r}")
+        if self.method != "draft" and (self.draft_model is not None or self.draft_layers is not None):
+            raise ConfigError(
+                f"spec draft_model/draft_layers apply to method 'draft' only, got method {self.method!r}"
+            )
+        if self.method != "medusa" and (self.medusa_heads is not None or self.tree is not None):
+            raise ConfigError(f"spec medusa_heads/tree apply to method 'medusa' only, got {self.method!r}")
+        if self.method == "medusa" and self.tree is not None:
+            self.tree = normalize_tree(self.tree)
+            depth = max(len(p) for p in self.tree)
+            if depth > self.k:
+                raise ConfigError(f"spec tree depth {depth} exceeds k={self.k} (number of Medusa heads)")
+
+    @property
+    def is_tree(self) -> bool:
+        return self.method == "medusa"
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV slots a decode step needs beyond its one real token (kvbm lookahead)."""
+        if self.method == "medusa":
+            from engine.spec.medusa import resolve_tree
+
+            return len(resolve_tree(self.tree, self.k))  # tree nodes; the root is the real token
+        return self.k
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpecConfig:
+        known = {
+            "method",
+            "k",
+            "prompt_lookup_min",
+            "prompt_lookup_max",
+            "draft_model",
+            "draft_layers",
+            "draft_weights",
+            "medusa_heads",
+            "tree",
+            "seed",
+        }
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"spec config: unknown field(s) {unknown}")
+        if "method" not in data or "k" not in data:
+            raise ConfigError(f"spec config: fields 'method' and 'k' are required, got {sorted(data)}")
+        return cls(**data)

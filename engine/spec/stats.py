@@ -1,0 +1,103 @@
+"""Speculative-decoding counters, counted the way vLLM counts them, so /metrics and the profiler read
+the same numbers a real vLLM exports.
+
+Per sequence and decode step (a step where the sequence emits tokens after its prefill):
+- ``num_decode_steps`` += 1;
+- if the step carried >= 1 draft token: ``num_drafts`` += 1, ``num_draft_tokens`` += len(draft);
+- ``num_accepted_tokens`` += accepted drafts, ``accepted_per_pos[i]`` += 1 when position i was accepted.
+
+A step emits ``1 + accepted`` tokens, so tokens per decode step = ``1 + accepted / decode_steps`` =
+``1 + draft_coverage * acceptance_given_draft`` with ``draft_coverage = drafts / decode_steps`` and
+``acceptance_given_draft = accepted / drafts = sum_i accepted_per_pos[i] / drafts`` (the metric
+definitions in planner/metrics_def.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SpecStats:
+    num_decode_steps: int = 0
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+    # Wall time spent proposing and verifying (seconds), for logs; the profiler times steps itself.
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+
+    def record(self, num_draft_tokens: int, num_accepted: int) -> None:
+        """One sequence's decode step: it carried ``num_draft_tokens`` drafts (0 = no draft) and the
+        first ``num_accepted`` of them were accepted."""
+        if num_draft_tokens < 0 or not 0 <= num_accepted <= max(num_draft_tokens, 0):
+            raise ValueError(
+                f"SpecStats.record: need 0 <= num_accepted ({num_accepted}) <= num_draft_tokens "
+                f"({num_draft_tokens})"
+            )
+        self.num_decode_steps += 1
+        if num_draft_tokens == 0:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_pos) < num_draft_tokens:
+            self.accepted_per_pos.extend([0] * (num_draft_tokens - len(self.accepted_per_pos)))
+        for i in range(num_accepted):
+            self.accepted_per_pos[i] += 1
+
+    def merge(self, other: SpecStats) -> None:
+        self.num_decode_steps += other.num_decode_steps
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        n = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
+        a = self.accepted_per_pos + [0] * (n - len(self.accepted_per_pos))
+        b = other.accepted_per_pos + [0] * (n - len(other.accepted_per_pos))
+        self.accepted_per_pos = [x + y for x, y in zip(a, b, strict=True)]
+        self.draft_time_s += other.draft_time_s
+        self.verify_time_s += other.verify_time_s
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Output tokens per decode step: ``1 + accepted / decode_steps`` (1.0 before any step)."""
+        if self.num_decode_steps == 0:
+            return 1.0
+        return 1.0 + self.num_accepted_tokens / self.num_decode_steps
+
+    @property
+    def draft_coverage(self) -> float:
+        """Share of decode steps that carried a draft: ``drafts / decode_steps``."""
+        return self.num_drafts / self.num_decode_steps if self.num_decode_steps else 0.0
+
+    @property
+    def acceptance_given_draft(self) -> float:
+        """Mean accepted draft tokens per draft: ``sum_i accepted_per_pos[i] / drafts``."""
+        return self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    @property
+    def acceptance_rate_per_pos(self) -> list[float]:
+        """``accepted_per_pos[i] / drafts``: probability that draft position i is accepted."""
+        if not self.num_drafts:
+            return [0.0 for _ in self.accepted_per_pos]
+        return [c / self.num_drafts for c in self.accepted_per_pos]
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        """Accepted over proposed draft tokens (vLLM's ``draft_acceptance_rate``)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_decode_steps": self.num_decode_steps,
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "accepted_per_pos": list(self.accepted_per_pos),
+            "tokens_per_step": self.tokens_per_step,
+            "draft_coverage": self.draft_coverage,
+            "acceptance_given_draft": self.acceptance_given_draft,
+            "acceptance_rate_per_pos": self.acceptance_rate_per_pos,
+        }
