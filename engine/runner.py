@@ -1,0 +1,223 @@
+"""ModelRunner: one model shard plus its paged KV cache on one device.
+
+The scheduler hands it block tables from kvbm and token chunks; the runner turns them into the
+flattened tensors of one forward pass (``prepare``/``build_metadata``), runs the model (through CUDA
+graphs for pure-decode batches when ``engine.cuda_graphs`` exists), and returns hidden states and
+float32 logits for the rows asked. It knows nothing about requests, sampling or speculation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine.attention.metadata import AttentionMetadata
+from engine.config import ModelConfig
+from engine.errors import CapacityError, ConfigError
+from engine.model.loader import build_model, resolve_device, resolve_dtype
+from engine.presets import ModelSource, resolve_model
+
+CPU_KV_BUDGET_BYTES = 4 << 30  # KV pool ceiling on CPU when num_blocks is not given
+ACTIVATION_RESERVE_BYTES = 1 << 30  # left free on GPU for activations, logits and graph pools
+
+
+@dataclass
+class SeqBatchEntry:
+    """One sequence's part of a step: ``token_ids`` are its query tokens, the first at position
+    ``num_computed`` (tokens before it already hold KV); ``block_table`` covers all of them."""
+
+    token_ids: Sequence[int]
+    block_table: Sequence[int]
+    num_computed: int
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        source: ModelSource | str,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        cuda_graphs: bool = True,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        group: dist.ProcessGroup | None = None,
+        gpu_memory_utilization: float = 0.9,
+        seed: int = 0,
+        attn_backend: str = "auto",
+        weights: str = "auto",
+    ) -> None:
+        if isinstance(source, str):
+            source = resolve_model(source, weights=weights)
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ConfigError(f"block_size must be a positive int, got {block_size!r}")
+        if not isinstance(max_num_seqs, int) or max_num_seqs <= 0:
+            raise ConfigError(f"max_num_seqs must be a positive int, got {max_num_seqs!r}")
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+        self.source = source
+        self.config: ModelConfig = source.config
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, source, self.device)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len or self.config.max_position_embeddings
+        if self.max_model_len > self.config.max_position_embeddings or self.max_model_len <= 0:
+            raise ConfigError(
+                f"max_model_len={self.max_model_len} must be in [1, {self.config.max_position_embeddings}] "
+                f"(max_position_embeddings of {self.config.name!r})"
+            )
+        self.max_blocks_per_seq = -(-self.max_model_len // block_size)
+        self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
+        self.model = build_model(
+            source,
+            dtype=self.dtype,
+            device=self.device,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            group=group,
+            seed=seed,
+            attn_backend=attn_backend,
+        )
+        self.num_kv_heads = self.model.num_kv_heads_per_rank
+        self.num_blocks = self._decide_num_blocks(num_blocks, gpu_memory_utilization)
+        shape = (self.num_blocks, block_size, self.num_kv_heads, self.config.head_dim)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.config.num_layers)
+        ]
+        self._pin = self.device.type == "cuda"
+        self.decode_graphs = (
+            self._make_decode_graphs() if cuda_graphs and self.device.type == "cuda" else None
+        )
+
+    # -- sizing -----------------------------------------------------------------------------------
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.config.num_layers * self.block_size * self.num_kv_heads * self.config.head_dim * elem
+
+    def _decide_num_blocks(self, num_blocks: int | None, utilization: float) -> int:
+        if num_blocks is not None:
+            if not isinstance(num_blocks, int) or num_blocks <= 0:
+                raise ConfigError(f"num_blocks must be a positive int, got {num_blocks!r}")
+            return num_blocks
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(utilization * total) - (total - free) - ACTIVATION_RESERVE_BYTES
+        else:
+            wanted = self.max_num_seqs * self.max_blocks_per_seq * self.bytes_per_block
+            budget = min(wanted, CPU_KV_BUDGET_BYTES)
+        blocks = budget // self.bytes_per_block
+        if self.tp_size > 1:  # every rank must agree on the pool size: take the smallest
+            t = torch.tensor([blocks], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+            blocks = int(t.item())
+        if blocks < 1:
+            raise CapacityError(
+                f"no room for a KV cache on {self.device}: budget {budget / 2**30:.2f} GiB, "
+                f"{self.bytes_per_block} bytes per block"
+            )
+        return int(blocks)
+
+    def _make_decode_graphs(self):  # noqa: ANN202 - DecodeGraphs lives in the GPU helper's module
+        if importlib.util.find_spec("engine.cuda_graphs") is None:
+            return None
+        from engine.cuda_graphs import DecodeGraphs
+
+        return DecodeGraphs(self, max_batch=self.max_num_seqs)
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if self._pin:
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def build_metadata(self, seqs: Sequence[tuple[Sequence[int], int, int]]) -> AttentionMetadata:
+        """Metadata for sequences given as (block_table, num_computed, num_query)."""
+        meta, _ = self._build(seqs)
+        return meta
+
+    def _build(self, seqs: Sequence[tuple[Sequence[int], int, int]]) -> tuple[AttentionMetadata, np.ndarray]:
+        bs = self.block_size
+        num = len(seqs)
+        if num == 0:
+            raise ValueError("a step needs at least one sequence")
+        q_lens = np.fromiter((s[2] for s in seqs), dtype=np.int64, count=num)
+        computed = np.fromiter((s[1] for s in seqs), dtype=np.int64, count=num)
+        seq_lens = computed + q_lens
+        width = max(len(s[0]) for s in seqs)
+        tables = np.zeros((num, max(width, 1)), dtype=np.int32)
+        for i, (table, _, _) in enumerate(seqs):
+            tables[i, : len(table)] = table
+        if (-(-seq_lens // bs) > np.fromiter((len(s[0]) for s in seqs), dtype=np.int64, count=num)).any():
+            bad = int(np.argmax(-(-seq_lens // bs) > [len(s[0]) for s in seqs]))
+            raise ValueError(
+                f"sequence {bad}: block table of {len(seqs[bad][0])} blocks cannot hold "
+                f"{int(seq_lens[bad])} tokens"
+            )
+        starts = np.zeros(num + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=starts[1:])
+        total = int(starts[-1])
+        seq_of_tok = np.repeat(np.arange(num), q_lens)
+        positions = np.arange(total, dtype=np.int64) - starts[:-1][seq_of_tok] + computed[seq_of_tok]
+        slots = tables[seq_of_tok, positions // bs].astype(np.int64) * bs + positions % bs
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slots),
+            query_start_loc=self._to_device(starts),
+            seq_lens=self._to_device(seq_lens.astype(np.int32)),
+            block_tables=self._to_device(tables),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+        return meta, positions
+
+    def prepare(
+        self, entries: Sequence[SeqBatchEntry]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input_ids [T], positions [T], metadata) for one flattened step."""
+        meta, positions = self._build([(e.block_table, e.num_computed, len(e.token_ids)) for e in entries])
+        ids = np.fromiter((t for e in entries for t in e.token_ids), dtype=np.int64, count=len(positions))
+        return self._to_device(ids), self._to_device(positions), meta
+
+    # -- execution --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Eager forward over the paged cache -> final-normed hidden [T, H] (what graphs capture)."""
+        return self.model(input_ids, positions, self.kv_caches, meta)
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one step; logits (float32) for the rows ``logits_indices`` (None = every row)."""
+        hidden = None
+        if self.decode_graphs is not None and meta.is_pure_decode:
+            hidden = self.decode_graphs.run(input_ids, positions, meta)  # None: no graph for this shape
+        if hidden is None:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        rows = hidden if logits_indices is None else hidden.index_select(0, logits_indices)
+        return hidden, self.model.compute_logits(rows)
+
+    def logits_indices(self, meta: AttentionMetadata) -> torch.Tensor:
+        """Rows of the last query token of each sequence."""
+        return (meta.query_start_loc[1:] - 1).long()
