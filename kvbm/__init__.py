@@ -20,6 +20,7 @@ from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvbm.hashing import block_hashes, hash_block
 from kvbm.manager import KVCacheManager
 from kvbm.metrics import KVCacheMetrics
+from kvbm.slots import slot_ids
 
 __all__ = [
     "AllBlocksCleared",
@@ -40,4 +41,5 @@ __all__ = [
     "block_hashes",
     "capacity",
     "hash_block",
+    "slot_ids",
 ]

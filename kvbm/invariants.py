@@ -81,3 +81,34 @@ def check_invariants(mgr: KVCacheManager) -> None:
     for h, b in pool.hash_to_block.items():
         if pool.block_hash[b] != h:
             fail(f"hash map sends a hash to block {b}, which carries another")
+
+
+def snapshot(mgr: KVCacheManager) -> tuple:
+    """Everything observable about the manager as one comparable value (free-queue order included).
+
+    Tests compare snapshots to prove that a failed call changed nothing.
+    """
+    pool = mgr._pool
+    seqs = tuple(
+        (
+            seq_id,
+            tuple(s.blocks),
+            s.num_computed,
+            s.num_reserved,
+            s.num_granted,
+            tuple(s.token_ids),
+            tuple(s.hashes),
+            s.extra_keys,
+        )
+        for seq_id, s in mgr._seqs.items()
+    )
+    return (
+        tuple(pool.ref_count),
+        tuple(pool.block_hash),
+        tuple(pool.uncached),
+        tuple(pool.cached_free),
+        tuple(pool.hash_to_block.items()),
+        seqs,
+        tuple((name, tuple(b)) for name, b in mgr._pins.items()),
+        mgr._counters.as_tuple(),
+    )
