@@ -391,3 +391,24 @@ async def _until_disconnect(raw: Request, handle: RequestHandle, work: Awaitable
     finally:
         watch.cancel()
         handle.close()
+
+
+def served_model_for(engine: Any, name: str, aliases: tuple[str, ...] = ()) -> ServedModel:
+    """Describe an ``LLMEngine`` for the HTTP layer (context length and vocabulary from its model)."""
+    tokenizer = engine.tokenizer
+    max_len = getattr(engine, "max_model_len", None)
+    if max_len is None:
+        max_len = engine.config.max_position_embeddings
+    vocab = getattr(tokenizer, "vocab_size", None) or engine.config.vocab_size
+    return ServedModel(
+        name=name, tokenizer=tokenizer, max_model_len=int(max_len), vocab_size=int(vocab), aliases=aliases
+    )
+
+
+def app_for_engine(
+    engine: Any, name: str, *, aliases: tuple[str, ...] = (), num_spec_tokens: int = 0
+) -> FastAPI:
+    """The whole server for an ``LLMEngine``: metrics registry, engine thread and routes."""
+    served = served_model_for(engine, name, aliases)
+    metrics = ServeMetrics(name, max_model_len=served.max_model_len, num_spec_tokens=num_spec_tokens)
+    return build_app(AsyncEngine(engine, metrics), served, metrics)

@@ -7,6 +7,7 @@ token i of a request is byte ``TEXT[(seed + i) % len(TEXT)]`` so expected text i
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -63,7 +64,8 @@ class _Req:
 class FakeEngine:
     """FIFO admission up to ``max_num_seqs``; one token per running request per step."""
 
-    def __init__(self, max_num_seqs: int = 4, eos_after: int | None = None) -> None:
+    def __init__(self, max_num_seqs: int = 4, eos_after: int | None = None, step_delay: float = 0.0) -> None:
+        self.step_delay = step_delay  # seconds per step, so a test can act while requests are in flight
         self.tokenizer = ByteTokenizer()
         self.max_num_seqs = max_num_seqs
         self.max_model_len = 256
@@ -103,6 +105,8 @@ class FakeEngine:
 
     def step(self) -> list[FakeOutput]:
         self.steps += 1
+        if self.step_delay:
+            time.sleep(self.step_delay)
         while self.waiting and len(self.running) < self.max_num_seqs:
             rid, req = self.waiting.popitem(last=False)
             self.running[rid] = req

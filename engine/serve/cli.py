@@ -1,0 +1,142 @@
+"""``engine serve``: flags and entry point (engine/cli.py registers the subcommand and calls ``main``).
+
+Flag names follow ``vllm serve`` where one exists (``--port``, ``--max-num-seqs``,
+``--num-gpu-blocks-override``-like ``--num-gpu-blocks``, ``--served-model-name``, ``--max-model-len``,
+``--tensor-parallel-size``, ``--num-speculative-tokens``), so a command line moves between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import uvicorn
+
+from engine.errors import EngineError
+
+SPEC_METHODS = ("none", "ngram", "draft", "medusa")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``engine serve`` flags on ``parser``."""
+    parser.add_argument("--model", required=True, help="preset name, HF directory or .gguf file")
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="names clients may use (first: the name in responses and metrics); default: --model",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--weights", choices=("auto", "real", "random"), default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=64, help="most requests running at once; more wait"
+    )
+    parser.add_argument(
+        "--num-gpu-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)"
+    )
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    parser.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spec", choices=SPEC_METHODS, default="none", help="speculative decoding method")
+    parser.add_argument(
+        "--k",
+        "--num-speculative-tokens",
+        dest="k",
+        type=int,
+        default=None,
+        help="draft tokens per step (Medusa: heads); required with --spec",
+    )
+    parser.add_argument("--prompt-lookup-min", type=int, default=1)
+    parser.add_argument("--prompt-lookup-max", type=int, default=4)
+    parser.add_argument(
+        "--draft-model", default=None, help="drafter for --spec draft (default: truncated target)"
+    )
+    parser.add_argument("--draft-layers", type=int, default=None)
+    parser.add_argument("--medusa-heads", default=None, help="Medusa heads file for --spec medusa")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def spec_config(args: argparse.Namespace):  # -> engine.spec.SpecConfig | None
+    """The SpecConfig the flags describe (None without --spec); errors name the flag."""
+    if args.spec == "none":
+        if args.k is not None:
+            raise SystemExit("engine serve: --k needs --spec ngram|draft|medusa")
+        return None
+    if args.k is None:
+        raise SystemExit(f"engine serve: --spec {args.spec} needs --k (num_speculative_tokens)")
+    from engine.spec import SpecConfig
+
+    kwargs = {"method": args.spec, "k": args.k}
+    if args.spec == "ngram":
+        kwargs |= {"prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
+    elif args.spec == "draft":
+        kwargs |= {"draft_model": args.draft_model, "draft_layers": args.draft_layers}
+    elif args.spec == "medusa":
+        kwargs |= {"medusa_heads": args.medusa_heads}
+    return SpecConfig(**kwargs)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Load the model, then serve until interrupted. Returns the process exit code."""
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log = logging.getLogger("engine.serve")
+    from engine.llm_engine import LLMEngine
+    from engine.serve.app import app_for_engine
+    from engine.serve.launcher import bind_socket
+
+    try:
+        spec = spec_config(args)
+        engine = LLMEngine(
+            args.model,
+            dtype=args.dtype,
+            device=args.device,
+            max_num_seqs=args.max_num_seqs,
+            num_gpu_blocks=args.num_gpu_blocks,
+            block_size=args.block_size,
+            max_model_len=args.max_model_len,
+            spec=spec,
+            tp=args.tp,
+            seed=args.seed,
+            weights=args.weights,
+        )
+    except EngineError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    names = tuple(args.served_model_name or (args.model,))
+    app = app_for_engine(engine, names[0], aliases=names[1:], num_spec_tokens=spec.k if spec else 0)
+    sock = bind_socket(args.host, args.port)
+    log.info(
+        "serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics)",
+        names[0],
+        args.host,
+        args.port,
+    )
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    return 0
+
+
+def _standalone() -> int:  # `python -m engine.serve.cli ...` while engine/cli.py lacks the subcommand
+    parser = argparse.ArgumentParser(
+        prog="engine serve", description="OpenAI-compatible server over the engine"
+    )
+    add_arguments(parser)
+    return main(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(_standalone())
