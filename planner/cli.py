@@ -1,0 +1,160 @@
+"""``planner`` command line: plan, serve, daemon, synthetic."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from planner.plan import PlanInputError, Planner
+from planner.profile import ProfileError, load_profile, save_profile
+
+
+def _sla_args(p: argparse.ArgumentParser, *, itl_required: bool = True) -> None:
+    p.add_argument("--itl-ms", type=float, required=itl_required, help="ITL SLA in milliseconds")
+    p.add_argument("--ttft-ms", type=float, help="TTFT SLA in milliseconds")
+    p.add_argument("--isl", type=int, help="input (prompt) length in tokens")
+    p.add_argument("--osl", type=int, help="output length in tokens")
+    p.add_argument("--request-rate", type=float, help="requests per second to size replicas for")
+    p.add_argument("--max-gpus", type=int, help="GPU budget")
+
+
+def _sla_kwargs(a: argparse.Namespace) -> dict:
+    return dict(
+        itl_ms=a.itl_ms, ttft_ms=a.ttft_ms, isl=a.isl, osl=a.osl,
+        request_rate=a.request_rate, max_gpus=a.max_gpus,
+    )  # fmt: skip
+
+
+def _load_planner(path: str) -> Planner:
+    return Planner(load_profile(path), Path(path).stem)
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from planner.render import render_plan
+
+    planner = _load_planner(a.profile)
+    res = planner.plan(**_sla_kwargs(a), acceptance=a.acceptance, draft_coverage=a.draft_coverage)
+    print(res.model_dump_json(indent=2) if a.json else render_plan(res))
+    return 0 if res.feasible else 3
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn
+    from api.app import create_app
+
+    from planner.daemon import DaemonConfig
+
+    daemon_cfg = None
+    if a.metrics_url:
+        if a.itl_ms is None:
+            raise PlanInputError("--itl-ms", None, "is required with --metrics-url (the daemon's SLA)")
+        daemon_cfg = DaemonConfig(
+            metrics_url=a.metrics_url,
+            interval_s=a.interval,
+            tp=a.tp,
+            method=a.method,
+            k=a.k,
+            smoothing=a.smoothing,
+            **_sla_kwargs(a),
+        )
+    app = create_app(a.profiles, daemon=daemon_cfg, daemon_profile=a.daemon_profile, connector=a.connector)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False)
+    return 0
+
+
+def cmd_daemon(a: argparse.Namespace) -> int:
+    from planner.daemon import CorrectionDaemon, DaemonConfig, make_connector
+
+    cfg = DaemonConfig(
+        metrics_url=a.metrics_url,
+        interval_s=a.interval,
+        tp=a.tp,
+        method=a.method,
+        k=a.k,
+        smoothing=a.smoothing,
+        **_sla_kwargs(a),
+    )
+    daemon = CorrectionDaemon(_load_planner(a.profile), cfg, make_connector(a.connector))
+    logging.getLogger("planner.daemon").info(
+        "correcting %s for %s every %ss", daemon.state.running_config, a.metrics_url, a.interval
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(daemon.run(max_ticks=a.max_ticks))
+    print(daemon.state.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_synthetic(a: argparse.Namespace) -> int:
+    from planner.synthetic import synthetic_profile
+
+    command = shlex.join(["planner", *sys.argv[1:]]) if a.command is None else a.command
+    prof = synthetic_profile(command=command)
+    save_profile(prof, a.out)
+    print(f"wrote {a.out}: {len(prof.decode)} decode, {len(prof.prefill)} prefill points (source: synthetic)")
+    return 0
+
+
+def _daemon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between scrapes")
+    p.add_argument("--tp", type=int, help="running config (default: the plan's choice)")
+    p.add_argument("--method", help="running speculative method (default: the plan's choice)")
+    p.add_argument("--k", type=int, help="running num_speculative_tokens (default: the plan's choice)")
+    p.add_argument("--smoothing", type=float, default=0.3, help="EMA weight of the newest window")
+    p.add_argument("--connector", default="log", help="log | file:PATH | http(s)://callback")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="planner", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("plan", help="choose tp, method, k, concurrency and replicas under an SLA")
+    p.add_argument("--profile", required=True, help="profile JSON file")
+    _sla_args(p)
+    p.add_argument("--acceptance", type=float, help="per-position acceptance rate alpha (given)")
+    p.add_argument("--draft-coverage", type=float, help="share of steps with a draft (with --acceptance)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("serve", help="HTTP API and dashboard over a directory of profiles")
+    p.add_argument("--profiles", required=True, help="directory of profile JSON files")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--metrics-url", help="run the correction daemon against this /metrics URL")
+    p.add_argument("--daemon-profile", help="profile id the daemon corrects (default: the only one)")
+    _sla_args(p, itl_required=False)
+    _daemon_args(p)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("daemon", help="correction-factor daemon against a live /metrics endpoint")
+    p.add_argument("--profile", required=True)
+    p.add_argument("--metrics-url", required=True)
+    p.add_argument("--max-ticks", type=int, help="stop after this many scrapes (default: run forever)")
+    _sla_args(p)
+    _daemon_args(p)
+    p.set_defaults(fn=cmd_daemon)
+
+    p = sub.add_parser("synthetic", help="write the documented analytic profile (source: synthetic)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--command", help="command string to record (default: this command line)")
+    p.set_defaults(fn=cmd_synthetic)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args.fn(args))
+    except (ProfileError, PlanInputError, ValueError) as exc:
+        print(f"planner: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

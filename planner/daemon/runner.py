@@ -1,0 +1,319 @@
+"""The correction loop: scrape, take a window of deltas, correct ITL and acceptance, re-plan, decide.
+
+Per window (two consecutive good scrapes):
+- observed ITL = ITL-histogram sum / (generated tokens - first tokens): the sum of a request's gaps is
+  ``last - first token time`` whether the engine observes one gap per token or one per step, so this is
+  the per-token ITL of the shared definition (planner.metrics_def). First tokens = TTFT observations.
+- decode steps = generated - accepted - first tokens (vLLM counts only steps that carried a draft);
+  live draft coverage = drafts / decode steps, acceptance given a draft = accepted_per_pos / drafts,
+  accumulated over all windows since the daemon started (reset-safe).
+- predicted ITL = interpolated step time at the observed concurrency and context / live tokens per step,
+  so the factor captures step-time error only; it is smoothed with an exponential moving average.
+A failed scrape marks the state stale and keeps the last plan; the next good scrape clears it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+from pydantic import BaseModel, Field
+
+from planner.daemon.connectors import Connector, LogConnector
+from planner.daemon.scrape import MetricsSnapshot, Window, parse_metrics, window
+from planner.metrics_def import acceptance_given_draft, draft_coverage, tokens_per_step, vllm_decode_steps
+from planner.plan import Planner, PlanResult, resolve_acceptance
+from planner.profile import Acceptance, AcceptanceSource
+
+log = logging.getLogger("planner.daemon")
+
+
+@dataclass
+class DaemonConfig:
+    metrics_url: str
+    itl_ms: float
+    interval_s: float = 10.0
+    ttft_ms: float | None = None
+    isl: int | None = None
+    osl: int | None = None
+    request_rate: float | None = None
+    max_gpus: int | None = None
+    tp: int | None = None  # the running config; default: the uncorrected plan's choice
+    method: str | None = None
+    k: int | None = None
+    smoothing: float = 0.3  # EMA weight of the newest window
+    min_tokens: int = 16  # a window with fewer decode tokens does not move the factor
+    timeout_s: float = 5.0
+    plan_kwargs: dict = field(default_factory=dict)
+
+
+class LiveAcceptance(BaseModel):
+    draft_coverage: float
+    accepted_per_pos: list[float]
+    tokens_per_step: float
+    tokens_per_draft: float
+    drafts: float
+    decode_steps: float
+
+
+class Observed(BaseModel):
+    itl_ms: float | None = None
+    concurrency: float | None = None
+    context: float | None = None
+    kv_usage: float | None = None
+    predicted_itl_ms: float | None = None
+    raw_factor: float | None = None
+
+
+class CorrectionState(BaseModel):
+    """What ``GET /correction`` shows."""
+
+    enabled: bool = True
+    metrics_url: str
+    profile: str
+    running_config: dict
+    interval_s: float
+    factor: float = Field(1.0, description="smoothed observed / predicted ITL (1.0 until measured)")
+    factor_windows: int = Field(0, description="windows that moved the factor")
+    decode_tokens: float = 0
+    acceptance: LiveAcceptance | None = None
+    last_window: Observed = Field(default_factory=Observed)
+    stale: bool = True
+    last_success: float | None = None
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    scrapes: int = 0
+    counter_resets: int = 0
+    notes: list[str] = Field(default_factory=list)
+    last_decision: dict | None = None
+    connector: str = "log"
+    connector_error: str | None = None
+
+
+class CorrectionDaemon:
+    """Owns the scrape loop for one profile's planner; ``corrected_plan`` is what the API serves."""
+
+    def __init__(self, planner: Planner, cfg: DaemonConfig, connector: Connector | None = None) -> None:
+        self.planner = planner
+        self.cfg = cfg
+        self.connector = connector or LogConnector()
+        base = planner.plan(**self._sla())
+        if cfg.tp is None or cfg.method is None or cfg.k is None:
+            if base.choice is None:
+                raise ValueError("the profile has no configuration to correct; pass tp, method and k")
+            cfg.tp, cfg.method, cfg.k = base.choice.tp, base.choice.method, base.choice.k
+        key = (cfg.tp, cfg.method, cfg.k)
+        if key not in planner.surfaces.decode:
+            raise ValueError(
+                f"running config tp={cfg.tp} method={cfg.method} k={cfg.k} is not in the profile"
+            )
+        self.surface = planner.surfaces.decode[key]
+        self.state = CorrectionState(
+            metrics_url=cfg.metrics_url,
+            profile=planner.name,
+            running_config={"tp": cfg.tp, "method": cfg.method, "k": cfg.k},
+            interval_s=cfg.interval_s,
+            connector=self.connector.name,
+        )
+        self.corrected: PlanResult = base
+        self._prev: MetricsSnapshot | None = None
+        self._drafts = 0.0
+        self._steps = 0.0
+        self._per_pos: dict[int, float] = {}
+        self._last_key: tuple | None = None
+
+    def _sla(self) -> dict:
+        c = self.cfg
+        return dict(
+            itl_ms=c.itl_ms, ttft_ms=c.ttft_ms, isl=c.isl, osl=c.osl,
+            request_rate=c.request_rate, max_gpus=c.max_gpus, **c.plan_kwargs,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- window maths
+    def _live_acceptance(self) -> LiveAcceptance | None:
+        if self.cfg.method == "none" or self._steps <= 0:
+            return None
+        k = int(self.cfg.k or 0)
+        counts = [self._per_pos.get(i, 0.0) for i in range(k)]
+        per_pos = [min(1.0, a) for a in acceptance_given_draft(counts, self._drafts)]
+        cov = draft_coverage(self._drafts, self._steps)
+        return LiveAcceptance(
+            draft_coverage=cov,
+            accepted_per_pos=per_pos,
+            tokens_per_step=tokens_per_step(cov, per_pos),
+            tokens_per_draft=1.0 + sum(per_pos),
+            drafts=self._drafts,
+            decode_steps=self._steps,
+        )
+
+    def _tokens_per_step(self) -> float:
+        live = self.state.acceptance
+        if live is not None and live.drafts > 0:
+            return live.tokens_per_step
+        acc = resolve_acceptance(
+            self.planner.profile, self.cfg.method or "none", int(self.cfg.k or 0), None, None
+        )
+        return acc[0] if isinstance(acc, tuple) else 1.0
+
+    def observe(self, w: Window) -> None:
+        """Fold one window into the live acceptance and the correction factor."""
+        st = self.state
+        first = w.ttft_count or 0.0
+        gen = w.generation_tokens
+        if w.drafts is not None and w.accepted is not None and gen is not None:
+            steps = vllm_decode_steps(gen, w.accepted, first)
+            self._drafts += w.drafts
+            self._steps += steps
+            for p, v in w.accepted_per_pos.items():
+                self._per_pos[p] = self._per_pos.get(p, 0.0) + v
+        st.acceptance = self._live_acceptance()
+        obs = Observed(concurrency=w.running, kv_usage=w.kv_usage)
+        decode_tokens = (gen - first) if gen is not None else w.itl_count
+        if w.itl_sum is None or not decode_tokens or decode_tokens <= 0:
+            st.last_window = obs
+            return
+        st.decode_tokens += decode_tokens
+        obs.itl_ms = 1000.0 * w.itl_sum / decode_tokens
+        ctx = self.planner.resolve_inputs(**_inputs_only(self._sla())).decode_context
+        if w.prompt_tokens and first > 0:
+            out_len = (gen / w.request_success) if (gen and w.request_success) else 0.0
+            ctx = w.prompt_tokens / first + out_len / 2
+        obs.context = ctx
+        st.last_window = obs
+        if decode_tokens < self.cfg.min_tokens or not w.running or w.running < 1:
+            return
+        lo, hi = self.surface.concurrency_bounds(ctx)
+        c = float(np.clip(w.running, lo, hi))
+        note = None
+        if c != w.running:
+            note = f"observed concurrency {w.running:g} outside measured [{lo}, {hi}]: predicted at {c:g}"
+        step = float(self.surface.step_ms(c, ctx)[0])
+        if not np.isfinite(step):
+            return
+        obs.predicted_itl_ms = step / self._tokens_per_step()
+        obs.raw_factor = obs.itl_ms / obs.predicted_itl_ms
+        a = self.cfg.smoothing
+        st.factor = obs.raw_factor if st.factor_windows == 0 else a * obs.raw_factor + (1 - a) * st.factor
+        st.factor_windows += 1
+        st.notes = [note] if note else []
+
+    # ---------------------------------------------------------------- planning + decisions
+    def live_override(self) -> dict | None:
+        """Live acceptance of the running (method, k) as a plan() acceptance override, if measured."""
+        acc = None
+        live = self.state.acceptance
+        if live is not None and live.drafts > 0 and self.cfg.method and self.cfg.k:
+            acc = {
+                (self.cfg.method, self.cfg.k): Acceptance(
+                    method=self.cfg.method,  # type: ignore[arg-type]
+                    k=self.cfg.k,
+                    draft_coverage=live.draft_coverage,
+                    accepted_per_pos=live.accepted_per_pos,
+                    source=AcceptanceSource(kind="live", detail=self.cfg.metrics_url),
+                    samples=int(live.decode_steps),
+                )
+            }
+        return acc
+
+    def replan(self) -> PlanResult:
+        acc = self.live_override()
+        self.corrected = self.planner.plan(**self._sla(), acceptance=acc, itl_correction=self.state.factor)
+        return self.corrected
+
+    def decision(self) -> dict:
+        res = self.corrected
+        ch = res.choice
+        rep = ch.replicas if ch else None
+        return {
+            "time": time.time(),
+            "profile": res.profile,
+            "feasible": res.feasible,
+            "tp": ch.tp if ch else None,
+            "method": ch.method if ch else None,
+            "k": ch.k if ch else None,
+            "max_num_seqs": ch.max_concurrency if ch else None,
+            "decode_replicas": rep.decode_replicas if rep else None,
+            "prefill_replicas": rep.prefill_replicas if rep else None,
+            "gpus_total": rep.gpus_total if rep else None,
+            "correction_factor": self.state.factor,
+            "tokens_per_step": self.state.acceptance.tokens_per_step if self.state.acceptance else None,
+            "vllm_serve_command": ch.vllm_serve_command if ch else None,
+            "message": res.message,
+        }
+
+    async def _emit_if_changed(self) -> None:
+        d = self.decision()
+        key = tuple(d[n] for n in ("feasible", "tp", "method", "k", "max_num_seqs", "decode_replicas",
+                                   "prefill_replicas"))  # fmt: skip
+        if key == self._last_key:
+            return
+        try:
+            await self.connector.emit(d)
+        except Exception as exc:  # a broken callback must not stop the loop; retried on the next tick
+            self.state.connector_error = f"{type(exc).__name__}: {exc}"
+            log.warning("connector %s failed: %s", self.connector.name, exc)
+            return
+        self.state.connector_error = None
+        self.state.last_decision = d
+        self._last_key = key
+
+    # ---------------------------------------------------------------- the loop
+    def ingest(self, text: str) -> None:
+        """Process one scrape body (exposed so a test can feed a real server's body directly)."""
+        cur = parse_metrics(text)
+        st = self.state
+        st.scrapes += 1
+        if self._prev is not None:
+            w = window(self._prev, cur)
+            if w.reset:
+                st.counter_resets += 1
+                log.warning("counter reset at %s (engine restart): using counts since the restart",
+                            self.cfg.metrics_url)  # fmt: skip
+            self.observe(w)
+        self._prev = cur
+        st.stale = False
+        st.last_success = time.time()
+        st.last_error = None
+        st.consecutive_failures = 0
+
+    def fail(self, error: str) -> None:
+        st = self.state
+        st.stale = True
+        st.last_error = error
+        st.consecutive_failures += 1
+        log.warning("scrape of %s failed (%d in a row): %s; keeping the last plan",
+                    self.cfg.metrics_url, st.consecutive_failures, error)  # fmt: skip
+
+    async def tick(self, client: httpx.AsyncClient) -> None:
+        try:
+            resp = await client.get(self.cfg.metrics_url, timeout=self.cfg.timeout_s)
+            resp.raise_for_status()
+            self.ingest(resp.text)
+        except (httpx.HTTPError, ValueError) as exc:
+            self.fail(f"{type(exc).__name__}: {exc}")
+            return
+        self.replan()
+        await self._emit_if_changed()
+
+    async def run(self, stop: asyncio.Event | None = None, max_ticks: int | None = None) -> None:
+        """Scrape every ``interval_s`` until ``stop`` is set (or ``max_ticks`` ticks ran)."""
+        stop = stop or asyncio.Event()
+        ticks = 0
+        async with httpx.AsyncClient() as client:
+            while not stop.is_set():
+                await self.tick(client)
+                ticks += 1
+                if max_ticks is not None and ticks >= max_ticks:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.cfg.interval_s)
+
+
+def _inputs_only(sla: dict) -> dict:
+    keys = ("itl_ms", "ttft_ms", "isl", "osl", "request_rate", "max_gpus")
+    return {k: sla.get(k) for k in keys} | {"itl_correction": 1.0}

@@ -1,0 +1,81 @@
+"""Human-readable rendering of a plan (the CLI table); JSON output is the pydantic model itself."""
+
+from __future__ import annotations
+
+from planner.plan import Choice, PlanResult
+
+
+def _row(label: str, ch: Choice) -> list[str]:
+    p = ch.predicted
+    return [
+        label,
+        str(ch.tp),
+        ch.method,
+        str(ch.k),
+        str(ch.max_concurrency),
+        ch.limited_by,
+        f"{p.itl_ms:.2f}",
+        "-" if p.ttft_ms is None else f"{p.ttft_ms:.1f}",
+        f"{p.tokens_per_step:.2f}",
+        f"{p.throughput_per_gpu:.0f}",
+    ]
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(r: list[str]) -> str:
+        cells = zip(r, widths, strict=True)
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells))
+
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
+
+
+def render_plan(res: PlanResult) -> str:
+    """The plan as a short report: verdict, table of choice + alternatives, sizing, serve command."""
+    out = []
+    if res.warning:
+        out.append(f"WARNING: {res.warning}")
+    out.append(f"profile {res.profile} ({res.source}): {res.model} on {res.hardware}")
+    i = res.inputs
+    sla = f"ITL <= {i.itl_ms:g} ms" + (f", TTFT <= {i.ttft_ms:g} ms" if i.ttft_ms else "")
+    out.append(f"SLA {sla}; isl={i.isl} osl={i.osl} (decode context {i.decode_context:g})")
+    for note in i.assumptions:
+        out.append(f"  assumed: {note}")
+    out.append(("FEASIBLE: " if res.feasible else "INFEASIBLE: ") + res.message)
+    if res.choice is None:
+        return "\n".join(out)
+    header = ["", "tp", "method", "k", "max_conc", "limited_by", "ITL_ms", "TTFT_ms", "tok/step", "tok/s/GPU"]
+    rows = [_row("choice" if res.feasible else "lowest ITL", res.choice)]
+    rows += [_row(f"alt {n}", a) for n, a in enumerate(res.alternatives, 1)]
+    out += ["", _table(rows, header), ""]
+    ch = res.choice
+    out.append(
+        f"KV: {ch.kv.max_concurrency} sequences fit ({ch.kv.blocks_per_replica} blocks per replica, "
+        f"{ch.kv.blocks_per_sequence} per sequence at context {i.peak_context} with k={ch.k})"
+    )
+    if ch.acceptance_source:
+        out.append(f"acceptance: {ch.acceptance_source}")
+    if ch.speculation_breakeven is not None:
+        b = ch.speculation_breakeven
+        where = (
+            f"stops paying from concurrency {b.concurrency}"
+            if b.concurrency is not None
+            else f"pays up to the largest common measured concurrency {b.checked_up_to}"
+        )
+        out.append(f"speculation ({b.method} k={b.k}) at tp={b.tp} {where}")
+    if ch.replicas is not None:
+        r = ch.replicas
+        pre = (
+            f"; prefill {r.prefill_replicas} replica(s) = {r.gpus_prefill} GPUs"
+            if r.prefill_replicas is not None
+            else "; prefill: no prefill points in the profile"
+        )
+        out.append(
+            f"for {r.request_rate:g} req/s: decode {r.decode_replicas} replica(s) = {r.gpus_decode} GPUs"
+            f"{pre}; total {r.gpus_total} GPUs"
+        )
+    for f in ch.flags:
+        out.append(f"note: {f}")
+    out.append(f"serve: {ch.vllm_serve_command}")
+    return "\n".join(out)

@@ -1,0 +1,160 @@
+"""Interpolated surfaces of one profile: decode step time per (tp, method, k), prefill per tp.
+
+Decode step time is interpolated row by row: for every measured context length, a shape-preserving
+PCHIP spline of log(step_ms) over log2(concurrency) (step time grows from a weight-read floor towards
+linear in ``c``, which is close to a straight line on log-log axes); between rows, linearly in context
+length (step time is affine in ``L`` at fixed ``c``). Rows may cover different concurrency ranges (a
+sweep's points past the KV capacity fail), so the usable range at a context is the intersection of its
+two bracketing rows. Concurrency outside the measured range is never evaluated; context outside it is
+extrapolated linearly from the two nearest rows and flagged by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.interpolate import PchipInterpolator
+
+from planner.profile import DecodePoint, PrefillPoint, Profile
+
+ConfigKey = tuple[int, str, int]  # (tp, method, k)
+
+
+class _Row:
+    """log(step_ms) over log2(c) at one context length."""
+
+    def __init__(self, cs: np.ndarray, steps: np.ndarray) -> None:
+        order = np.argsort(cs)
+        self.c_min = int(cs[order[0]])
+        self.c_max = int(cs[order[-1]])
+        x = np.log2(cs[order].astype(float))
+        y = np.log(steps[order].astype(float))
+        self._const = float(y[0]) if len(x) == 1 else None
+        self._f = None if len(x) == 1 else PchipInterpolator(x, y, extrapolate=False)
+
+    def log_step(self, log2c: np.ndarray) -> np.ndarray:
+        if self._f is None:
+            return np.full_like(log2c, self._const, dtype=float)
+        return self._f(log2c)
+
+
+@dataclass(frozen=True)
+class Range:
+    lo: float
+    hi: float
+
+    def contains(self, x: float) -> bool:
+        return self.lo <= x <= self.hi
+
+
+class DecodeSurface:
+    """Step time of one (tp, method, k) over concurrency and context length."""
+
+    def __init__(self, key: ConfigKey, points: list[DecodePoint]) -> None:
+        self.key = key
+        ok = [p for p in points if p.ok]
+        if not ok:
+            raise ValueError(f"config tp={key[0]} method={key[1]} k={key[2]} has no successful point")
+        self.failed = [p for p in points if not p.ok]
+        by_ctx: dict[int, list[DecodePoint]] = {}
+        for p in ok:
+            by_ctx.setdefault(p.context_len, []).append(p)
+        self.contexts = np.array(sorted(by_ctx), dtype=float)
+        self._rows = [
+            _Row(
+                np.array([p.concurrency for p in by_ctx[int(L)]]),
+                np.array([p.step_ms for p in by_ctx[int(L)]]),
+            )
+            for L in self.contexts
+        ]
+        self.context_range = Range(float(self.contexts[0]), float(self.contexts[-1]))
+        self.concurrency_range = Range(
+            float(min(r.c_min for r in self._rows)), float(max(r.c_max for r in self._rows))
+        )
+
+    def _bracket(self, ctx: float) -> tuple[int, int, float]:
+        """Row indices around ``ctx`` and the weight of the second (outside the range: extrapolation)."""
+        n = len(self.contexts)
+        if n == 1:
+            return 0, 0, 0.0
+        j = int(np.searchsorted(self.contexts, ctx, side="right")) - 1
+        j = min(max(j, 0), n - 2)
+        lo, hi = self.contexts[j], self.contexts[j + 1]
+        return j, j + 1, float((ctx - lo) / (hi - lo))
+
+    def concurrency_bounds(self, ctx: float) -> tuple[int, int]:
+        """Measured concurrency range usable at ``ctx`` (both bracketing rows cover it)."""
+        i, j, _ = self._bracket(ctx)
+        ri, rj = self._rows[i], self._rows[j]
+        return max(ri.c_min, rj.c_min), min(ri.c_max, rj.c_max)
+
+    def step_ms(self, concurrency: np.ndarray | float, ctx: float) -> np.ndarray:
+        """Interpolated step time; NaN where ``concurrency`` is outside the measured range at ``ctx``."""
+        c = np.atleast_1d(np.asarray(concurrency, dtype=float))
+        x = np.log2(c)
+        i, j, w = self._bracket(ctx)
+        yi = self._rows[i].log_step(x)
+        si = np.exp(yi)
+        if j == i:
+            out = si
+        else:
+            sj = np.exp(self._rows[j].log_step(x))
+            out = si + w * (sj - si)
+        lo, hi = self.concurrency_bounds(ctx)
+        out = np.where((c >= lo) & (c <= hi), out, np.nan)
+        return np.where(out > 0, out, np.nan)
+
+
+class PrefillSurface:
+    """TTFT of one sequence over input length for one tp: PCHIP of log(ttft) over log(input_len)."""
+
+    def __init__(self, tp: int, points: list[PrefillPoint]) -> None:
+        ok = sorted((p for p in points if p.ok), key=lambda p: p.input_len)
+        if not ok:
+            raise ValueError(f"prefill for tp={tp} has no successful point")
+        self.tp = tp
+        x = np.log(np.array([p.input_len for p in ok], dtype=float))
+        y = np.log(np.array([p.ttft_ms for p in ok], dtype=float))
+        self.input_range = Range(float(ok[0].input_len), float(ok[-1].input_len))
+        self._x, self._y = x, y
+        self._f = PchipInterpolator(x, y, extrapolate=False) if len(ok) > 1 else None
+
+    def ttft_ms(self, input_len: float) -> float:
+        """Interpolated TTFT; outside the range, extrapolated along the end segment (caller flags it)."""
+        lx = float(np.log(input_len))
+        if self._f is None:
+            return float(np.exp(self._y[0]) * input_len / np.exp(self._x[0]))
+        if self._x[0] <= lx <= self._x[-1]:
+            return float(np.exp(self._f(lx)))
+        i = 0 if lx < self._x[0] else len(self._x) - 2
+        slope = (self._y[i + 1] - self._y[i]) / (self._x[i + 1] - self._x[i])
+        return float(np.exp(self._y[i] + slope * (lx - self._x[i])))
+
+    def tokens_per_s_per_gpu(self, input_len: float) -> float:
+        return input_len / (self.ttft_ms(input_len) / 1000.0) / self.tp
+
+
+class Surfaces:
+    """All surfaces of one profile, built once (planning then only evaluates splines)."""
+
+    def __init__(self, profile: Profile) -> None:
+        grouped: dict[ConfigKey, list[DecodePoint]] = {}
+        for p in profile.decode:
+            grouped.setdefault((p.tp, p.method, p.k), []).append(p)
+        self.decode: dict[ConfigKey, DecodeSurface] = {}
+        self.unusable: dict[ConfigKey, str] = {}
+        for key, pts in sorted(grouped.items()):
+            try:
+                self.decode[key] = DecodeSurface(key, pts)
+            except ValueError as exc:
+                self.unusable[key] = str(exc)
+        by_tp: dict[int, list[PrefillPoint]] = {}
+        for p in profile.prefill:
+            by_tp.setdefault(p.tp, []).append(p)
+        self.prefill: dict[int, PrefillSurface] = {}
+        for tp, pts in by_tp.items():
+            if any(p.ok for p in pts):
+                self.prefill[tp] = PrefillSurface(tp, pts)
+        ctxs = sorted({p.context_len for p in profile.decode if p.ok})
+        self.median_context = ctxs[len(ctxs) // 2] if ctxs else 0
