@@ -225,7 +225,7 @@ class AsyncEngine:
             if self._safe_has_unfinished():
                 self._step_once()
             self._update_gauges()
-        self._fail_all(EngineDeadError("server shutting down"))
+        self._fail_all(EngineDeadError("server shutting down"), reason="abort")
 
     def _safe_has_unfinished(self) -> bool:
         try:
@@ -275,7 +275,9 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001
             log.exception("engine.step() failed; failing the in-flight requests")
-            self._fail_all(EngineDeadError(f"engine step failed: {type(exc).__name__}: {exc}"))
+            self._fail_all(
+                EngineDeadError(f"engine step failed: {type(exc).__name__}: {exc}"), reason="error"
+            )
             return
         now = time.monotonic()
         self.num_steps += 1
@@ -325,13 +327,13 @@ class AsyncEngine:
             if stream is not None:
                 stream.queue.put_nowait(item)
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BaseException, *, reason: str) -> None:
         failed = list(self._tracked)
         for request_id in failed:
             with contextlib.suppress(Exception):
                 self.engine.abort(request_id)
             tracked = self._tracked.pop(request_id)
-            self._record_finished(tracked, "abort", time.monotonic())
+            self._record_finished(tracked, reason, time.monotonic())
         self._post([(rid, exc) for rid in failed])
 
     # -- metrics ----------------------------------------------------------------------------------

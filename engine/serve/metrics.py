@@ -25,8 +25,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "FINISH_REASONS", "ServeMetrics", "build_1_2_5_buckets"]
 
-# vLLM's FinishReason values, in its order; request_success has a series for each from the start.
-FINISH_REASONS = ("stop", "length", "abort")
+# vLLM's FinishReason values (v0.32), in its order; request_success has a series for each from the
+# start. "error" is an internal failure (the engine raised in a step); "repetition" is vLLM's
+# hallucination guard, which this engine does not have, so that series stays at 0.
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
