@@ -64,7 +64,14 @@ class _Req:
 class FakeEngine:
     """FIFO admission up to ``max_num_seqs``; one token per running request per step."""
 
-    def __init__(self, max_num_seqs: int = 4, eos_after: int | None = None, step_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        max_num_seqs: int = 4,
+        eos_after: int | None = None,
+        step_delay: float = 0.0,
+        fail_at_step: int = 0,
+    ) -> None:
+        self.fail_at_step = fail_at_step  # raise inside this step (1-based), once
         self.step_delay = step_delay  # seconds per step, so a test can act while requests are in flight
         self.tokenizer = ByteTokenizer()
         self.max_num_seqs = max_num_seqs
@@ -107,6 +114,8 @@ class FakeEngine:
         self.steps += 1
         if self.step_delay:
             time.sleep(self.step_delay)
+        if self.steps == self.fail_at_step:
+            raise RuntimeError("simulated device failure")
         while self.waiting and len(self.running) < self.max_num_seqs:
             rid, req = self.waiting.popitem(last=False)
             self.running[rid] = req

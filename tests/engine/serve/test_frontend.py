@@ -268,3 +268,18 @@ def test_sse_wire_format(fake_server) -> None:
         assert (
             all(p["usage"] is None for p in payloads[:-1]) and payloads[-1]["usage"]["completion_tokens"] == 3
         )
+
+
+def test_engine_failure_fails_requests_not_server(fake, fake_server, promtext) -> None:
+    engine = fake.FakeEngine(fail_at_step=3)
+    with fake_server(engine) as (server, _):
+        body = {"prompt": "x", "max_tokens": 20, "stream": True}
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=body) as resp:
+            events = [line for line in resp.iter_lines() if line]
+        assert events[-1] == "data: [DONE]"
+        assert "simulated device failure" in json.loads(events[-2].removeprefix("data: "))["error"]["message"]
+        r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == fake.expected_text(4)
+        fams = _metrics(server, promtext)
+        assert promtext.value(fams, "vllm:request_success_total", finished_reason="error") == 1
+        assert promtext.value(fams, "vllm:request_success_total", finished_reason="length") == 1
