@@ -81,7 +81,12 @@ class DecodeSurface:
         j = int(np.searchsorted(self.contexts, ctx, side="right")) - 1
         j = min(max(j, 0), n - 2)
         lo, hi = self.contexts[j], self.contexts[j + 1]
-        return j, j + 1, float((ctx - lo) / (hi - lo))
+        w = float((ctx - lo) / (hi - lo))
+        if w == 0.0:  # exactly on a measured row: that row alone decides (and its full range counts)
+            return j, j, 0.0
+        if w == 1.0:
+            return j + 1, j + 1, 0.0
+        return j, j + 1, w
 
     def concurrency_bounds(self, ctx: float) -> tuple[int, int]:
         """Measured concurrency range usable at ``ctx`` (both bracketing rows cover it)."""

@@ -1,0 +1,207 @@
+"""plan() against a known analytic cost model: the planner must pick what the closed form says is best."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from kvbm import capacity
+from planner.plan import PlanInputError, Planner
+from planner.synthetic import AnalyticModel, synthetic_profile
+
+M = AnalyticModel()
+
+
+@pytest.fixture(scope="module")
+def planner() -> Planner:
+    return Planner(synthetic_profile(M), "analytic")
+
+
+def analytic_ranking(planner: Planner, itl_ms: float, isl: int, osl: int) -> list[tuple[float, tuple, int]]:
+    """(throughput/GPU, config, c) of every config at its best feasible integer c, by the closed form.
+
+    Searches the same measured concurrency range the profile covers (the planner never extrapolates
+    concurrency) and the same KV bound (kvbm.capacity at the peak context with k lookahead).
+    """
+    ctx, peak = isl + osl / 2, isl + osl
+    out = []
+    for (tp, method, k), surf in planner.surfaces.decode.items():
+        lo, hi = surf.concurrency_bounds(ctx)
+        c_kv = capacity.max_concurrency(M.kv_blocks_per_replica(tp), peak, k, M.block_size)
+        best = None
+        for c in range(lo, min(hi, c_kv) + 1):
+            if M.itl_ms(tp, method, k, c, ctx) <= itl_ms:
+                thr = c * M.tokens_per_step(method, k) / (M.step_ms(tp, method, k, c, ctx) / 1000) / tp
+                if best is None or thr >= best[0]:
+                    best = (thr, (tp, method, k), c)
+        if best:
+            out.append(best)
+    return sorted(out, reverse=True)
+
+
+@pytest.mark.parametrize("itl_ms", [4.0, 6.0, 8.0, 12.0, 20.0, 30.0, 60.0])
+@pytest.mark.parametrize(("isl", "osl"), [(512, 256), (256, 128), (1024, 512)])
+def test_picks_the_analytic_optimum(planner: Planner, itl_ms: float, isl: int, osl: int) -> None:
+    ranking = analytic_ranking(planner, itl_ms, isl, osl)
+    res = planner.plan(itl_ms, isl=isl, osl=osl)
+    assert res.feasible == bool(ranking)
+    if not ranking:
+        return
+    ch = res.choice
+    assert ch is not None
+    best_thr, best_cfg, best_c = ranking[0]
+    margin = (best_thr - ranking[1][0]) / best_thr if len(ranking) > 1 else 1.0
+    chosen_true_thr = next(t for t, cfg, _ in ranking if cfg == (ch.tp, ch.method, ch.k))
+    if margin > 0.03:  # a clear winner must be found exactly
+        assert (ch.tp, ch.method, ch.k) == best_cfg
+        assert abs(ch.max_concurrency - best_c) <= max(2, 0.05 * best_c)
+    # in a near-tie the choice must still be within interpolation error of the optimum
+    assert chosen_true_thr >= 0.97 * best_thr
+    # the prediction itself is close to the closed form at the chosen point
+    true_itl = M.itl_ms(ch.tp, ch.method, ch.k, ch.max_concurrency, isl + osl / 2)
+    assert ch.predicted.itl_ms == pytest.approx(true_itl, rel=0.03)
+    assert ch.predicted.itl_ms <= itl_ms
+
+
+def test_alternatives_are_the_next_best_and_distinct(planner: Planner) -> None:
+    res = planner.plan(15.0, isl=512, osl=256)
+    configs = [(a.tp, a.method, a.k) for a in [res.choice, *res.alternatives]]
+    assert len(res.alternatives) == 3
+    assert len(set(configs)) == 4
+    thr = [a.predicted.throughput_per_gpu for a in [res.choice, *res.alternatives]]
+    assert thr == sorted(thr, reverse=True)
+
+
+def test_infeasible_reports_lowest_itl_and_its_config(planner: Planner) -> None:
+    res = planner.plan(1.0, isl=512, osl=256)
+    assert not res.feasible
+    ctx = 512 + 128
+    truth = min(
+        (M.itl_ms(tp, m, k, surf.concurrency_bounds(ctx)[0], ctx), (tp, m, k))
+        for (tp, m, k), surf in planner.surfaces.decode.items()
+    )
+    assert res.lowest_achievable_itl_ms == pytest.approx(truth[0], rel=0.01)
+    assert (res.choice.tp, res.choice.method, res.choice.k) == truth[1]
+    assert "infeasible" in res.message and f"{truth[0]:.2f}" in res.message
+
+
+def test_kv_capacity_with_lookahead_bounds_concurrency(planner: Planner) -> None:
+    isl, osl = 1400, 400  # long sequences: KV, not the SLA, binds at tp=1
+    res = planner.plan(200.0, isl=isl, osl=osl, max_gpus=1)
+    ch = res.choice
+    assert ch.tp == 1
+    blocks = M.kv_blocks_per_replica(1)
+    assert ch.kv.blocks_per_replica == blocks
+    assert ch.kv.blocks_per_sequence == math.ceil((isl + osl + 1 + ch.k) / M.block_size)
+    assert ch.kv.max_concurrency == capacity.max_concurrency(blocks, isl + osl, ch.k, M.block_size)
+    assert ch.max_concurrency <= ch.kv.max_concurrency
+    assert ch.limited_by in {"kv", "measured_range"}
+
+
+def test_context_outside_measured_range_is_flagged(planner: Planner) -> None:
+    res = planner.plan(60.0, isl=1900, osl=200)  # decode context 2000 > largest measured 1536
+    flags = [f for ch in [res.choice, *res.alternatives] for f in ch.flags]
+    assert any("outside measured" in f and "extrapolated" in f for f in flags)
+    inside = planner.plan(60.0, isl=512, osl=256)
+    assert not any("outside measured" in f for f in inside.choice.flags)
+
+
+def test_ttft_and_gpu_budget_constraints(planner: Planner) -> None:
+    res = planner.plan(30.0, ttft_ms=50.0, isl=1024, osl=256)  # tp=1 prefills 1024 tokens too slowly
+    assert res.feasible and res.choice.tp == 2
+    assert res.choice.predicted.ttft_ms == pytest.approx(M.ttft_ms(2, 1024), rel=0.01)
+    assert all(r.tp == 1 and "TTFT" in r.reason for r in res.rejected)
+    one = planner.plan(30.0, max_gpus=1, isl=512, osl=256)
+    assert all(ch.tp == 1 for ch in [one.choice, *one.alternatives])
+
+
+def test_replicas_follow_littles_law(planner: Planner) -> None:
+    rate, isl, osl = 40.0, 512, 256
+    res = planner.plan(20.0, isl=isl, osl=osl, request_rate=rate)
+    ch, r = res.choice, res.choice.replicas
+    per_replica = ch.max_concurrency / (osl * ch.predicted.itl_ms / 1000)
+    assert r.decode_requests_per_s_per_replica == pytest.approx(per_replica)
+    assert r.decode_replicas == math.ceil(rate / per_replica)
+    prefill_tps = isl / (M.ttft_ms(ch.tp, isl) / 1000) / ch.tp
+    assert r.prefill_tokens_per_s_per_gpu == pytest.approx(prefill_tps, rel=0.02)
+    assert r.prefill_replicas == math.ceil(rate * isl / (r.prefill_tokens_per_s_per_gpu * ch.tp))
+    assert r.gpus_total == ch.tp * (r.decode_replicas + r.prefill_replicas)
+    capped = planner.plan(20.0, isl=isl, osl=osl, request_rate=rate * 100, max_gpus=4)
+    assert any("max_gpus" in x.reason for x in capped.rejected)
+
+
+def test_speculation_breakeven_matches_the_closed_form(planner: Planner) -> None:
+    ctx = 512 + 128
+    inp = planner.resolve_inputs(30.0, None, 512, 256, None, None, 1.0)
+    evals = {key: planner._evaluate(s, inp, None, None) for key, s in planner.surfaces.decode.items()}
+    b = planner.breakeven(1, "ngram", 2, inp, evals)
+    truth = next(
+        c for c in range(1, 513) if M.itl_ms(1, "ngram", 2, c, ctx) >= M.itl_ms(1, "none", 0, c, ctx)
+    )
+    assert b.concurrency is not None
+    assert abs(b.concurrency - truth) <= max(2, 0.05 * truth)
+    draft = planner.breakeven(2, "draft", 2, inp, evals)
+    assert draft.concurrency is None  # the draft model pays over the whole measured range
+
+
+def test_acceptance_override_and_vllm_args(planner: Planner) -> None:
+    res = planner.plan(30.0, isl=512, osl=256, acceptance=0.5, draft_coverage=1.0)
+    for ch in [res.choice, *res.alternatives]:
+        if ch.method != "none":
+            assert ch.predicted.tokens_per_step == pytest.approx(1 + sum(0.5 ** (i + 1) for i in range(ch.k)))
+            assert "given" in ch.acceptance_source
+            args = ch.vllm_serve_args
+            spec = json.loads(args[args.index("--speculative-config") + 1])
+            assert spec["num_speculative_tokens"] == ch.k and spec["method"] == ch.method
+        assert ch.vllm_serve_args[:4] == ["--tensor-parallel-size", str(ch.tp), "--max-num-seqs",
+                                          str(ch.max_concurrency)]  # fmt: skip
+        assert ch.vllm_serve_command.startswith("vllm serve vicuna-7b --tensor-parallel-size")
+
+
+def test_synthetic_profile_is_labelled(planner: Planner) -> None:
+    res = planner.plan(30.0)
+    assert res.source == "synthetic" and "synthetic" in res.warning
+    assert any("isl not given" in a for a in res.inputs.assumptions)
+
+
+def test_acceptance_derived_from_larger_k_and_missing_acceptance() -> None:
+    prof = synthetic_profile(M, configs=(("none", 0), ("ngram", 2), ("draft", 2)), tps=(1,))
+    prof.acceptance = [a for a in prof.acceptance if a.method == "ngram"]
+    big = synthetic_profile(M, configs=(("ngram", 4),), tps=(1,)).acceptance[0]
+    prof.acceptance = [big]  # only k=4 known: k=2 uses its first two positions
+    pl = Planner(prof, "p")
+    res = pl.plan(30.0, isl=512, osl=256)
+    ng = next(ch for ch in [res.choice, *res.alternatives] if ch.method == "ngram")
+    assert "first 2 positions of k=4" in ng.acceptance_source
+    assert ng.predicted.tokens_per_step == pytest.approx(M.tokens_per_step("ngram", 2))
+    assert any(r.method == "draft" and "no acceptance" in r.reason for r in res.rejected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"itl_ms": 0}, "itl_ms"),
+        ({"itl_ms": float("nan")}, "itl_ms"),
+        ({"itl_ms": 30, "isl": 0}, "isl"),
+        ({"itl_ms": 30, "request_rate": -1}, "request_rate"),
+        ({"itl_ms": 30, "acceptance": 1.5}, "acceptance"),
+        ({"itl_ms": 30, "draft_coverage": -0.1}, "draft_coverage"),
+        ({"itl_ms": 30, "max_gpus": 0}, "max_gpus"),
+    ],
+)
+def test_bad_inputs_name_the_field(planner: Planner, kwargs: dict, field: str) -> None:
+    with pytest.raises(PlanInputError) as err:
+        planner.plan(**kwargs)
+    assert err.value.field == field and field in str(err.value)
+
+
+def test_correction_factor_scales_predictions(planner: Planner) -> None:
+    base = planner.plan(30.0, isl=512, osl=256)
+    slow = planner.plan(30.0, isl=512, osl=256, itl_correction=2.0)
+    ch = base.choice
+    # the same point predicted twice as slow; the SLA now admits less concurrency
+    assert slow.choice.max_concurrency < ch.max_concurrency or slow.choice.tp != ch.tp
+    assert np.isclose(slow.inputs.itl_correction, 2.0)
