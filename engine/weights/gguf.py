@@ -95,7 +95,8 @@ def read_gguf_config(path: Path) -> ModelConfig:
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's convert permute for Q/K rows (weights or biases)."""
     shape = w.shape
-    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+    # convert permutes with reshape(n_head, 2, d // 2).swapaxes(1, 2); undo it the other way round
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 def iter_gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:

@@ -42,3 +42,19 @@ def test_chunked_prefill_and_decode_match_transformers(runner, hf_smollm2):
     with torch.no_grad():
         ref = hf_smollm2(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(torch.cat(outs), ref, atol=2e-3, rtol=1e-3)
+
+
+def test_gguf_tensors_equal_transformers_gguf_reader(smollm2_source, smollm2_weights):
+    """Our dequantize + Q/K un-permute yields exactly the tensors transformers' own GGUF loader makes
+    (the logits tests above share our tensors, so they cannot catch a wrong un-permute)."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_source.path.parent), gguf_file=smollm2_source.path.name, dtype=torch.float32
+    ).state_dict()
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.7.self_attn.k_proj.weight",
+        "model.layers.3.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ):
+        torch.testing.assert_close(smollm2_weights[name], ref[name], atol=0, rtol=0)
