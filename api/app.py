@@ -181,7 +181,11 @@ def create_app(
         "/profiles",
         status_code=201,
         response_model=ProfileSummary,
-        responses={409: {"description": "a profile with this id exists (pass overwrite=true)"}, **ERRORS},
+        responses={
+            400: {"description": "the body is not JSON"},
+            409: {"description": "a profile with this id exists (pass overwrite=true)"},
+            **ERRORS,
+        },
     )
     def post_profile(
         profile: Annotated[Profile, Body(description="a profile document (planner.profile schema)")],
@@ -192,8 +196,9 @@ def create_app(
             store.add(id, profile, overwrite=overwrite)
         except FileExistsError:
             raise HTTPException(409, f"profile {id!r} exists; pass overwrite=true to replace it") from None
-        except ValueError as exc:
-            raise PlanInputError("profile", None, str(exc)) from None
+        except ValueError as exc:  # schema-valid but nothing to plan from (e.g. no successful decode point)
+            detail = [{"loc": ["body", "decode"], "msg": str(exc), "type": "value_error"}]
+            raise HTTPException(422, detail) from None
         metrics.profiles.set(len(store.ids()))
         return summarize(id, profile)
 

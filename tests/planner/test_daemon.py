@@ -328,3 +328,15 @@ def test_parses_a_real_vllm_exposition() -> None:
     assert snap.generation_tokens is not None and snap.generation_tokens > 0
     assert snap.itl_count is not None and snap.ttft_count is not None
     assert snap.running is not None
+
+
+def test_daemon_cli_runs_alone(live_endpoint: LiveEndpoint, tmp_path: Path, capsys) -> None:
+    from planner.cli import main
+
+    decision = tmp_path / "decision.json"
+    prof = Path(__file__).resolve().parents[2] / "configs" / "profiles" / "synthetic-vicuna-7b-h100.json"
+    rc = main(["daemon", "--profile", str(prof), "--metrics-url", live_endpoint.url, "--itl-ms", "30",
+               "--interval", "0.05", "--max-ticks", "2", "--connector", f"file:{decision}"])  # fmt: skip
+    state = json.loads(capsys.readouterr().out)
+    assert rc == 0 and state["scrapes"] == 2 and state["stale"] is False
+    assert json.loads(decision.read_text())["profile"] == prof.stem

@@ -1,0 +1,156 @@
+"""The HTTP API: answers equal the planner's, errors name the field, unknown profiles are 404."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from kvbm import capacity
+from planner.plan import Planner
+from planner.profile import load_profile, parse_profile
+
+REPO = Path(__file__).resolve().parents[2]
+SYN = REPO / "configs" / "profiles" / "synthetic-vicuna-7b-h100.json"
+
+
+@pytest.fixture
+def profiles_dir(tmp_path: Path) -> Path:
+    shutil.copy(SYN, tmp_path / "syn.json")
+    return tmp_path
+
+
+@pytest.fixture
+def client(profiles_dir: Path):
+    with TestClient(create_app(profiles_dir)) as c:
+        yield c
+
+
+def test_plan_equals_the_planner(client: TestClient) -> None:
+    params = {"itl_ms": 20, "isl": 512, "osl": 256, "request_rate": 12}
+    got = client.get("/plan", params=params)
+    assert got.status_code == 200
+    want = Planner(load_profile(SYN), "syn").plan(20, isl=512, osl=256, request_rate=12)
+    body = got.json()
+    assert body["choice"] == json.loads(want.choice.model_dump_json())
+    assert body["feasible"] and body["source"] == "synthetic" and "synthetic" in body["warning"]
+    again = client.get("/plan", params=params).json()  # served from the plan cache
+    assert again == body
+
+
+def test_infeasible_is_an_answer_not_an_error(client: TestClient) -> None:
+    r = client.get("/plan", params={"itl_ms": 0.5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["feasible"] is False and body["lowest_achievable_itl_ms"] > 0.5
+    assert body["choice"]["tp"] >= 1 and "lowest achievable ITL" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("", "itl_ms"),
+        ("itl_ms=abc", "itl_ms"),
+        ("itl_ms=-3", "itl_ms"),
+        ("itl_ms=inf", "itl_ms"),
+        ("itl_ms=30&isl=0", "isl"),
+        ("itl_ms=30&osl=1.5", "osl"),
+        ("itl_ms=30&acceptance=2", "acceptance"),
+        ("itl_ms=30&draft_coverage=-1", "draft_coverage"),
+        ("itl_ms=30&max_gpus=0", "max_gpus"),
+        ("itl_ms=30&request_rate=0", "request_rate"),
+        ("itl_ms=30&corrected=maybe", "corrected"),
+    ],
+)
+def test_bad_query_is_422_naming_the_field(client: TestClient, query: str, field: str) -> None:
+    r = client.get(f"/plan?{query}")
+    assert r.status_code == 422
+    assert [d["loc"] for d in r.json()["detail"]] == [["query", field]]
+
+
+def test_unknown_profile_is_404(client: TestClient) -> None:
+    for url in ("/plan?itl_ms=30&profile=nope", "/profiles/nope", "/capacity?tp=1&context=10&profile=nope"):
+        r = client.get(url)
+        assert r.status_code == 404 and "nope" in r.json()["detail"]
+
+
+def test_profiles_list_get_and_upload(client: TestClient, profiles_dir: Path) -> None:
+    listed = client.get("/profiles").json()
+    assert [p["id"] for p in listed] == ["syn"] and listed[0]["source"] == "synthetic"
+    doc = client.get("/profiles/syn").json()
+    assert parse_profile(doc).metadata.model.name == "vicuna-7b"
+
+    r = client.post("/profiles", params={"id": "copy"}, json=doc)
+    assert r.status_code == 201 and r.json()["id"] == "copy"
+    assert load_profile(profiles_dir / "copy.json").model_dump() == parse_profile(doc).model_dump()
+    assert not list(profiles_dir.glob(".*.tmp"))  # written atomically, no temp left behind
+    assert client.post("/profiles", params={"id": "copy"}, json=doc).status_code == 409
+    assert client.post("/profiles", params={"id": "copy", "overwrite": "true"}, json=doc).status_code == 201
+    # two profiles loaded: /plan must be told which one
+    r = client.get("/plan?itl_ms=30")
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "profile"]
+    assert client.get("/plan?itl_ms=30&profile=copy").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("mutate", "loc"),
+    [
+        (lambda d: d["metadata"].pop("block_size"), ["body", "metadata", "block_size"]),
+        (lambda d: d["decode"][0].update(k=3), ["body", "decode", 0]),
+        (lambda d: d.update(schema_version=99), ["body", "schema_version"]),
+        (lambda d: d.update(decode=[]), ["body", "decode"]),
+    ],
+)
+def test_bad_upload_is_422_naming_the_field(client: TestClient, mutate, loc: list) -> None:
+    doc = client.get("/profiles/syn").json()
+    mutate(doc)
+    r = client.post("/profiles", params={"id": "bad"}, json=doc)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"][: len(loc)] == loc
+
+
+def test_upload_id_is_validated(client: TestClient) -> None:
+    doc = client.get("/profiles/syn").json()
+    r = client.post("/profiles", params={"id": "../evil"}, json=doc)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "id"]
+
+
+def test_capacity_matches_kvbm(client: TestClient) -> None:
+    r = client.get("/capacity", params={"tp": 2, "k": 4, "context": 2000}).json()
+    blocks = load_profile(SYN).kv_blocks_per_replica(2)
+    assert r["blocks_per_replica"] == blocks
+    assert r["blocks_per_sequence"] == capacity.blocks_per_sequence(2000, 4, 16)
+    assert r["max_concurrency"] == capacity.max_concurrency(blocks, 2000, 4, 16)
+
+
+def test_correction_health_and_metrics(client: TestClient) -> None:
+    assert client.get("/correction").json()["enabled"] is False
+    assert client.get("/plan?itl_ms=30&corrected=true").status_code == 409
+    assert client.get("/healthz").json() == {
+        "status": "ok", "profiles": 1, "profile_load_errors": {}, "correction": "off"
+    }  # fmt: skip
+    client.get("/plan?itl_ms=25")
+    text = client.get("/metrics").text
+    assert "planner_profiles_loaded 1.0" in text
+    count = next(line for line in text.splitlines() if line.startswith("planner_plan_seconds_count"))
+    assert float(count.split()[-1]) >= 1
+
+
+def test_broken_profile_file_is_reported_not_fatal(profiles_dir: Path) -> None:
+    (profiles_dir / "broken.json").write_text('{"schema_version": 1, "metadata": {')
+    with TestClient(create_app(profiles_dir)) as c:
+        health = c.get("/healthz").json()
+        assert "broken" in health["profile_load_errors"]
+        assert "truncated" in health["profile_load_errors"]["broken"]
+        assert c.get("/plan?itl_ms=30").status_code == 200
+
+
+def test_dashboard_draws_the_surfaces(client: TestClient) -> None:
+    r = client.get("/", params={"itl_ms": 15, "isl": 512, "osl": 256})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "<svg" in r.text and "SLA ITL 15 ms" in r.text and "chosen: tp=" in r.text
+    assert "Synthetic profile" in r.text
