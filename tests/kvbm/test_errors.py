@@ -41,7 +41,11 @@ def test_bad_sizes_name_the_field_and_value(value: object) -> None:
             kvbm.CommitBeyondGrantedError,
             "sequence 'a' cannot commit 4 tokens: 6 are computed and room was granted for 9",
         ),
-        (lambda m: m.commit("a", -1), kvbm.InvalidArgumentError, "num_tokens must be >= 0 for sequence 'a', got -1"),
+        (
+            lambda m: m.commit("a", -1),
+            kvbm.InvalidArgumentError,
+            "num_tokens must be >= 0 for sequence 'a', got -1",
+        ),
         (
             lambda m: m.allocate("a", -2),
             kvbm.InvalidArgumentError,
@@ -59,7 +63,11 @@ def test_bad_sizes_name_the_field_and_value(value: object) -> None:
         ),
         (lambda m: m.allocate("n", 2.0, token_ids=[1, 2]), kvbm.InvalidArgumentError, "got 2.0"),
         (lambda m: m.allocate("n", 3), kvbm.TokenIdsError, "sequence 'n' is new, so token_ids"),
-        (lambda m: m.allocate("n", 3, token_ids=[1, 2]), kvbm.TokenIdsError, "got 2 ids for num_new_tokens=3"),
+        (
+            lambda m: m.allocate("n", 3, token_ids=[1, 2]),
+            kvbm.TokenIdsError,
+            "got 2 ids for num_new_tokens=3",
+        ),
         (
             lambda m: m.allocate("a", 1, extra_keys=("x",)),
             kvbm.InvalidArgumentError,

@@ -62,7 +62,9 @@ def test_capacity_formula_matches_what_the_manager_holds(ctx: int, k: int) -> No
 def test_max_concurrency_is_admitted_and_one_more_is_not() -> None:
     bs, ctx, k, blocks = 16, 100, 4, 1000
     c = kvbm.capacity.max_concurrency(blocks, ctx, k, bs)
-    assert kvbm.capacity.blocks_needed(c, ctx, k, bs) <= blocks < kvbm.capacity.blocks_needed(c + 1, ctx, k, bs)
+    assert (
+        kvbm.capacity.blocks_needed(c, ctx, k, bs) <= blocks < kvbm.capacity.blocks_needed(c + 1, ctx, k, bs)
+    )
     mgr = kvbm.KVCacheManager(blocks, bs, enable_prefix_caching=False)
     for i in range(c):
         assert mgr.allocate(i, ctx + 1 + k) is not None
