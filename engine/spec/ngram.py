@@ -4,6 +4,11 @@ For n from ``prompt_lookup_max`` down to ``prompt_lookup_min``, find the most re
 occurrence of the sequence's last n tokens and propose the (up to k) tokens that followed it. Cheap:
 one vectorised numpy comparison per n over the sequence (sliding windows), no Python loop over
 positions.
+
+When the most recent match ends close to the end of the sequence (a repeating pattern), the
+continuation runs into the tokens being drafted; it is extended periodically, i.e. the draft is what
+copying would produce if the pattern goes on (``x y x y x`` -> ``y x y x``), instead of stopping after
+one or two tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ def lookup(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
         hits = np.flatnonzero((windows == suffix).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return tokens[start : start + k].tolist()
+            draft = tokens[start : start + k].tolist()
+            period = length - start  # the copy source lags the draft by this many tokens
+            while len(draft) < k:
+                draft.append(draft[len(draft) - period])
+            return draft
     return []
 
 

@@ -87,7 +87,8 @@ def test_ngram_lookup_longest_most_recent_match() -> None:
     toks = np.array([4, 5, 6, 10, 11, 6, 12, 4, 5, 6])
     assert lookup(toks, 2, 1, 3) == [10, 11]
     assert lookup(np.array([1, 2, 3]), 4, 1, 4) == []  # nothing repeats
-    assert lookup(np.array([5, 5, 5]), 4, 1, 4) == [5]  # most recent match, clipped at the end
+    assert lookup(np.array([5, 5, 5]), 4, 1, 4) == [5, 5, 5, 5]  # a repeat continues periodically
+    assert lookup(np.array([1, 7, 8, 7, 8, 7]), 5, 1, 4) == [8, 7, 8, 7, 8]
     assert lookup(np.array([1, 2, 1]), 0, 1, 4) == []
 
 

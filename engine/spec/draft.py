@@ -1,0 +1,238 @@
+"""Draft-model proposer: a small decoder with the target's vocabulary drafts k tokens autoregressively.
+
+The drafter runs through the engine's own ``ModelRunner`` (same paged attention, CUDA graphs for its
+pure-decode steps on GPU) with its OWN ``kvbm.KVCacheManager`` pool, so its KV follows the same
+commit rules as the target's:
+
+- propose: the drafter catches up on the tokens it has no KV for (the whole prompt the first time;
+  afterwards the bonus token, plus the last draft when every draft was accepted) in one flattened
+  forward, samples draft 1 from the last row, then feeds drafts 1..k-1 one step at a time (batched
+  over sequences). kvbm grants ``catch_up + (k - 1)`` slots; nothing is committed yet.
+- commit(seq, a): kvbm commits the catch-up tokens plus the accepted drafts that were fed
+  (``min(a, k - 1)``); the slots of rejected drafts are past the committed length and go back to
+  the pool at once, so rejection is a rollback with nothing to copy.
+
+Drafters: ``draft_model`` (a preset such as ``llama-68m`` with seeded random weights for timing, or
+a local HF dir / GGUF), and/or ``draft_layers`` = N: the model truncated to its first N layers (with
+no ``draft_model``, the target's own weights: a real self-speculative drafter on CPU).
+For temperature > 0 drafts are sampled from the drafter's distribution after the request's
+temperature and top-p (``filtered_probs``), with the request's generator, and those distributions are
+kept for rejection sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+import kvbm
+from engine.errors import ConfigError
+from engine.presets import ModelSource, resolve_model
+from engine.spec.base import SpecSequence, per_seq_k
+from engine.spec.verify import filtered_probs
+
+if TYPE_CHECKING:
+    from engine.runner import ModelRunner
+    from engine.spec.config import SpecConfig
+
+_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+
+
+@dataclass
+class _Pending:
+    """A proposal waiting for verification: what the drafter computed but has not committed."""
+
+    catch_up: list[int]  # tokens fed in the catch-up chunk (no KV before this step)
+    drafts: list[int]
+    probs: torch.Tensor | None  # [len(drafts), V] when sampled
+
+
+def _truncated(source: ModelSource, num_layers: int) -> ModelSource:
+    cfg = source.config
+    if num_layers > cfg.num_layers:
+        raise ConfigError(f"spec draft_layers={num_layers} exceeds the model's num_layers={cfg.num_layers}")
+    if num_layers == cfg.num_layers:
+        return source
+    new_cfg = cfg.replace(name=f"{cfg.name}-first{num_layers}", num_layers=num_layers)
+    return dataclasses.replace(source, config=new_cfg)
+
+
+def _first_layers(
+    weights: Iterator[tuple[str, torch.Tensor]], num_layers: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        m = _LAYER_RE.match(name)
+        if m is None or int(m.group(1)) < num_layers:
+            yield name, tensor
+
+
+class DraftModelProposer:
+    """Chain proposer backed by a small model (implements engine.spec.base.Proposer)."""
+
+    def __init__(self, runner: ModelRunner, kv: kvbm.KVCacheManager, *, target_vocab_size: int) -> None:
+        if runner.config.vocab_size != target_vocab_size:
+            raise ConfigError(
+                f"draft model {runner.config.name!r}: vocab_size {runner.config.vocab_size} differs from "
+                f"the target's {target_vocab_size}"
+            )
+        if kv.block_size != runner.block_size or kv.num_blocks > runner.num_blocks:
+            raise ConfigError("draft KV manager does not match the draft runner's pool")
+        self.runner = runner
+        self.kv = kv
+        self._pending: dict[str, _Pending] = {}
+
+    @classmethod
+    def from_target(
+        cls,
+        config: SpecConfig,
+        target: ModelRunner,
+        *,
+        num_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+    ) -> DraftModelProposer:
+        """Build the drafter on the target's device, dtype and block size; its pool holds as many
+        tokens as the target's unless ``num_blocks`` says otherwise."""
+        from engine.runner import ModelRunner
+        from engine.weights import iter_weights
+
+        if config.draft_model is None and config.draft_layers is None:
+            raise ConfigError("spec method 'draft' needs draft_model or draft_layers, got neither")
+        self_spec = config.draft_model is None
+        base = target.source if self_spec else resolve_model(config.draft_model, weights=config.draft_weights)
+        layers = config.draft_layers or base.config.num_layers
+        source = _truncated(base, layers)
+        blocks = num_blocks or target.num_blocks
+        truncated = source is not base
+        # Truncated or copied drafters are built with throwaway random weights, then filled.
+        build_src = (
+            dataclasses.replace(source, weights="random", path=None) if (truncated or self_spec) else source
+        )
+        runner = ModelRunner(
+            build_src,
+            dtype=target.dtype,
+            device=target.device,
+            num_blocks=blocks,
+            block_size=target.block_size,
+            max_num_seqs=target.max_num_seqs,
+            max_model_len=min(target.max_model_len, source.config.max_position_embeddings),
+            cuda_graphs=target.decode_graphs is not None,
+            seed=config.seed,
+        )
+        if self_spec:
+            src_state = target.model.state_dict()
+            own = runner.model.state_dict()
+            with torch.no_grad():
+                for key, tensor in own.items():
+                    tensor.copy_(src_state[key])
+        elif truncated and base.weights != "random":
+            runner.model.load_weights(
+                _first_layers(
+                    iter_weights(base, seed=config.seed, dtype=target.dtype, device=target.device), layers
+                )
+            )
+        kv = kvbm.KVCacheManager(blocks, target.block_size, enable_prefix_caching=enable_prefix_caching)
+        return cls(runner, kv, target_vocab_size=target.config.vocab_size)
+
+    # -- proposing ---------------------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, seqs: Sequence[SpecSequence]) -> tuple[list[int], list]:
+        """One token per row (greedy rows by argmax); the sampling distribution of sampled rows."""
+        tokens = logits.argmax(dim=-1).tolist()
+        probs: list[torch.Tensor | None] = [None] * len(seqs)
+        for i, s in enumerate(seqs):
+            if not s.greedy:
+                q = filtered_probs(logits[i], s.temperature, s.top_p)
+                tokens[i] = int(torch.multinomial(q, 1, generator=s.generator).item())
+                probs[i] = q
+        return tokens, probs
+
+    def propose(self, seqs: Sequence[SpecSequence], k: int | Sequence[int]) -> list[list[int]]:
+        ks = per_seq_k(k, len(seqs))
+        out: list[list[int]] = [[] for _ in seqs]
+        active: list[int] = []
+        catch_ups: list[list[int]] = []
+        starts: list[int] = []
+        for i, (s, kk) in enumerate(zip(seqs, ks, strict=True)):
+            self._pending.pop(s.seq_id, None)  # an unverified older proposal is void
+            n = len(s.token_ids)
+            kk = min(kk, self.runner.max_model_len - n)  # drafts must fit the drafter's positions
+            if kk <= 0 or n == 0:
+                continue
+            if not self.kv.has_sequence(s.seq_id):
+                if self.kv.allocate(s.seq_id, n, kk - 1, token_ids=list(s.token_ids)) is None:
+                    continue  # drafter pool full: this sequence goes without a draft this step
+                done = self.kv.num_computed_tokens(s.seq_id)
+            else:
+                done = self.kv.num_computed_tokens(s.seq_id)
+                if done >= n:
+                    raise RuntimeError(
+                        f"draft proposer: sequence {s.seq_id!r} has {done} drafter tokens but only {n} ids"
+                    )
+                if self.kv.allocate(s.seq_id, n - done, kk - 1) is None:
+                    continue
+            ks[i] = kk
+            active.append(i)
+            catch_ups.append(list(s.token_ids[done:]))
+            starts.append(done)
+        if not active:
+            return out
+        from engine.runner import SeqBatchEntry
+
+        runner = self.runner
+        act_seqs = [seqs[i] for i in active]
+        tables = [self.kv.block_table(seqs[i].seq_id) for i in active]
+        # 1) catch-up chunk for every active sequence, logits of its last row -> draft 1
+        entries = [SeqBatchEntry(catch_ups[j], tables[j], starts[j]) for j in range(len(active))]
+        ids, pos, meta = runner.prepare(entries)
+        _, logits = runner.execute(ids, pos, meta, runner.logits_indices(meta))
+        tokens, probs = self._sample(logits, act_seqs)
+        drafts = [[t] for t in tokens]
+        dprobs: list[list[torch.Tensor]] = [[p] if p is not None else [] for p in probs]
+        # 2) drafts 2..k: one pure-decode step at a time over the sequences still drafting
+        lens = [starts[j] + len(catch_ups[j]) for j in range(len(active))]
+        step = 1
+        while True:
+            live = [j for j in range(len(active)) if ks[active[j]] > step]
+            if not live:
+                break
+            entries = [SeqBatchEntry([drafts[j][-1]], tables[j], lens[j] + step - 1) for j in live]
+            ids, pos, meta = runner.prepare(entries)
+            _, logits = runner.execute(ids, pos, meta, None)
+            tokens, probs = self._sample(logits, [act_seqs[j] for j in live])
+            for r, j in enumerate(live):
+                drafts[j].append(tokens[r])
+                if probs[r] is not None:
+                    dprobs[j].append(probs[r])
+            step += 1
+        for j, i in enumerate(active):
+            out[i] = drafts[j]
+            q = torch.stack(dprobs[j]) if dprobs[j] else None
+            self._pending[seqs[i].seq_id] = _Pending(catch_ups[j], drafts[j], q)
+        return out
+
+    def draft_probs(self, seqs: Sequence[SpecSequence]) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for s in seqs:
+            p = self._pending.get(s.seq_id)
+            out.append(p.probs if p is not None else None)
+        return out
+
+    def commit(self, seq_id: str, num_accepted: int) -> None:
+        """Keep the catch-up tokens and the accepted drafts whose KV the drafter wrote."""
+        p = self._pending.pop(seq_id, None)
+        if p is None:
+            return
+        if not 0 <= num_accepted <= len(p.drafts):
+            raise ValueError(f"draft commit: num_accepted={num_accepted} not in 0..{len(p.drafts)}")
+        kept = min(num_accepted, len(p.drafts) - 1)  # the last draft was never fed
+        ids = p.catch_up + p.drafts[:kept]
+        self.kv.commit(seq_id, len(ids), token_ids=ids)
+
+    def free(self, seq_id: str) -> None:
+        self._pending.pop(seq_id, None)
+        if self.kv.has_sequence(seq_id):
+            self.kv.free(seq_id)

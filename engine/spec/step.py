@@ -1,0 +1,156 @@
+"""One speculative decode step split into its two phases, over a target ``ModelRunner`` and its kvbm
+manager: ``draft`` (the proposer's work) and ``verify`` (reserve lookahead slots, one target forward
+over every sequence's chunk, verification, kvbm commit). The step profiler times the phases
+separately with this class; the engine's step loop does the same work around its scheduler.
+
+``pad_drafts=True`` (profiling): every sequence verifies exactly k draft tokens (a short prompt-lookup
+draft is padded by repeating its last token), so the verify cost at k is measured even on token ids
+that have no n-gram matches. Acceptance numbers from such a run mean nothing; timing does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+import kvbm
+from engine.errors import CapacityError
+from engine.spec.base import Proposer, SpecSequence
+from engine.spec.medusa_decoder import MedusaDecoder, TreeProposal
+from engine.spec.stats import SpecStats
+from engine.spec.verify import verify_chain
+
+if TYPE_CHECKING:
+    from engine.runner import ModelRunner
+    from engine.spec.config import SpecConfig
+
+
+@dataclass
+class StepOutput:
+    seq_id: str
+    num_draft_tokens: int
+    num_accepted: int
+    tokens: list[int]  # tokens to append: accepted drafts + one target token
+
+
+class SpecStepRunner:
+    def __init__(
+        self,
+        config: SpecConfig,
+        runner: ModelRunner,
+        kv: kvbm.KVCacheManager,
+        *,
+        proposer: Proposer | None = None,
+        medusa: MedusaDecoder | None = None,
+        stats: SpecStats | None = None,
+        pad_drafts: bool = False,
+    ) -> None:
+        self.config, self.runner, self.kv = config, runner, kv
+        self.stats = stats if stats is not None else SpecStats()
+        self.pad_drafts = pad_drafts
+        self.medusa: MedusaDecoder | None = None
+        self.proposer: Proposer | None = None
+        if config.method == "medusa":
+            self.medusa = medusa or MedusaDecoder(config, runner)
+        else:
+            from engine.spec import build_proposer
+
+            self.proposer = proposer or build_proposer(config, target=runner)
+
+    # -- prefill (tests, benchmarks) -------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, seq_id: str, prompt: Sequence[int]) -> int:
+        """Register and prefill one prompt; returns the greedy first token (not yet committed)."""
+        from engine.runner import SeqBatchEntry
+
+        if self.kv.allocate(seq_id, len(prompt), token_ids=list(prompt)) is None:
+            raise CapacityError(f"prefill of {seq_id!r}: no room for {len(prompt)} tokens")
+        done = self.kv.num_computed_tokens(seq_id)
+        ids, pos, meta = self.runner.prepare(
+            [SeqBatchEntry(list(prompt[done:]), self.kv.block_table(seq_id), done)]
+        )
+        hidden, logits = self.runner.execute(ids, pos, meta, self.runner.logits_indices(meta))
+        self.kv.commit(seq_id, len(prompt) - done)
+        if self.medusa is not None:
+            self.medusa.observe([seq_id], hidden[-1:])
+        return int(logits[0].argmax())
+
+    # -- draft phase -----------------------------------------------------------------------------------
+    def draft(self, seqs: Sequence[SpecSequence]) -> list[list[int]] | list[TreeProposal]:
+        if self.medusa is not None:
+            return self.medusa.propose(seqs)
+        assert self.proposer is not None
+        drafts = self.proposer.propose(seqs, self.config.k)
+        if self.pad_drafts:
+            k = self.config.k
+            drafts = [
+                d + [(d[-1] if d else int(s.token_ids[-1]))] * (k - len(d))
+                for d, s in zip(drafts, seqs, strict=True)
+            ]
+        return drafts
+
+    # -- verify phase ----------------------------------------------------------------------------------
+    def _reserve(self, seqs: Sequence[SpecSequence], widths: Sequence[int]) -> None:
+        for s, w in zip(seqs, widths, strict=True):
+            if self.kv.allocate(s.seq_id, 1, w - 1) is None:
+                raise CapacityError(f"verify: no KV room for {s.seq_id!r} ({w} tokens)")
+
+    @torch.inference_mode()
+    def verify(self, seqs: Sequence[SpecSequence], drafts: Sequence) -> list[StepOutput]:
+        if self.medusa is not None:
+            return self._verify_tree(seqs, drafts)
+        from engine.runner import SeqBatchEntry
+
+        self._reserve(seqs, [1 + len(d) for d in drafts])
+        computed = [self.kv.num_computed_tokens(s.seq_id) for s in seqs]
+        entries = [
+            SeqBatchEntry([int(s.token_ids[-1]), *d], self.kv.block_table(s.seq_id), n)
+            for s, d, n in zip(seqs, drafts, computed, strict=True)
+        ]
+        ids, pos, meta = self.runner.prepare(entries)
+        _, logits = self.runner.execute(ids, pos, meta, None)
+        assert self.proposer is not None
+        res = verify_chain(
+            logits,
+            drafts,
+            temperatures=[s.temperature for s in seqs],
+            top_ps=[s.top_p for s in seqs],
+            generators=[s.generator for s in seqs],
+            draft_probs=self.proposer.draft_probs(seqs),
+        )
+        out: list[StepOutput] = []
+        for s, d, a, toks in zip(seqs, drafts, res.num_accepted, res.tokens, strict=True):
+            self.kv.commit(s.seq_id, 1 + a, token_ids=[int(s.token_ids[-1]), *d[:a]])
+            self.proposer.commit(s.seq_id, a)
+            self.stats.record(len(d), a)
+            out.append(StepOutput(s.seq_id, len(d), a, toks))
+        return out
+
+    def _verify_tree(
+        self, seqs: Sequence[SpecSequence], proposals: Sequence[TreeProposal]
+    ) -> list[StepOutput]:
+        assert self.medusa is not None
+        self._reserve(seqs, [len(p.tokens) for p in proposals])
+        computed = [self.kv.num_computed_tokens(s.seq_id) for s in seqs]
+        tables = [self.kv.block_table(s.seq_id) for s in seqs]
+        results = self.medusa.verify(seqs, proposals, tables, computed)
+        out: list[StepOutput] = []
+        for s, p, r in zip(seqs, proposals, results, strict=True):
+            self.kv.commit(s.seq_id, 1 + r.num_accepted, token_ids=[p.tokens[0], *r.tokens[:-1]])
+            self.stats.record(p.num_draft_tokens, r.num_accepted)
+            out.append(StepOutput(s.seq_id, p.num_draft_tokens, r.num_accepted, r.tokens))
+        return out
+
+    def step(self, seqs: Sequence[SpecSequence]) -> list[StepOutput]:
+        return self.verify(seqs, self.draft(seqs))
+
+    def free(self, seq_id: str) -> None:
+        if self.kv.has_sequence(seq_id):
+            self.kv.free(seq_id)
+        if self.proposer is not None:
+            self.proposer.free(seq_id)
+        if self.medusa is not None:
+            self.medusa.free(seq_id)
