@@ -90,6 +90,11 @@ class SpecConfig:
             raise ConfigError(
                 f"spec draft_model/draft_layers apply to method 'draft' only, got method {self.method!r}"
             )
+        if self.method == "draft" and self.draft_model is None and self.draft_layers is None:
+            raise ConfigError(
+                "spec method 'draft' needs draft_model (a preset or path) or draft_layers (the target "
+                "truncated to its first N layers), got neither"
+            )
         if self.method != "medusa" and (self.medusa_heads is not None or self.tree is not None):
             raise ConfigError(f"spec medusa_heads/tree apply to method 'medusa' only, got {self.method!r}")
         if self.method == "medusa" and self.tree is not None:

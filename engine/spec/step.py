@@ -62,8 +62,9 @@ class SpecStepRunner:
 
     # -- prefill (tests, benchmarks) -------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, seq_id: str, prompt: Sequence[int]) -> int:
-        """Register and prefill one prompt; returns the greedy first token (not yet committed)."""
+    def prefill(self, seq_id: str, prompt: Sequence[int]) -> torch.Tensor:
+        """Register ``seq_id`` and compute KV for all of ``prompt``; returns the float32 logits
+        ``[V]`` of its last token (the caller samples the first output token from them)."""
         from engine.runner import SeqBatchEntry
 
         if self.kv.allocate(seq_id, len(prompt), token_ids=list(prompt)) is None:
@@ -76,7 +77,7 @@ class SpecStepRunner:
         self.kv.commit(seq_id, len(prompt) - done)
         if self.medusa is not None:
             self.medusa.observe([seq_id], hidden[-1:])
-        return int(logits[0].argmax())
+        return logits[0]
 
     # -- draft phase -----------------------------------------------------------------------------------
     def draft(self, seqs: Sequence[SpecSequence]) -> list[list[int]] | list[TreeProposal]:
