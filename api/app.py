@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
+from api.fastpath import PlanFastPath, PlanResponseCache
 from api.metrics import ApiMetrics
 from api.store import ID_PATTERN, ProfileStore, ProfileSummary, summarize
 from kvbm import capacity
@@ -77,6 +78,7 @@ def create_app(
 ) -> FastAPI:
     store = ProfileStore(profiles_dir)
     metrics = ApiMetrics()
+    responses = PlanResponseCache()
     holder: dict[str, CorrectionDaemon] = {}
 
     if daemon is not None:
@@ -135,7 +137,8 @@ def create_app(
         return profile, store.planners[profile]
 
     @app.get("/plan", response_model=PlanResult, responses={**ERRORS, 409: {"description": "no daemon"}})
-    def get_plan(
+    async def get_plan(
+        request: Request,
         itl_ms: Annotated[float, Query(description="ITL SLA (ms)", **Pos)],
         ttft_ms: Annotated[float | None, Query(description="TTFT SLA (ms)", **Pos)] = None,
         isl: Annotated[int | None, Query(ge=1, le=10_000_000, description="input length (tokens)")] = None,
@@ -165,6 +168,7 @@ def create_app(
         else:
             params = tuple(kwargs.values())
             body = store.cached_plan(pid, params, lambda: planner.plan(**kwargs).model_dump_json().encode())
+            responses.put(request.scope["query_string"], body)
         metrics.plan_seconds.observe(time.perf_counter() - t0)
         return Response(content=body, media_type="application/json")
 
@@ -199,6 +203,7 @@ def create_app(
         except ValueError as exc:  # schema-valid but nothing to plan from (e.g. no successful decode point)
             detail = [{"loc": ["body", "decode"], "msg": str(exc), "type": "value_error"}]
             raise HTTPException(422, detail) from None
+        responses.clear()  # cached answers may name or depend on the replaced profile set
         metrics.profiles.set(len(store.ids()))
         return summarize(id, profile)
 
@@ -259,4 +264,5 @@ def create_app(
         return HTMLResponse(render_page(pid, planner, store.ids(), itl_ms=itl_ms, isl=isl, osl=osl))
 
     metrics.profiles.set(len(store.ids()))
+    app.add_middleware(PlanFastPath, cache=responses, observe=metrics.plan_seconds.observe)
     return app

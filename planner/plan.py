@@ -202,10 +202,30 @@ class Planner:
         self.profile = profile
         self.name = name
         self.surfaces = Surfaces(profile)
+        self._memo: dict[tuple, object] = {}  # step curves, TTFT and KV bounds per workload shape
         if not self.surfaces.decode:
             raise ValueError(f"{name}: profile has no successful decode point to plan from")
 
     # ------------------------------------------------------------------ helpers
+    def _cached(self, key: tuple, compute):
+        """Memoise pure functions of the profile (bounded: a server sees few distinct isl/osl pairs)."""
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) > 8192:
+                self._memo.clear()
+            hit = self._memo[key] = compute()
+        return hit
+
+    def _curve(self, surf: DecodeSurface, ctx: float) -> tuple[np.ndarray, np.ndarray]:
+        """Every integer concurrency of the measured range at ``ctx`` and its interpolated step time."""
+
+        def compute() -> tuple[np.ndarray, np.ndarray]:
+            lo, hi = surf.concurrency_bounds(ctx)
+            c = np.arange(lo, hi + 1, dtype=float)
+            return c, surf.step_ms(c, ctx)
+
+        return self._cached(("curve", surf.key, ctx), compute)
+
     def _drafter(self, method: str) -> str | None:
         for a in self.profile.acceptance:
             if a.method == method and a.source.drafter:
@@ -280,16 +300,15 @@ class Planner:
                 f"decode context {ctx:g} outside measured [{surf.context_range.lo:g}, "
                 f"{surf.context_range.hi:g}]: step time extrapolated linearly in context"
             )
-        lo, hi = surf.concurrency_bounds(ctx)
-        c = np.arange(lo, hi + 1, dtype=float)
-        step = surf.step_ms(c, ctx) * inp.itl_correction
+        c, step = self._curve(surf, ctx)
+        step = step * inp.itl_correction
         itl = step / tps
         thr = c * tps / (step / 1000.0) / tp
-        kv = self.kv_bound(tp, k, inp.peak_context)
+        kv = self._cached(("kv", tp, k, inp.peak_context), lambda: self.kv_bound(tp, k, inp.peak_context))
         ttft = None
         pre = self.surfaces.prefill.get(tp)
         if pre is not None:
-            ttft = pre.ttft_ms(inp.isl)
+            ttft = self._cached(("ttft", tp, inp.isl), lambda: pre.ttft_ms(inp.isl))
             if not pre.input_range.contains(inp.isl):
                 flags.append(
                     f"isl {inp.isl} outside measured prefill input lengths [{pre.input_range.lo:g}, "
@@ -340,7 +359,7 @@ class Planner:
         per_replica = concurrency / (inp.osl * itl_ms / 1000.0)
         decode = math.ceil(inp.request_rate / per_replica - 1e-9)
         pre = self.surfaces.prefill.get(tp)
-        ptps = pre.tokens_per_s_per_gpu(inp.isl) if pre else None
+        ptps = self._cached(("ptps", tp, inp.isl), lambda: pre.tokens_per_s_per_gpu(inp.isl)) if pre else None
         prefill = math.ceil(inp.request_rate * inp.isl / (ptps * tp) - 1e-9) if ptps else None
         gpus_prefill = prefill * tp if prefill is not None else None
         return Replicas(
@@ -363,11 +382,9 @@ class Planner:
             raise KeyError((tp, method, k))
         lo = int(max(spec.c[0], base.c[0]))
         hi = int(min(spec.c[-1], base.c[-1]))
-        crossing = None
-        for c in range(lo, hi + 1):
-            if spec.itl[c - int(spec.c[0])] >= base.itl[c - int(base.c[0])]:
-                crossing = c
-                break
+        cs = np.arange(lo, hi + 1)
+        worse = np.flatnonzero(spec.itl[cs - int(spec.c[0])] >= base.itl[cs - int(base.c[0])])
+        crossing = int(cs[worse[0]]) if worse.size else None
         return Breakeven(tp=tp, method=method, k=k, concurrency=crossing, checked_up_to=hi)
 
     def _breakeven_for(self, ch: Choice, inp: Inputs, evals: dict[ConfigKey, _Eval]) -> Breakeven | None:
@@ -435,7 +452,7 @@ class Planner:
                     )
                 )  # fmt: skip
                 continue
-            i_min = int(np.nanargmin(np.where(valid, ev.itl, np.nan)))
+            i_min = int(np.argmin(np.where(valid, ev.itl, np.inf)))
             best_itl = float(ev.itl[i_min])
             if (max_gpus is None or tp <= max_gpus) and (lowest is None or best_itl < lowest[0]):
                 lowest = (best_itl, ev, i_min)
