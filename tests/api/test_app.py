@@ -154,3 +154,15 @@ def test_dashboard_draws_the_surfaces(client: TestClient) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "<svg" in r.text and "SLA ITL 15 ms" in r.text and "chosen: tp=" in r.text
     assert "Synthetic profile" in r.text
+
+
+def test_response_cache_replays_bytes_and_is_cleared_by_uploads(client: TestClient) -> None:
+    first = client.get("/plan?itl_ms=30")
+    second = client.get("/plan?itl_ms=30")  # answered by the fast path
+    assert second.status_code == 200 and second.content == first.content
+    assert second.headers["content-type"] == "application/json"
+    doc = client.get("/profiles/syn").json()
+    assert client.post("/profiles", params={"id": "other"}, json=doc).status_code == 201
+    # with two profiles the same query is now ambiguous: a stale cached 200 would be wrong
+    r = client.get("/plan?itl_ms=30")
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "profile"]
