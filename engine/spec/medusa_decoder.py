@@ -1,31 +1,30 @@
-"""Medusa decoding step over the target runner: candidates from the heads, one tree-masked verify
+"""Medusa decoding over the target runner: candidates from the heads, one tree-masked verify
 forward, tree walk, KV compaction of the accepted path.
 
 State per sequence: the heads' top-k token ids at the sequence's last verified position (computed
-from that position's final hidden state). A sequence without state (its first decode step, unless
-the engine passed its prefill hidden state to ``observe``) verifies just its root -- a plain decode
-step -- which seeds the state; it counts as a decode step without a draft.
+from that position's final hidden state, see ``observe``). A sequence without state (its first
+decode step when the engine did not pass its prefill hidden state, or a budget too small for the
+tree's depth) verifies just its root -- a plain decode step -- and that step seeds the state.
 
-Division of work with the engine (the same shape as the chain path):
-1. ``num_lookahead(seq_id)``: the engine reserves ``1 + num_lookahead`` KV slots in kvbm;
-2. ``propose(seqs)``: node tokens per sequence (the draft phase; cheap, no model call);
-3. ``verify(seqs, proposals, tables, num_computed)``: one forward over every sequence's tree, walk,
-   copy the accepted nodes' KV to contiguous slots, refresh head state; returns the tokens to append
-   (``accepted + 1``) and the accepted count;
-4. the engine commits ``1 + accepted`` tokens (ids ``[root, *accepted]``) in kvbm, which releases
-   the rest of the tree's slots.
+The verify chunk of a sequence is ``[root, *nodes]`` in breadth-first order, so it has exactly the
+chain path's shape: the engine reserves ``len(nodes)`` lookahead slots in kvbm, runs the chunk in its
+one flattened forward after ``apply_tree`` fixed positions and the mask, walks the tree with
+``accept`` (which moves the accepted nodes' KV to contiguous slots) and commits ``1 + accepted``
+tokens, which releases the rest of the tree's slots. Any breadth-first prefix of the node list is a
+valid tree (parents come first), so a scheduler may cut a tree short to fit its token budget.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
 
+from engine.attention.metadata import AttentionMetadata
 from engine.errors import ConfigError
-from engine.spec.base import SpecSequence
+from engine.spec.base import SpecSequence, per_seq_k
 from engine.spec.medusa import MedusaHeads, MedusaTree, compact_accepted_kv, resolve_tree
 from engine.spec.verify import verify_tree
 
@@ -34,25 +33,10 @@ if TYPE_CHECKING:
     from engine.spec.config import SpecConfig
 
 
-@dataclass
-class TreeProposal:
-    """One sequence's verify chunk: ``tokens`` [N] (root first); ``tree`` None = root only."""
-
-    tokens: list[int]
-    tree: MedusaTree | None
-
-    @property
-    def num_draft_tokens(self) -> int:
-        return len(self.tokens) - 1
-
-
-@dataclass
-class TreeResult:
-    num_accepted: int
-    tokens: list[int]  # accepted node tokens + the next token
-
-
 class MedusaDecoder:
+    """Medusa heads + tree for one target runner. Implements the chain ``Proposer`` protocol
+    (``propose`` returns the tree's node tokens) plus the tree-specific ``apply_tree``/``accept``."""
+
     def __init__(self, config: SpecConfig, runner: ModelRunner, heads: MedusaHeads | None = None) -> None:
         self.runner = runner
         cfg = runner.config
@@ -72,19 +56,23 @@ class MedusaDecoder:
                 f"Medusa tree needs {self.tree.num_heads} heads, the heads file has {heads.num_heads}"
             )
         self.heads = heads.to(device=runner.device, dtype=runner.dtype)
-        self._mask = self.tree.mask.to(runner.device)
         self._head_idx = torch.tensor(self.tree.head, device=runner.device)
         self._rank_idx = torch.tensor(self.tree.rank, device=runner.device)
-        self._depth = torch.tensor(self.tree.depth, device=runner.device)
         self._topk: dict[str, torch.Tensor] = {}  # seq_id -> [num_heads_used, topk] token ids
 
-    # -- state ---------------------------------------------------------------------------------------
+    @property
+    def num_nodes(self) -> int:
+        """Tree nodes besides the root (the lookahead a full tree needs)."""
+        return self.tree.num_nodes - 1
+
+    # -- state -----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def observe(self, seq_ids: Sequence[str], hidden: torch.Tensor) -> None:
-        """Seed the head state from final hidden states ``[len(seq_ids), H]`` (e.g. prefill's last)."""
+        """Seed the head state from final hidden states ``[len(seq_ids), H]`` (the position whose
+        next token was just sampled: a prefill's last token, or a verify step's last accepted node)."""
         if not seq_ids:
             return
-        logits = self.heads(hidden)[:, : self.tree.num_heads]
+        logits = self.heads(hidden.to(self.heads.medusa_head[0][1].weight.dtype))[:, : self.tree.num_heads]
         top = logits.topk(self.tree.topk, dim=-1).indices
         for i, sid in enumerate(seq_ids):
             self._topk[sid] = top[i]
@@ -92,76 +80,76 @@ class MedusaDecoder:
     def has_state(self, seq_id: str) -> bool:
         return seq_id in self._topk
 
-    def num_lookahead(self, seq_id: str) -> int:
-        """Tree slots beyond the root that the next step of ``seq_id`` will use."""
-        return self.tree.num_nodes - 1 if seq_id in self._topk else 0
+    # -- Proposer protocol -----------------------------------------------------------------------------
+    def propose(self, seqs: Sequence[SpecSequence], k: int | Sequence[int] | None = None) -> list[list[int]]:
+        """Node tokens (breadth-first, root excluded) per sequence; ``[]`` without head state or when
+        the sequence's budget ``k`` is below the tree's depth (drafts must fit max_tokens/context)."""
+        ks = per_seq_k(k, len(seqs)) if k is not None else [self.tree.num_heads] * len(seqs)
+        out: list[list[int]] = []
+        for s, kk in zip(seqs, ks, strict=True):
+            top = self._topk.get(s.seq_id)
+            if top is None or kk < self.tree.num_heads:
+                out.append([])
+            else:
+                out.append(top[self._head_idx, self._rank_idx].tolist())
+        return out
+
+    def draft_probs(self, seqs: Sequence[SpecSequence]) -> list[torch.Tensor | None]:
+        return [None] * len(seqs)  # tree verification samples without replacement: no q needed
+
+    def commit(self, seq_id: str, num_accepted: int) -> None:
+        return None  # the state was refreshed by ``accept``/``observe``
 
     def free(self, seq_id: str) -> None:
         self._topk.pop(seq_id, None)
 
-    # -- draft phase ---------------------------------------------------------------------------------
-    def propose(
-        self, seqs: Sequence[SpecSequence], *, enabled: Sequence[bool] | None = None
-    ) -> list[TreeProposal]:
-        out: list[TreeProposal] = []
-        for i, s in enumerate(seqs):
-            root = int(s.token_ids[-1])
-            top = self._topk.get(s.seq_id)
-            if top is None or (enabled is not None and not enabled[i]):
-                out.append(TreeProposal([root], None))
+    # -- verify helpers --------------------------------------------------------------------------------
+    @lru_cache(maxsize=64)  # noqa: B019 - one decoder per engine, a handful of prefix lengths
+    def _prefix(self, m: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], torch.Tensor]:
+        """(depths, children, mask) of the tree cut to its first ``m`` nodes (plus the root)."""
+        t = self.tree
+        depth = t.depth[: m + 1]
+        children = tuple(tuple(c for c in ch if c <= m) for ch in t.children[: m + 1])
+        return depth, children, t.mask[: m + 1, : m + 1].to(self.runner.device)
+
+    def apply_tree(self, meta: AttentionMetadata, positions: torch.Tensor, num_nodes: Sequence[int]) -> None:
+        """Turn a causal batch into a tree batch, in place: for each sequence ``b`` whose chunk ends
+        with a tree of ``num_nodes[b]`` nodes (its root right before them), set the nodes' positions
+        to ``root + depth`` and give the batch a ``tree_mask`` (causal rows for every other chunk)."""
+        if not any(num_nodes):
+            return
+        starts = meta.query_start_loc.tolist()
+        width = meta.max_query_len
+        mask = torch.ones(width, width, dtype=torch.bool, device=positions.device).tril()
+        tm = mask.expand(len(num_nodes), width, width).clone()
+        for b, m in enumerate(num_nodes):
+            if not m:
                 continue
-            nodes = top[self._head_idx, self._rank_idx].tolist()
-            out.append(TreeProposal([root, *nodes], self.tree))
-        return out
+            depth, _, tree_mask = self._prefix(m)
+            end = starts[b + 1]
+            q_len = end - starts[b]
+            root_row = end - m - 1
+            base = positions[root_row]
+            positions[root_row + 1 : end] = base + torch.tensor(depth[1:], device=positions.device)
+            r0 = q_len - m - 1  # the root's row inside the chunk
+            tm[b, r0 : r0 + m + 1, r0 : r0 + m + 1] = tree_mask
+        meta.tree_mask = tm
 
-    # -- verify phase --------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def verify(
+    def accept(
         self,
-        seqs: Sequence[SpecSequence],
-        proposals: Sequence[TreeProposal],
-        block_tables: Sequence[Sequence[int]],
-        num_computed: Sequence[int],
-    ) -> list[TreeResult]:
-        """Run the tree-masked forward for every sequence, walk each tree, compact accepted KV.
-        ``num_computed[b]``: tokens of b with target KV (the root sits at that position)."""
-        from engine.runner import SeqBatchEntry
-
-        runner = self.runner
-        entries = [
-            SeqBatchEntry(p.tokens, table, n)
-            for p, table, n in zip(proposals, block_tables, num_computed, strict=True)
-        ]
-        ids, _, meta = runner.prepare(entries)
-        q_lens = [len(p.tokens) for p in proposals]
-        width = max(q_lens)
-        positions: list[int] = []
-        for p, n in zip(proposals, num_computed, strict=True):
-            positions.extend(n + d for d in (self.tree.depth if p.tree is not None else (0,)))
-        pos = torch.tensor(positions, dtype=torch.long, device=runner.device)
-        if width > 1:
-            tm = torch.zeros(len(proposals), width, width, dtype=torch.bool, device=runner.device)
-            for b, p in enumerate(proposals):
-                if p.tree is not None:
-                    tm[b, : len(p.tokens), : len(p.tokens)] = self._mask
-                else:
-                    tm[b, 0, 0] = True
-            meta.tree_mask = tm
-        hidden, logits = runner.execute(ids, pos, meta, None)
-        results: list[TreeResult] = []
-        next_hidden_rows: list[int] = []
-        row = 0
-        for s, p, table, n in zip(seqs, proposals, block_tables, num_computed, strict=True):
-            rows = logits[row : row + len(p.tokens)]
-            children = p.tree.children if p.tree is not None else ((),)
-            path, nxt = verify_tree(
-                rows, p.tokens, children, temperature=s.temperature, top_p=s.top_p, generator=s.generator
-            )
-            if path:
-                compact_accepted_kv(runner.kv_caches, table, runner.block_size, n, path)
-            results.append(TreeResult(len(path), [p.tokens[i] for i in path] + [nxt]))
-            next_hidden_rows.append(row + (path[-1] if path else 0))
-            row += len(p.tokens)
-        # heads on the hidden state of each sequence's last accepted node seed its next tree
-        self.observe([s.seq_id for s in seqs], hidden[torch.tensor(next_hidden_rows, device=hidden.device)])
-        return results
+        seq: SpecSequence,
+        nodes: Sequence[int],
+        logits: torch.Tensor,
+        block_table: Sequence[int],
+        root_pos: int,
+    ) -> tuple[list[int], list[int]]:
+        """Walk one sequence's tree (``logits`` rows: root then nodes) and move the accepted nodes'
+        KV next to the root. Returns (accepted node indices, tokens to append = accepted + next)."""
+        tokens = [int(seq.token_ids[-1]), *nodes]
+        _, children, _ = self._prefix(len(nodes))
+        path, nxt = verify_tree(
+            logits, tokens, children, temperature=seq.temperature, top_p=seq.top_p, generator=seq.generator
+        )
+        if path:
+            compact_accepted_kv(self.runner.kv_caches, block_table, self.runner.block_size, root_pos, path)
+        return path, [tokens[i] for i in path] + [nxt]

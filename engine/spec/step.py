@@ -19,7 +19,7 @@ import torch
 import kvbm
 from engine.errors import CapacityError
 from engine.spec.base import Proposer, SpecSequence
-from engine.spec.medusa_decoder import MedusaDecoder, TreeProposal
+from engine.spec.medusa_decoder import MedusaDecoder
 from engine.spec.stats import SpecStats
 from engine.spec.verify import verify_chain
 
@@ -80,7 +80,7 @@ class SpecStepRunner:
         return logits[0]
 
     # -- draft phase -----------------------------------------------------------------------------------
-    def draft(self, seqs: Sequence[SpecSequence]) -> list[list[int]] | list[TreeProposal]:
+    def draft(self, seqs: Sequence[SpecSequence]) -> list[list[int]]:
         if self.medusa is not None:
             return self.medusa.propose(seqs)
         assert self.proposer is not None
@@ -100,7 +100,7 @@ class SpecStepRunner:
                 raise CapacityError(f"verify: no KV room for {s.seq_id!r} ({w} tokens)")
 
     @torch.inference_mode()
-    def verify(self, seqs: Sequence[SpecSequence], drafts: Sequence) -> list[StepOutput]:
+    def verify(self, seqs: Sequence[SpecSequence], drafts: Sequence[list[int]]) -> list[StepOutput]:
         if self.medusa is not None:
             return self._verify_tree(seqs, drafts)
         from engine.runner import SeqBatchEntry
@@ -130,19 +130,32 @@ class SpecStepRunner:
             out.append(StepOutput(s.seq_id, len(d), a, toks))
         return out
 
-    def _verify_tree(
-        self, seqs: Sequence[SpecSequence], proposals: Sequence[TreeProposal]
-    ) -> list[StepOutput]:
-        assert self.medusa is not None
-        self._reserve(seqs, [len(p.tokens) for p in proposals])
+    def _verify_tree(self, seqs: Sequence[SpecSequence], drafts: Sequence[list[int]]) -> list[StepOutput]:
+        from engine.runner import SeqBatchEntry
+
+        medusa = self.medusa
+        assert medusa is not None
+        self._reserve(seqs, [1 + len(d) for d in drafts])
         computed = [self.kv.num_computed_tokens(s.seq_id) for s in seqs]
         tables = [self.kv.block_table(s.seq_id) for s in seqs]
-        results = self.medusa.verify(seqs, proposals, tables, computed)
+        entries = [
+            SeqBatchEntry([int(s.token_ids[-1]), *d], t, n)
+            for s, d, t, n in zip(seqs, drafts, tables, computed, strict=True)
+        ]
+        ids, pos, meta = self.runner.prepare(entries)
+        medusa.apply_tree(meta, pos, [len(d) for d in drafts])
+        hidden, logits = self.runner.execute(ids, pos, meta, None)
         out: list[StepOutput] = []
-        for s, p, r in zip(seqs, proposals, results, strict=True):
-            self.kv.commit(s.seq_id, 1 + r.num_accepted, token_ids=[p.tokens[0], *r.tokens[:-1]])
-            self.stats.record(p.num_draft_tokens, r.num_accepted)
-            out.append(StepOutput(s.seq_id, p.num_draft_tokens, r.num_accepted, r.tokens))
+        rows: list[int] = []
+        row = 0
+        for s, d, t, n in zip(seqs, drafts, tables, computed, strict=True):
+            path, toks = medusa.accept(s, d, logits[row : row + 1 + len(d)], t, n)
+            self.kv.commit(s.seq_id, len(toks), token_ids=[int(s.token_ids[-1]), *toks[:-1]])
+            self.stats.record(len(d), len(path))
+            out.append(StepOutput(s.seq_id, len(d), len(path), toks))
+            rows.append(row + (path[-1] if path else 0))
+            row += 1 + len(d)
+        medusa.observe([s.seq_id for s in seqs], hidden[torch.tensor(rows, device=hidden.device)])
         return out
 
     def step(self, seqs: Sequence[SpecSequence]) -> list[StepOutput]:
