@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBus
+from kvbm.events import AllBlocksCleared, BlockRemoved, EventBus
 from kvbm.hashing import BlockHash
 from kvbm.metrics import Counters
 
@@ -121,22 +121,16 @@ class BlockPool:
                 else:
                     self.cached_free[b] = None
 
-    def cache(
-        self,
-        b: int,
-        block_hash: BlockHash,
-        parent: BlockHash | None,
-        token_ids: tuple[int, ...],
-        extra_keys: tuple,
-    ) -> bool:
-        """Register a held, full block under ``block_hash``; False if the hash (or block) is taken."""
+    def cache(self, b: int, block_hash: BlockHash) -> bool:
+        """Register a held, full block under ``block_hash``; False if the hash (or block) is taken.
+
+        The caller publishes ``BlockStored`` (it knows the parent and the token ids) when True.
+        """
         if self.block_hash[b] is not None or block_hash in self.hash_to_block:
             return False
         self.block_hash[b] = block_hash
         self.hash_to_block[block_hash] = b
         self.counters.blocks_stored += 1
-        if self.events.subscribers:
-            self.events.emit(BlockStored(block_hash, parent, token_ids, b, extra_keys))
         return True
 
     def clear_cache(self) -> int:

@@ -32,6 +32,7 @@ committed tokens are ever hashed, so draft tokens never are.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Hashable, Sequence
 
 from kvbm.block_pool import BlockPool
@@ -46,15 +47,33 @@ from kvbm.errors import (
     UnknownSequenceError,
     as_count,
 )
-from kvbm.events import Callback, EventBus
-from kvbm.hashing import BlockHash, check_extra_keys, hash_block
+from kvbm.events import BlockStored, Callback, EventBus
+from kvbm.hashing import (
+    BlockHash,
+    check_extra_keys,
+    encode_extra_keys,
+    hash_token_bytes,
+    token_bytes,
+)
 from kvbm.metrics import Counters, KVCacheMetrics
 
 
 class _Seq:
-    """One sequence's state. ``hashes[i]`` is the chained hash of full committed block ``i``."""
+    """One sequence's state. ``hashes[i]`` is the chained hash of full committed block ``i``.
 
-    __slots__ = ("blocks", "num_computed", "num_reserved", "num_granted", "token_ids", "hashes", "extra_keys")
+    ``token_ids`` is an ``array('q')``: appending validates the ids, and block hashes read its bytes.
+    """
+
+    __slots__ = (
+        "blocks",
+        "num_computed",
+        "num_reserved",
+        "num_granted",
+        "token_ids",
+        "hashes",
+        "extra_keys",
+        "extra_enc",
+    )
 
     def __init__(
         self,
@@ -62,9 +81,10 @@ class _Seq:
         num_computed: int,
         num_reserved: int,
         num_granted: int,
-        token_ids: list[int],
+        token_ids: array,
         hashes: list[BlockHash],
         extra_keys: tuple,
+        extra_enc: bytes,
     ) -> None:
         self.blocks = blocks
         self.num_computed = num_computed
@@ -73,6 +93,7 @@ class _Seq:
         self.token_ids = token_ids
         self.hashes = hashes
         self.extra_keys = extra_keys
+        self.extra_enc = extra_enc
 
 
 def _check_size(name: str, value: object) -> int:
@@ -165,7 +186,7 @@ class KVCacheManager:
 
     def token_ids(self, seq_id: Hashable) -> list[int]:
         """The token ids the manager knows for the sequence (prompt plus committed tokens)."""
-        return self._get("token_ids", seq_id).token_ids[:]
+        return self._get("token_ids", seq_id).token_ids.tolist()
 
     def metrics(self) -> KVCacheMetrics:
         c = self._counters
@@ -241,7 +262,7 @@ class KVCacheManager:
         if granted > seq.num_granted:
             seq.num_granted = granted
         if suffix:
-            seq.token_ids.extend(suffix)
+            seq.token_ids.extend(suffix)  # validated by _new_ids
         return new
 
     def _register(
@@ -261,23 +282,26 @@ class KVCacheManager:
                     f"allocate: sequence {seq_id!r} is new, so token_ids (its prompt, {n} tokens) are "
                     f"required with prefix caching on"
                 )
-            ids: list[int] = []
+            ids = array("q")
         else:
-            ids = list(token_ids)
-            if len(ids) != n:
+            if len(token_ids) != n:
                 raise TokenIdsError(
                     f"allocate: sequence {seq_id!r} is new: len(token_ids) must equal num_new_tokens, "
-                    f"got {len(ids)} ids for num_new_tokens={n}"
+                    f"got {len(token_ids)} ids for num_new_tokens={n}"
                 )
+            ids = self._as_array("allocate", seq_id, token_ids) if self._caching else array("q")
+        extra_enc = encode_extra_keys(extra_keys)
         bs = self._block_size
         pool = self._pool
         hit_blocks: list[int] = []
         hit_hashes: list[BlockHash] = []
         if self._caching and n > 0:
             lookup = pool.hash_to_block
+            data = ids.tobytes()
+            step = 8 * bs
             parent: BlockHash | None = None
-            for start in range(0, ((n - 1) // bs) * bs, bs):  # never the prompt's last token
-                h = hash_block(parent, tuple(ids[start : start + bs]), extra_keys)
+            for start in range(0, ((n - 1) // bs) * step, step):  # never the prompt's last token
+                h = hash_token_bytes(parent, extra_enc, data[start : start + step])
                 b = lookup.get(h)
                 if b is None:
                     break
@@ -292,9 +316,7 @@ class KVCacheManager:
         pool.touch(hit_blocks)  # before allocate(): a block hit here cannot be evicted by this call
         new = pool.allocate(need) if need > 0 else []
         num_hit = len(hit_blocks) * bs
-        self._seqs[seq_id] = _Seq(
-            hit_blocks + new, num_hit, n, n + k, ids if self._caching else [], hit_hashes, extra_keys
-        )
+        self._seqs[seq_id] = _Seq(hit_blocks + new, num_hit, n, n + k, ids, hit_hashes, extra_keys, extra_enc)
         if self._caching:
             c = self._counters
             c.prefix_queries += 1
@@ -304,9 +326,18 @@ class KVCacheManager:
                 c.prefix_hit_tokens += num_hit
         return hit_blocks + new
 
+    @staticmethod
+    def _as_array(op: str, seq_id: Hashable, token_ids: Sequence[int]) -> array:
+        try:
+            return array("q", token_ids)
+        except (TypeError, OverflowError) as e:
+            raise TokenIdsError(
+                f"{op}: sequence {seq_id!r}: token_ids must be ints in the int64 range ({e})"
+            ) from None
+
     def _new_ids(
         self, op: str, seq_id: Hashable, seq: _Seq, start: int, count: int, token_ids: Sequence[int]
-    ) -> list[int]:
+    ) -> array:
         """Validate ids for positions ``start .. start+count``; return those the manager lacks."""
         if len(token_ids) != count:
             raise TokenIdsError(
@@ -314,23 +345,22 @@ class KVCacheManager:
                 f"got {len(token_ids)} ids for {count} tokens"
             )
         if not self._caching:
-            return []
+            return array("q")
         known = seq.token_ids
         nk = len(known)
-        if start == nk:
-            return list(token_ids)
         if start > nk:
             raise TokenIdsError(
                 f"{op}: sequence {seq_id!r}: ids are known for positions < {nk} only, so ids starting "
                 f"at position {start} leave a gap"
             )
+        given = self._as_array(op, seq_id, token_ids)
         overlap = min(count, nk - start)
-        if list(token_ids[:overlap]) != known[start : start + overlap]:
+        if given[:overlap] != known[start : start + overlap]:
             raise TokenIdsError(
                 f"{op}: sequence {seq_id!r}: token_ids for positions {start}..{start + overlap - 1} "
                 f"differ from the ids the manager already holds"
             )
-        return list(token_ids[overlap:])
+        return given[overlap:]
 
     # ------------------------------------------------------------------ commit
     def commit(self, seq_id: Hashable, num_tokens: int, token_ids: Sequence[int] | None = None) -> None:
@@ -355,8 +385,13 @@ class KVCacheManager:
         if self._caching:
             known = seq.token_ids
             if token_ids is not None:
-                if start == len(known) and len(token_ids) == num_tokens:
-                    known.extend(token_ids)  # the decode fast path
+                if start == len(known) and len(token_ids) == num_tokens:  # the decode fast path
+                    try:
+                        known.extend(token_ids)
+                    except (TypeError, OverflowError):
+                        del known[start:]  # array.extend may have appended a prefix
+                        self._as_array("commit", seq_id, token_ids)  # raises the clear error
+                        raise
                 else:
                     known.extend(self._new_ids("commit", seq_id, seq, start, num_tokens, token_ids))
             elif computed > len(known):
@@ -394,13 +429,16 @@ class KVCacheManager:
         hashes = seq.hashes
         ids = seq.token_ids
         blocks = seq.blocks
-        extra = seq.extra_keys
+        extra = seq.extra_enc
         cache = self._pool.cache
+        publish = self._events.subscribers
         parent = hashes[-1] if hashes else None
         for i in range(len(hashes), num_full):
-            toks = tuple(ids[i * bs : (i + 1) * bs])
-            h = hash_block(parent, toks, extra)
-            cache(blocks[i], h, parent, toks, extra)  # False for a duplicate: the block stays unhashed
+            toks = ids[i * bs : (i + 1) * bs]
+            h = hash_token_bytes(parent, extra, toks.tobytes())
+            # False for a duplicate of a block cached meanwhile: this block stays unhashed
+            if cache(blocks[i], h) and publish:
+                self._events.emit(BlockStored(h, parent, tuple(toks), blocks[i], seq.extra_keys))
             hashes.append(h)
             parent = h
 
@@ -450,6 +488,7 @@ class KVCacheManager:
             parent.token_ids[:],
             parent.hashes[:full],
             parent.extra_keys,
+            parent.extra_enc,
         )
         return copies
 
@@ -465,11 +504,13 @@ class KVCacheManager:
         out: list[int] = []
         if not self._caching:
             return out
-        bs = self._block_size
+        data = token_bytes(token_ids)
+        extra = encode_extra_keys(extra_keys)
+        step = 8 * self._block_size
         lookup = self._pool.hash_to_block
         parent: BlockHash | None = None
-        for start in range(0, len(token_ids) - bs + 1, bs):
-            parent = hash_block(parent, tuple(token_ids[start : start + bs]), extra_keys)
+        for start in range(0, len(data) - step + 1, step):
+            parent = hash_token_bytes(parent, extra, data[start : start + step])
             b = lookup.get(parent)
             if b is None:
                 break
