@@ -25,6 +25,7 @@ from api.metrics import ApiMetrics
 from api.store import ID_PATTERN, ProfileStore, ProfileSummary, summarize
 from kvbm import capacity
 from planner.daemon import CorrectionDaemon, DaemonConfig, make_connector
+from planner.daemon.runner import CorrectionState
 from planner.plan import PlanInputError, Planner, PlanResult
 from planner.profile import Profile
 
@@ -57,11 +58,10 @@ class Health(BaseModel):
     correction: str
 
 
-class ValidationDetail(BaseModel):
-    loc: list[str | int]
-    msg: str
-    type: str
-    input: Any = None
+class CorrectionAnswer(BaseModel):
+    enabled: bool
+    detail: str | None = None
+    profiles: dict[str, CorrectionState] = {}
 
 
 def _field_error(field: str, value: object, msg: str, where: str = "query") -> JSONResponse:
@@ -227,11 +227,11 @@ def create_app(
             max_concurrency=kv.max_concurrency,
         )
 
-    @app.get("/correction")
-    def get_correction() -> dict:
+    @app.get("/correction", response_model=CorrectionAnswer)
+    def get_correction() -> CorrectionAnswer:
         if not holder:
-            return {"enabled": False, "detail": "no correction daemon (start serve with --metrics-url)"}
-        return {pid: d.state.model_dump() for pid, d in holder.items()} | {"enabled": True}
+            return CorrectionAnswer(enabled=False, detail="no correction daemon (serve with --metrics-url)")
+        return CorrectionAnswer(enabled=True, profiles={pid: d.state for pid, d in holder.items()})
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
@@ -243,7 +243,11 @@ def create_app(
             correction="off" if not holder else ("stale: " + ",".join(stale) if stale else "live"),
         )
 
-    @app.get("/metrics", response_class=Response)
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    )
     def get_metrics() -> Response:
         metrics.profiles.set(len(store.ids()))
         metrics.update_daemons(holder)

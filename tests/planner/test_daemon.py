@@ -313,13 +313,18 @@ def test_daemon_runs_inside_serve(planner: Planner, live_endpoint: LiveEndpoint,
     live_endpoint.reg.running.set(4)
     with TestClient(app) as client:
         deadline = time.monotonic() + 30
-        while client.get("/correction").json()["syn"]["scrapes"] < 1 and time.monotonic() < deadline:
+        while (
+            client.get("/correction").json()["profiles"]["syn"]["scrapes"] < 1 and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         serve_request(live_endpoint.reg, Traffic(gap_s=gap_for_factor(planner, 1.5, Traffic())))
-        while client.get("/correction").json()["syn"]["factor_windows"] < 1 and time.monotonic() < deadline:
+        while (
+            client.get("/correction").json()["profiles"]["syn"]["factor_windows"] < 1
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         corr = client.get("/correction").json()
-        assert corr["enabled"] and corr["syn"]["factor"] == pytest.approx(1.5, rel=1e-6)
+        assert corr["enabled"] and corr["profiles"]["syn"]["factor"] == pytest.approx(1.5, rel=1e-6)
         plan = client.get("/plan", params={"itl_ms": 30, "isl": 512, "osl": 256, "corrected": "true"}).json()
         assert plan["inputs"]["itl_correction"] == pytest.approx(1.5, rel=1e-6)
         metrics = client.get("/metrics").text
