@@ -16,8 +16,11 @@ import math
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
+import yaml
 from pydantic import BaseModel, Field
 
 from kvbm import capacity
@@ -186,6 +189,22 @@ def _describe_source(src: AcceptanceSource) -> str:
     return ", ".join(parts)
 
 
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+@lru_cache(maxsize=64)
+def served_model(name: str) -> str:
+    """The model to pass to ``vllm serve``: a preset's Hugging Face id (configs/models/), else the name."""
+    cfg = MODEL_CONFIGS / f"{name}.yaml"
+    if "/" in name or not cfg.is_file():
+        return name
+    try:
+        hf_id = (yaml.safe_load(cfg.read_text()) or {}).get("model", {}).get("hf_id")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return name
+    return hf_id if isinstance(hf_id, str) and hf_id else name
+
+
 def _spec_config_json(method: str, k: int, drafter: str | None) -> str:
     cfg: dict[str, object] = {"method": method, "num_speculative_tokens": k}
     if method == "ngram":
@@ -338,7 +357,7 @@ class Planner:
             if method != "ngram" and not self._drafter(method):
                 flags.append(f'no drafter recorded for {method}: add "model" to --speculative-config')
         args += ["--max-model-len", str(inp.peak_context)]
-        model = self.profile.metadata.model.name
+        model = served_model(self.profile.metadata.model.name)
         return Choice(
             tp=tp,
             method=method,

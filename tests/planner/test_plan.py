@@ -158,7 +158,8 @@ def test_acceptance_override_and_vllm_args(planner: Planner) -> None:
             assert spec["num_speculative_tokens"] == ch.k and spec["method"] == ch.method
         assert ch.vllm_serve_args[:4] == ["--tensor-parallel-size", str(ch.tp), "--max-num-seqs",
                                           str(ch.max_concurrency)]  # fmt: skip
-        assert ch.vllm_serve_command.startswith("vllm serve vicuna-7b --tensor-parallel-size")
+        # the preset name resolves to its Hugging Face id from configs/models/vicuna-7b.yaml
+        assert ch.vllm_serve_command.startswith("vllm serve lmsys/vicuna-7b-v1.3 --tensor-parallel-size")
 
 
 def test_synthetic_profile_is_labelled(planner: Planner) -> None:
