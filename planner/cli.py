@@ -45,8 +45,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
-    from api.app import create_app
 
+    from api.app import create_app
     from planner.daemon import DaemonConfig
 
     daemon_cfg = None
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape is noise
     try:
         return int(args.fn(args))
     except (ProfileError, PlanInputError, ValueError) as exc:
