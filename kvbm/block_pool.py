@@ -10,7 +10,11 @@ Invariants (checked by ``tests/kvbm/test_state_machine.py`` after every step):
    ``num_free + held == num_blocks``.
 2. ``ref_count[b]`` equals the number of holders of ``b`` (sequences' block tables plus pins).
 3. A free block is in the cached queue iff it has a hash. ``hash_to_block[h] == b`` iff
-   ``block_hash[b] == h``: a hash names at most one block, and a block at most one hash.
+   ``block_hash[b] == h``: a hash names at most one block, and a block at most one hash. Likewise
+   ``key_to_block[key] == b`` iff ``block_key[b] == key``, where ``key`` is the block's
+   ``(parent hash, encoded extra keys, token bytes)`` and ``h`` its SHA-256 (kvbm.hashing).
+   Prefix matching looks keys up (Python's bytes hashing, no SHA-256 per hit); the SHA-256 is
+   computed once, when a block is stored, and names the block in events and chains.
 4. Only ``allocate`` takes blocks from the free queues. It pops the uncached stack first (a block
    freed without a hash holds nothing anyone can reuse) and only then evicts the least recently
    freed cached block, dropping its hash (and publishing ``BlockRemoved``).
@@ -27,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from kvbm.events import AllBlocksCleared, BlockRemoved, EventBus
-from kvbm.hashing import BlockHash
+from kvbm.hashing import BlockHash, BlockKey
 from kvbm.metrics import Counters
 
 
@@ -39,6 +43,8 @@ class BlockPool:
         "ref_count",
         "block_hash",
         "hash_to_block",
+        "block_key",
+        "key_to_block",
         "uncached",
         "cached_free",
         "events",
@@ -50,6 +56,8 @@ class BlockPool:
         self.ref_count: list[int] = [0] * num_blocks
         self.block_hash: list[BlockHash | None] = [None] * num_blocks
         self.hash_to_block: dict[BlockHash, int] = {}
+        self.block_key: list[BlockKey | None] = [None] * num_blocks
+        self.key_to_block: dict[BlockKey, int] = {}
         # Stack: pop() from the end, so block 0 is handed out first on a fresh pool.
         self.uncached: list[int] = list(range(num_blocks - 1, -1, -1))
         # LRU order: first key = least recently freed = next to evict.
@@ -103,6 +111,8 @@ class BlockPool:
         h = self.block_hash[b]
         self.block_hash[b] = None
         del self.hash_to_block[h]  # type: ignore[arg-type]
+        del self.key_to_block[self.block_key[b]]  # type: ignore[arg-type]
+        self.block_key[b] = None
         self.counters.evictions += 1
         if self.events.subscribers:
             self.events.emit(BlockRemoved(h, b))  # type: ignore[arg-type]
@@ -121,15 +131,18 @@ class BlockPool:
                 else:
                     self.cached_free[b] = None
 
-    def cache(self, b: int, block_hash: BlockHash) -> bool:
-        """Register a held, full block under ``block_hash``; False if the hash (or block) is taken.
+    def cache(self, b: int, block_hash: BlockHash, key: BlockKey) -> bool:
+        """Register a held, full block under its hash and key; False if either (or the block) is taken.
 
         The caller publishes ``BlockStored`` (it knows the parent and the token ids) when True.
+        The manager inlines this on its hot path; keep the two in step.
         """
         if self.block_hash[b] is not None or block_hash in self.hash_to_block:
             return False
         self.block_hash[b] = block_hash
         self.hash_to_block[block_hash] = b
+        self.block_key[b] = key
+        self.key_to_block[key] = b
         self.counters.blocks_stored += 1
         return True
 
@@ -138,9 +151,11 @@ class BlockPool:
         n = len(self.hash_to_block)
         for b in self.cached_free:
             self.block_hash[b] = None
+            self.block_key[b] = None
             self.uncached.append(b)
         self.cached_free.clear()
         self.hash_to_block.clear()
+        self.key_to_block.clear()
         if self.events.subscribers:
             self.events.emit(AllBlocksCleared(n))
         return n

@@ -8,10 +8,11 @@ block, so two sequences with different keys never share a block.
 The hash is SHA-256 (a 64-bit hash would make a silent collision, i.e. another prompt's KV, merely
 unlikely) over an unambiguous byte string::
 
-    b"\\x00" | b"\\x01" + parent (32 bytes)  +  len(E) (4 bytes, little endian) + E  +  token ids as int64 LE
+    b"\\x00" | b"\\x01" + parent (32 bytes)  +  len(E) (4 bytes, little endian) + E  +  token ids as int64
 
-where ``E`` is the pickle (protocol 5) of ``extra_keys``. Token ids go in as raw int64 bytes (sliced
-from one ``array('q')`` per sequence, no per-block pickling). Nothing depends on ``PYTHONHASHSEED``,
+where ``E`` is the pickle (protocol 5) of ``extra_keys``. Token ids go in as raw native-endian int64
+bytes (little-endian on x86 and ARM hosts), sliced from one ``array('q')`` per sequence, so no
+per-block pickling. Nothing depends on ``PYTHONHASHSEED``,
 so hashes agree across processes and hosts: a router may compare hashes it received as events from
 several engines. Only ints, strs, bytes, floats, None and tuples of them are accepted in
 ``extra_keys`` (checked by :func:`check_extra_keys`), since their pickles are deterministic.
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from array import array
+import struct
 from collections.abc import Sequence
 
 from kvbm.errors import InvalidArgumentError
 
 BlockHash = bytes
+# The exact bytes a block's hash is taken over; prefix lookups use it as a dict key directly.
+BlockKey = bytes
 
 _ALLOWED_KEY_TYPES = (int, str, bytes, float, type(None))
 _sha256 = hashlib.sha256
@@ -40,17 +43,27 @@ def encode_extra_keys(extra_keys: tuple) -> bytes:
     return len(data).to_bytes(4, "little") + data
 
 
+def block_key(parent: BlockHash | None, encoded_extra: bytes, token_bytes: bytes) -> BlockKey:
+    """The unambiguous byte string of one full block (see the module docstring)."""
+    return (_CHILD + parent if parent is not None else _ROOT) + encoded_extra + token_bytes
+
+
 def hash_token_bytes(parent: BlockHash | None, encoded_extra: bytes, token_bytes: bytes) -> BlockHash:
     """Hash of one full block from its parent, encoded extra keys and int64 token bytes."""
     head = _CHILD + parent if parent is not None else _ROOT
     return _sha256(head + encoded_extra + token_bytes).digest()
 
 
+def hash_key(key: BlockKey) -> BlockHash:
+    """SHA-256 of a block key: the block's hash."""
+    return _sha256(key).digest()
+
+
 def token_bytes(token_ids: Sequence[int]) -> bytes:
-    """Token ids as int64 little-endian bytes; raises InvalidArgumentError for non-int64 ids."""
+    """Token ids as native int64 bytes; raises InvalidArgumentError for non-int64 ids."""
     try:
-        return array("q", token_ids).tobytes()
-    except (TypeError, OverflowError) as e:
+        return struct.pack(f"{len(token_ids)}q", *token_ids)
+    except struct.error as e:
         raise InvalidArgumentError(f"token_ids must be ints in the int64 range: {e}") from None
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from kvbm.hashing import hash_key
+
 if TYPE_CHECKING:
     from kvbm.manager import KVCacheManager
 
@@ -81,6 +83,15 @@ def check_invariants(mgr: KVCacheManager) -> None:
     for h, b in pool.hash_to_block.items():
         if pool.block_hash[b] != h:
             fail(f"hash map sends a hash to block {b}, which carries another")
+        key = pool.block_key[b]
+        if key is None or pool.key_to_block.get(key) != b:
+            fail(f"block {b} has a hash but its lookup key is missing")
+        if hash_key(key) != h:
+            fail(f"block {b}: its hash is not the SHA-256 of its key")
+    if len(pool.key_to_block) != len(pool.hash_to_block):
+        fail("key map and hash map disagree in size")
+    if any(pool.block_key[b] is not None for b in range(n) if pool.block_hash[b] is None):
+        fail("a block without a hash keeps a lookup key")
 
 
 def snapshot(mgr: KVCacheManager) -> tuple:
@@ -108,6 +119,8 @@ def snapshot(mgr: KVCacheManager) -> tuple:
         tuple(pool.uncached),
         tuple(pool.cached_free),
         tuple(pool.hash_to_block.items()),
+        tuple(pool.key_to_block.items()),
+        tuple(pool.block_key),
         seqs,
         tuple((name, tuple(b)) for name, b in mgr._pins.items()),
         mgr._counters.as_tuple(),
