@@ -182,8 +182,8 @@ def main() -> int:
         print(f"warm-up: {sample['message']}")
         results["stack"] = server_stack()
         results["loadavg_before"] = os.getloadavg()
-        load = " ".join(f"{x:.2f}" for x in results["loadavg_before"])
-        print(f"server/client stack: {results['stack']}; load average {load} on {os.cpu_count()} CPUs")
+        loadavg = " ".join(f"{x:.2f}" for x in results["loadavg_before"])
+        print(f"server/client stack: {results['stack']}; load average {loadavg} on {os.cpu_count()} CPUs")
         mixes = {"same": ["itl_ms=30&isl=512&osl=256"], "distinct": distinct_queries(200_000)}
         print(f"{'mix':<9} {'clients':>7} {'requests':>8} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} "
               f"{'p99 ms':>7} {'max ms':>7} {'server mean ms':>14} {'errors':>6}")  # fmt: skip
