@@ -102,6 +102,53 @@ async def load(host: str, port: int, clients: int, duration: float, queries: lis
     }
 
 
+WRK_DISTINCT = """
+math.randomseed(1)
+local isl = {128, 256, 512, 768, 1024}
+local osl = {64, 128, 256, 512}
+request = function()
+  local q = string.format("/plan?itl_ms=%.4f&isl=%d&osl=%d", 3 + math.random() * 77,
+                          isl[math.random(#isl)], osl[math.random(#osl)])
+  if math.random() < 0.5 then q = q .. string.format("&request_rate=%.3f", 1 + math.random() * 199) end
+  return wrk.format("GET", q)
+end
+"""
+
+
+def _wrk_ms(value: str) -> float:
+    for unit, scale in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if value.endswith(unit):
+            return float(value[: -len(unit)]) * scale
+    raise ValueError(f"cannot parse wrk latency {value!r}")
+
+
+def load_wrk(wrk: str, base: str, clients: int, duration: float, mix: str, query: str) -> dict:
+    """The same closed loop driven by wrk (C, one thread): far less client CPU than the Python client."""
+    cmd = [wrk, "-t1", f"-c{clients}", f"-d{int(duration)}s", "--latency"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if mix == "distinct":
+            script = Path(tmp) / "distinct.lua"
+            script.write_text(WRK_DISTINCT)
+            cmd += ["-s", str(script)]
+        url = f"{base}/plan?{query}"
+        out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    res: dict = {"client": "wrk"}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in ("50%", "75%", "90%", "99%"):
+            res[f"p{parts[0][:-1]}_ms"] = _wrk_ms(parts[1])
+        elif line.startswith("Requests/sec:"):
+            res["rps"] = float(parts[1])
+        elif "requests in" in line:
+            res["requests"] = int(parts[0])
+        elif line.strip().startswith("Latency") and len(parts) >= 4:
+            res["max_ms"] = _wrk_ms(parts[3])
+        elif line.strip().startswith("Non-2xx"):
+            res["errors"] = int(parts[-1])
+    res.setdefault("errors", 0)
+    return res
+
+
 def run_loop(coro):
     """asyncio.run, on uvloop when it is installed (a cheaper client leaves more CPU to the server)."""
     try:
@@ -154,6 +201,10 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per query mix")
     ap.add_argument("--port", type=int, default=8089)
     ap.add_argument("--json", help="also write the results as JSON here")
+    ap.add_argument(
+        "--client", choices=("auto", "wrk", "python"), default="auto",
+        help="load generator: wrk when installed (auto), else the asyncio client in this file",
+    )  # fmt: skip
     a = ap.parse_args()
 
     err = interpolation_error()
@@ -186,10 +237,18 @@ def main() -> int:
         print(f"server/client stack: {results['stack']}; load average {loadavg} on {os.cpu_count()} CPUs")
         mixes = {"same": ["itl_ms=30&isl=512&osl=256"], "distinct": distinct_queries(200_000)}
         print(f"{'mix':<9} {'clients':>7} {'requests':>8} {'req/s':>7} {'p50 ms':>7} {'p90 ms':>7} "
-              f"{'p99 ms':>7} {'max ms':>7} {'server mean ms':>14} {'errors':>6}")  # fmt: skip
+              f"{'p99 ms':>7} {'max ms':>7} {'server mean ms':>14} {'errors':>6}", flush=True)  # fmt: skip
+        wrk = shutil.which("wrk") if a.client in ("auto", "wrk") else None
+        if a.client == "wrk" and wrk is None:
+            raise SystemExit("--client wrk: wrk is not installed")
+        results["client"] = "wrk" if wrk else "python asyncio"
+        print(f"client: {results['client']}")
         for name, queries in mixes.items():
             c0, s0 = server_histogram(base)
-            r = run_loop(load("127.0.0.1", a.port, a.clients, a.duration, queries))
+            if wrk:
+                r = load_wrk(wrk, base, a.clients, a.duration, name, mixes["same"][0])
+            else:
+                r = run_loop(load("127.0.0.1", a.port, a.clients, a.duration, queries))
             c1, s1 = server_histogram(base)
             r["server_mean_ms"] = (s1 - s0) / max(1.0, c1 - c0) * 1000
             results[name] = r
