@@ -79,6 +79,24 @@ class SpecStepRunner:
             self.medusa.observe([seq_id], hidden[-1:])
         return logits[0]
 
+    def fill_context(self, contexts: dict[str, Sequence[int]], *, seed: int = 0) -> list[SpecSequence]:
+        """Profiling setup without a prefill: register each sequence in kvbm and mark all but its
+        last token computed (the cache holds whatever it holds; timing depends on shapes only).
+        Medusa head state is seeded from random hidden states so every step verifies a full tree.
+        The drafter model, if any, catches up on the context during the first (warm-up) draft."""
+        for sid, toks in contexts.items():
+            n = len(toks) - 1
+            if n < 1:
+                raise ValueError(f"fill_context: sequence {sid!r} needs >= 2 tokens, got {len(toks)}")
+            if self.kv.allocate(sid, n, token_ids=list(toks[:n])) is None:
+                raise CapacityError(f"fill_context: no KV room for {sid!r} ({n} tokens)")
+            self.kv.commit(sid, n - self.kv.num_computed_tokens(sid))
+        if self.medusa is not None and contexts:
+            gen = torch.Generator().manual_seed(seed)
+            hidden = torch.randn(len(contexts), self.runner.config.hidden_size, generator=gen)
+            self.medusa.observe(list(contexts), hidden.to(self.runner.device))
+        return [SpecSequence(sid, list(toks)) for sid, toks in contexts.items()]
+
     # -- draft phase -----------------------------------------------------------------------------------
     def draft(self, seqs: Sequence[SpecSequence]) -> list[list[int]]:
         if self.medusa is not None:

@@ -191,3 +191,74 @@ def test_draft_rejection_sampling_matches_target_distribution() -> None:
     f_exp *= f_obs.sum() / f_exp.sum()
     assert chisquare(f_obs, f_exp).pvalue > 1e-3
     assert kv.num_free_blocks == 512
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SpecConfig(method="ngram", k=4),
+        SpecConfig(method="draft", k=3, draft_layers=1),
+        SpecConfig(method="medusa", k=2, tree=[[0], [1], [0, 0], [0, 1], [1, 0]]),
+    ],
+    ids=["ngram", "draft", "medusa"],
+)
+def test_profiling_phases_verify_full_width(tiny: ModelRunner, cfg: SpecConfig) -> None:
+    """The profiler's path: context filled without a prefill, then draft and verify phases; with
+    pad_drafts every step verifies exactly k drafts (the whole tree for Medusa)."""
+    kv = kvbm.KVCacheManager(NUM_BLOCKS, BLOCK)
+    sr = SpecStepRunner(cfg, tiny, kv, pad_drafts=True)
+    rng = np.random.default_rng(1)
+    ctx = {f"c{i}": rng.integers(0, 250, size=40).tolist() for i in range(3)}
+    seqs = sr.fill_context(ctx)
+    assert all(kv.num_computed_tokens(s) == 39 for s in ctx)
+    width = cfg.num_lookahead_tokens
+    for _ in range(3):
+        drafts = sr.draft(seqs)
+        assert [len(d) for d in drafts] == [width] * 3
+        outs = sr.verify(seqs, drafts)
+        for s, o in zip(seqs, outs, strict=True):
+            s.token_ids = [*s.token_ids, *o.tokens]
+            assert kv.num_computed_tokens(s.seq_id) == len(s.token_ids) - 1
+    assert sr.stats.num_drafts == sr.stats.num_decode_steps == 9
+    for s in ctx:
+        sr.free(s)
+    assert kv.num_free_blocks == NUM_BLOCKS
+
+
+def test_medusa_tree_prefix_in_mixed_batch_matches_causal_rows(tiny: ModelRunner) -> None:
+    """apply_tree on a batch mixing a causal chunk and a cut tree: the tree chain (root -> (0,) ->
+    (0, 0)) gets the same logits as the same tokens run causally, and the causal chunk is untouched."""
+    from engine.spec.medusa_decoder import MedusaDecoder
+
+    cfg = SpecConfig(method="medusa", k=2, tree=[[0], [1], [0, 0], [1, 0]])
+    med = MedusaDecoder(cfg, tiny)
+    kv = kvbm.KVCacheManager(NUM_BLOCKS, BLOCK, enable_prefix_caching=False)
+    ctx = list(range(10, 30))
+    nodes = [40, 41, 42]  # BFS prefix of 3 nodes: (0,), (1,), (0, 0)
+    other = list(range(50, 61))
+    for sid, n in (("t", len(ctx) + len(nodes)), ("c", len(other))):
+        kv.allocate(sid, n)
+    prefix_entry = SeqBatchEntry(ctx[:-1], kv.block_table("t"), 0)
+    ids, pos, meta = tiny.prepare([prefix_entry])
+    tiny.execute(ids, pos, meta, None)
+    batch = [
+        SeqBatchEntry([ctx[-1], *nodes], kv.block_table("t"), len(ctx) - 1),
+        SeqBatchEntry(other, kv.block_table("c"), 0),
+    ]
+    ids, pos, meta = tiny.prepare(batch)
+    med.apply_tree(meta, pos, [len(nodes), 0])
+    assert pos[:4].tolist() == [19, 20, 20, 21]
+    _, tree_logits = tiny.execute(ids, pos, meta, None)
+    # causal reference: root, node (0,), node (0, 0) in a fresh pool
+    kv2 = kvbm.KVCacheManager(NUM_BLOCKS, BLOCK, enable_prefix_caching=False)
+    kv2.allocate("r", len(ctx) + 2)
+    kv2.allocate("o", len(other))
+    ids, pos, meta = tiny.prepare(
+        [
+            SeqBatchEntry([*ctx, 40, 42], kv2.block_table("r"), 0),
+            SeqBatchEntry(other, kv2.block_table("o"), 0),
+        ]
+    )
+    _, ref = tiny.execute(ids, pos, meta, None)
+    torch.testing.assert_close(tree_logits[[0, 1, 3]], ref[[19, 20, 21]], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tree_logits[4:], ref[22:], rtol=1e-4, atol=1e-4)
