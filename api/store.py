@@ -6,12 +6,13 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from planner.plan import Planner, PlanResult
+from planner.plan import Planner
 from planner.profile import Profile, ProfileError, atomic_write_text, dump_profile, load_profile
 
 log = logging.getLogger("api.store")
@@ -64,7 +65,7 @@ class ProfileStore:
             raise ProfileError(f"{self.dir}: profiles directory does not exist")
         self.planners: dict[str, Planner] = {}
         self.load_errors: dict[str, str] = {}
-        self._cache: OrderedDict[tuple, PlanResult] = OrderedDict()
+        self._cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         for path in sorted(self.dir.glob("*.json")):
@@ -92,7 +93,7 @@ class ProfileStore:
             self._cache = OrderedDict((k, v) for k, v in self._cache.items() if k[0] != pid)
         return planner
 
-    def cached_plan(self, pid: str, params: tuple, compute) -> PlanResult:
+    def cached_plan(self, pid: str, params: tuple, compute: Callable[[], bytes]) -> bytes:
         """Plans are pure functions of (profile, inputs): memoise the most recent ones."""
         key = (pid, params)
         with self._lock:
