@@ -392,9 +392,7 @@ class Planner:
             gpus_total=decode * tp + (gpus_prefill or 0),
         )
 
-    def breakeven(
-        self, tp: int, method: str, k: int, inp: Inputs, evals: dict[ConfigKey, _Eval]
-    ) -> Breakeven:
+    def breakeven(self, tp: int, method: str, k: int, evals: dict[ConfigKey, _Eval]) -> Breakeven:
         """First concurrency at which (method, k) stops beating no speculation at ``tp``."""
         spec, base = evals.get((tp, method, k)), evals.get((tp, "none", 0))
         if spec is None or base is None:
@@ -406,17 +404,17 @@ class Planner:
         crossing = int(cs[worse[0]]) if worse.size else None
         return Breakeven(tp=tp, method=method, k=k, concurrency=crossing, checked_up_to=hi)
 
-    def _breakeven_for(self, ch: Choice, inp: Inputs, evals: dict[ConfigKey, _Eval]) -> Breakeven | None:
+    def _breakeven_for(self, ch: Choice, evals: dict[ConfigKey, _Eval]) -> Breakeven | None:
         if (ch.tp, "none", 0) not in evals:
             return None
         if ch.method != "none":
-            return self.breakeven(ch.tp, ch.method, ch.k, inp, evals)
+            return self.breakeven(ch.tp, ch.method, ch.k, evals)
         # chosen without speculation: say where the fastest speculative config at this tp stops paying
         specs = [e for key, e in evals.items() if key[0] == ch.tp and key[1] != "none"]
         if not specs:
             return None
         best = min(specs, key=lambda e: float(np.nanmin(e.itl)))
-        return self.breakeven(ch.tp, best.key[1], best.key[2], inp, evals)
+        return self.breakeven(ch.tp, best.key[1], best.key[2], evals)
 
     def curves(self, inp: Inputs) -> dict[ConfigKey, tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
         """(concurrency, ITL ms, throughput/GPU, KV max concurrency) per config with acceptance."""
@@ -528,7 +526,7 @@ class Planner:
         }
         if choices:
             best = choices[0]
-            best.speculation_breakeven = self._breakeven_for(best, inp, evals)
+            best.speculation_breakeven = self._breakeven_for(best, evals)
             return PlanResult(
                 feasible=True,
                 choice=best,
@@ -545,7 +543,7 @@ class Planner:
         if lowest is not None:
             _, ev, i_min = lowest
             choice = self._choice(ev, i_min, inp, "sla")
-            choice.speculation_breakeven = self._breakeven_for(choice, inp, evals)
+            choice.speculation_breakeven = self._breakeven_for(choice, evals)
             choice.replicas = self._replicas(choice.tp, choice.max_concurrency, choice.predicted.itl_ms, inp)
         return PlanResult(
             feasible=False,

@@ -137,13 +137,13 @@ def test_speculation_breakeven_matches_the_closed_form(planner: Planner) -> None
     ctx = 512 + 128
     inp = planner.resolve_inputs(30.0, None, 512, 256, None, None, 1.0)
     evals = {key: planner._evaluate(s, inp, None, None) for key, s in planner.surfaces.decode.items()}
-    b = planner.breakeven(1, "ngram", 2, inp, evals)
+    b = planner.breakeven(1, "ngram", 2, evals)
     truth = next(
         c for c in range(1, 513) if M.itl_ms(1, "ngram", 2, c, ctx) >= M.itl_ms(1, "none", 0, c, ctx)
     )
     assert b.concurrency is not None
     assert abs(b.concurrency - truth) <= max(2, 0.05 * truth)
-    draft = planner.breakeven(2, "draft", 2, inp, evals)
+    draft = planner.breakeven(2, "draft", 2, evals)
     assert draft.concurrency is None  # the draft model pays over the whole measured range
 
 
