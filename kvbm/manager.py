@@ -116,6 +116,18 @@ class KVCacheManager:
     tensors and asks this object where each token lives. Not thread-safe (one scheduler owns it).
     """
 
+    __slots__ = (
+        "_num_blocks",
+        "_block_size",
+        "_caching",
+        "_release_lookahead",
+        "_events",
+        "_counters",
+        "_pool",
+        "_seqs",
+        "_pins",
+    )
+
     def __init__(
         self,
         num_blocks: int,
