@@ -416,14 +416,18 @@ class Planner:
         best = min(specs, key=lambda e: float(np.nanmin(e.itl)))
         return self.breakeven(ch.tp, best.key[1], best.key[2], evals)
 
-    def curves(self, inp: Inputs) -> dict[ConfigKey, tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
-        """(concurrency, ITL ms, throughput/GPU, KV max concurrency) per config with acceptance."""
+    def evaluations(self, inp: Inputs) -> dict[ConfigKey, _Eval]:
+        """Every config that has acceptance, evaluated over its measured concurrency range."""
         out = {}
         for key, surf in self.surfaces.decode.items():
             ev = self._evaluate(surf, inp, None, None)
             if not isinstance(ev, str):
-                out[key] = (ev.c, ev.itl, ev.thr, ev.c_kv)
+                out[key] = ev
         return out
+
+    def curves(self, inp: Inputs) -> dict[ConfigKey, tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+        """(concurrency, ITL ms, throughput/GPU, KV max concurrency) per config with acceptance."""
+        return {key: (ev.c, ev.itl, ev.thr, ev.c_kv) for key, ev in self.evaluations(inp).items()}
 
     # ------------------------------------------------------------------ entry point
     def plan(

@@ -136,7 +136,7 @@ def test_replicas_follow_littles_law(planner: Planner) -> None:
 def test_speculation_breakeven_matches_the_closed_form(planner: Planner) -> None:
     ctx = 512 + 128
     inp = planner.resolve_inputs(30.0, None, 512, 256, None, None, 1.0)
-    evals = {key: planner._evaluate(s, inp, None, None) for key, s in planner.surfaces.decode.items()}
+    evals = planner.evaluations(inp)
     b = planner.breakeven(1, "ngram", 2, evals)
     truth = next(
         c for c in range(1, 513) if M.itl_ms(1, "ngram", 2, c, ctx) >= M.itl_ms(1, "none", 0, c, ctx)
