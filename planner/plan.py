@@ -179,6 +179,12 @@ def resolve_acceptance(
         if acc.k > k:
             tps = _tokens_per_step(acc.draft_coverage, acc.accepted_per_pos[:k])
             return tps, f"{_describe_source(acc.source)} (first {k} positions of k={acc.k})"
+    if profile.metadata.weights == "real":  # a sweep with real weights measured tokens per step itself
+        measured = [p for p in profile.decode if p.ok and p.method == method and p.k == k and p.samples > 0]
+        if measured:
+            steps = sum(p.samples for p in measured)
+            tps = sum(p.tokens_per_step * p.samples for p in measured) / steps  # type: ignore[operator]
+            return tps, f"measured in the sweep's decode points ({len(measured)} points, real weights)"
     return f"no acceptance for method={method} k={k}: pass acceptance= or measure it"
 
 

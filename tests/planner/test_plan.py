@@ -206,3 +206,17 @@ def test_correction_factor_scales_predictions(planner: Planner) -> None:
     # the same point predicted twice as slow; the SLA now admits less concurrency
     assert slow.choice.max_concurrency < ch.max_concurrency or slow.choice.tp != ch.tp
     assert np.isclose(slow.inputs.itl_correction, 2.0)
+
+
+def test_real_weight_sweeps_fall_back_to_measured_tokens_per_step() -> None:
+    prof = synthetic_profile(M, configs=(("none", 0), ("ngram", 2)), tps=(1,))
+    prof.acceptance = []
+    assert any("no acceptance" in r.reason for r in Planner(prof, "p").plan(30.0).rejected)
+    prof.metadata.weights = "real"  # tokens per step in the decode points now come from a real model
+    for i, p in enumerate(prof.decode):
+        if p.ok and p.method == "ngram":
+            prof.decode[i] = p.model_copy(update={"tokens_per_step": 1.5, "samples": 10})
+    res = Planner(prof, "p").plan(30.0, isl=512, osl=256)
+    ng = next(ch for ch in [res.choice, *res.alternatives] if ch.method == "ngram")
+    assert ng.predicted.tokens_per_step == pytest.approx(1.5)
+    assert "measured in the sweep" in ng.acceptance_source
