@@ -6,7 +6,11 @@ Public API (the engine, profiler and server import from here):
 - ``SpecSequence``, ``Proposer`` (base.py): the chain-proposer contract; ``build_proposer``.
 - ``verify_greedy``, ``verify_chain``, ``verify_tree``, ``filtered_probs`` (verify.py).
 - ``NgramProposer`` (ngram.py), ``DraftModelProposer`` (draft.py), ``MedusaHeads``/``MedusaTree``
-  (medusa.py).
+  (medusa.py), ``MedusaDecoder`` (medusa_decoder.py: a Proposer whose drafts are tree nodes, plus
+  ``apply_tree``/``accept``/``observe`` for the engine's verify step).
+- ``SpecStepRunner`` (step.py): one speculative step split into its draft and verify phases over a
+  ModelRunner and a kvbm manager, with ``fill_context`` to set up c sequences at context L without
+  a prefill -- what the step profiler times per (method, k or tree, c, L).
 """
 
 from __future__ import annotations

@@ -7,13 +7,16 @@ held in the target pool nor in the drafter's pool, and the counters satisfy thei
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 pytest.importorskip("gguf")
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.presets import resolve_model  # noqa: E402
+from engine.runner import ModelRunner  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.spec import SpecConfig  # noqa: E402
 from engine.spec.medusa import default_tree  # noqa: E402
@@ -40,24 +43,41 @@ pytestmark = [
 ]
 
 
-def _engine(spec: SpecConfig | None, **kw) -> LLMEngine:
-    kw.setdefault("num_gpu_blocks", 512)
-    return LLMEngine(
-        MODEL,
+@cache
+def _runner(num_blocks: int) -> ModelRunner:
+    """One loaded target per pool size, shared by the engines of this module (dequantizing the GGUF
+    for every engine would dominate the run time). Each engine still gets a fresh kvbm manager, so
+    no cache state leaks between engines; stale KV values in the pool are never read."""
+    return ModelRunner(
+        resolve_model(MODEL, weights="real"),
         device="cpu",
         dtype="float32",
-        weights="real",
-        spec=spec,
+        num_blocks=num_blocks,
+        block_size=16,
         max_num_seqs=16,
         max_model_len=512,
-        **kw,
     )
+
+
+def _engine(spec: SpecConfig | None, *, num_gpu_blocks: int = 512) -> LLMEngine:
+    runner = _runner(num_gpu_blocks)
+    with mock.patch.object(LLMEngine, "_make_runner", lambda self, tp, kwargs: runner):
+        return LLMEngine(
+            MODEL,
+            device="cpu",
+            dtype="float32",
+            weights="real",
+            spec=spec,
+            max_num_seqs=16,
+            max_model_len=512,
+            num_gpu_blocks=num_gpu_blocks,
+        )
 
 
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
     """16 short-enough Spec-Bench first turns, round-robin over categories, chat template applied."""
-    eng_tok = _engine(None, num_gpu_blocks=8).tokenizer
+    eng_tok = _engine(None).tokenizer
     by_cat: dict[str, list[str]] = {}
     for line in DATA.read_text().splitlines():
         q = json.loads(line)
