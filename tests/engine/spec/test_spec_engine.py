@@ -160,6 +160,21 @@ def test_medusa_default_tree_lossless(prompts, reference) -> None:
 
 
 @pytest.mark.slow
+def test_medusa_accepted_paths_real_weights(prompts, reference, medusa_oracle) -> None:
+    """Medusa heads replaced by an oracle that puts the true continuation on the all-rank-1 path:
+    deep paths are accepted, their KV is moved next to the root, and the output is still exact."""
+    cfg = SpecConfig(method="medusa", k=3, tree=[[0], [1], [2], [0, 0], [1, 0], [1, 1], [1, 1, 0], [1, 1, 1]])
+    engine = _engine(cfg)
+    plen = {f"q{i}": len(p) for i, p in enumerate(prompts)}
+    engine.proposer.propose = medusa_oracle(engine.proposer, reference, plen, engine.config.vocab_size)
+    got = _generate(engine, prompts)
+    assert got == reference
+    st = engine.spec_stats
+    assert st.num_drafts > 0 and st.acceptance_given_draft > 2
+    _check_clean(engine, len(prompts))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(SPECS))
 def test_lossless_across_preemption(method: str, prompts, reference) -> None:
     # 40 blocks of 16 tokens cannot hold 16 sequences of ~100-230 tokens: the scheduler preempts

@@ -262,3 +262,23 @@ def test_medusa_tree_prefix_in_mixed_batch_matches_causal_rows(tiny: ModelRunner
     _, ref = tiny.execute(ids, pos, meta, None)
     torch.testing.assert_close(tree_logits[[0, 1, 3]], ref[[19, 20, 21]], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tree_logits[4:], ref[22:], rtol=1e-4, atol=1e-4)
+
+
+def test_medusa_accepted_paths_keep_output_lossless(tiny: ModelRunner, medusa_oracle) -> None:
+    prompts = _prompts(tiny.config.vocab_size)
+    n_new = 24
+    want = _plain_greedy(tiny, prompts, n_new)
+    kv = kvbm.KVCacheManager(NUM_BLOCKS, BLOCK)
+    cfg = SpecConfig(method="medusa", k=3, tree=[[0], [1], [2], [0, 0], [1, 0], [1, 1], [1, 1, 0], [1, 1, 1]])
+    sr = SpecStepRunner(cfg, tiny, kv)
+    truth = {f"s{i}": w for i, w in enumerate(want)}
+    plen = {f"s{i}": len(p) for i, p in enumerate(prompts)}
+    sr.medusa.propose = medusa_oracle(sr.medusa, truth, plen, tiny.config.vocab_size)
+    got = _spec_greedy(sr, prompts, n_new)
+    assert got == want
+    st = sr.stats
+    assert st.num_drafts > 0 and st.accepted_per_pos[0] == st.num_drafts
+    assert st.acceptance_given_draft > 2  # deep paths were accepted (and their KV moved)
+    for s in truth:
+        sr.free(s)
+    assert kv.num_free_blocks == NUM_BLOCKS
