@@ -105,6 +105,11 @@ class DraftModelProposer:
         self_spec = config.draft_model is None
         base = target.source if self_spec else resolve_model(config.draft_model, weights=config.draft_weights)
         layers = config.draft_layers or base.config.num_layers
+        if base.config.vocab_size != target.config.vocab_size:
+            raise ConfigError(
+                f"draft model {base.config.name!r}: vocab_size {base.config.vocab_size} differs from "
+                f"the target's {target.config.vocab_size}"
+            )
         source = _truncated(base, layers)
         blocks = num_blocks or target.num_blocks
         truncated = source is not base

@@ -282,3 +282,17 @@ def test_medusa_accepted_paths_keep_output_lossless(tiny: ModelRunner, medusa_or
     for s in truth:
         sr.free(s)
     assert kv.num_free_blocks == NUM_BLOCKS
+
+
+def test_separate_draft_model_and_vocab_check(tiny: ModelRunner) -> None:
+    from engine.errors import ConfigError
+
+    prompts = _prompts(tiny.config.vocab_size)[:2]
+    want = _plain_greedy(tiny, prompts, 12)
+    kv = kvbm.KVCacheManager(NUM_BLOCKS, BLOCK)
+    cfg = SpecConfig(method="draft", k=3, draft_model="tiny", draft_weights="random", seed=5)
+    sr = SpecStepRunner(cfg, tiny, kv)
+    assert sr.proposer.runner.config.num_layers == tiny.config.num_layers
+    assert _spec_greedy(sr, prompts, 12) == want
+    with pytest.raises(ConfigError, match="vocab_size 32000 differs"):
+        SpecStepRunner(SpecConfig(method="draft", k=2, draft_model="llama-68m"), tiny, kv)
