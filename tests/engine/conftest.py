@@ -78,3 +78,11 @@ def smollm2_tokenizer(smollm2_source):
     from engine.tokenizer import load_tokenizer
 
     return load_tokenizer(smollm2_source)
+
+
+@pytest.fixture(scope="session")
+def spec_bench_chat_prompts(smollm2_tokenizer) -> list[str]:
+    """Spec-Bench first turns (one per category, round robin) with SmolLM2's chat template applied."""
+    return [
+        smollm2_tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in spec_bench_prompts(16)
+    ]

@@ -1,0 +1,360 @@
+"""LLMEngine: requests in, tokens out, one ``step()`` at a time.
+
+Each step: (optionally) ask the drafter for up to k tokens per decoding sequence, let the scheduler
+pick the batch within the KV pool (kvbm), run ONE flattened forward over prefill chunks, decode
+tokens and ``[last_token, *draft]`` verify chunks, sample or verify, commit the accepted tokens to
+kvbm, and apply stop conditions. Serving (engine.serve), the offline ``LLM`` and tests drive it.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import kvbm
+import torch
+
+from engine.errors import ConfigError, RequestError
+from engine.presets import resolve_model
+from engine.request import Request, RequestOutput, Status
+from engine.runner import ModelRunner, SeqBatchEntry
+from engine.sampling import SamplingParams, make_generator, sample
+from engine.scheduler import Scheduler, ScheduledSeq
+from engine.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from engine.spec import SpecConfig, SpecStats
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_num_seqs: int = 64,
+        num_gpu_blocks: int | None = None,
+        block_size: int = 16,
+        max_model_len: int | None = None,
+        spec: SpecConfig | None = None,
+        tp: int = 1,
+        seed: int = 0,
+        weights: str = "auto",
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        cuda_graphs: bool = True,
+        gpu_memory_utilization: float = 0.9,
+    ) -> None:
+        if not isinstance(tp, int) or tp < 1:
+            raise ConfigError(f"tp must be an int >= 1, got {tp!r}")
+        self.source = resolve_model(model, weights=weights)
+        runner_kwargs: dict[str, Any] = dict(
+            dtype=dtype,
+            device=device,
+            num_blocks=num_gpu_blocks,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            cuda_graphs=cuda_graphs,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+        )
+        self.runner = self._make_runner(tp, runner_kwargs)
+        self.config = self.runner.config
+        self.tokenizer: Tokenizer = load_tokenizer(self.source)
+        self.max_model_len = self.runner.max_model_len
+        self.kv_manager = kvbm.KVCacheManager(
+            self.runner.num_blocks, self.runner.block_size, enable_prefix_caching=enable_prefix_caching
+        )
+        budget = max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+        if not isinstance(budget, int) or budget < 1:
+            raise ConfigError(f"max_num_batched_tokens must be an int >= 1, got {max_num_batched_tokens!r}")
+        self.scheduler = Scheduler(self.kv_manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+        self.seed = seed
+        self._requests: dict[str, Request] = {}
+        self._num_added = 0
+        self.spec = spec
+        self.proposer: Any = None
+        self._spec_stats: SpecStats | None = None
+        if spec is not None:
+            self._init_spec(spec)
+
+    # -- construction helpers ----------------------------------------------------------------------
+    def _make_runner(self, tp: int, kwargs: dict[str, Any]) -> Any:
+        if tp == 1:
+            return ModelRunner(self.source, **kwargs)
+        try:
+            from engine.tp import build_tp_runner
+        except ImportError as exc:
+            raise ConfigError(f"tp={tp} needs engine.tp (tensor-parallel workers), which is unavailable: {exc}") from exc
+        return build_tp_runner(self.source, tp=tp, **kwargs)
+
+    def _init_spec(self, spec: SpecConfig) -> None:
+        try:
+            from engine.spec import SpecStats, build_proposer
+        except ImportError as exc:
+            raise ConfigError(f"speculative decoding requested but engine.spec is unavailable: {exc}") from exc
+        if spec.is_tree:
+            raise ConfigError(
+                f"spec method {spec.method!r} (tree verification) is not supported by LLMEngine; "
+                "use a chain method (ngram, draft) or measure it with StepProfiler"
+            )
+        self.proposer = build_proposer(spec, target=self.runner)
+        self._spec_stats = SpecStats()
+
+    # -- public state ------------------------------------------------------------------------------
+    @property
+    def weights_label(self) -> str:
+        return self.source.weights_label
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_manager.usage
+
+    @property
+    def spec_stats(self) -> SpecStats | None:
+        return self._spec_stats
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request; raises RequestError naming the bad field and value."""
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError(f"request_id must be a non-empty str, got {request_id!r}")
+        if request_id in self._requests:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        prompt = self._check_prompt(prompt_token_ids)
+        gen = None
+        if not params.greedy:
+            seed = params.seed
+            if seed is None:
+                seed = self.seed * 1_000_003 + zlib.crc32(request_id.encode()) + self._num_added
+            gen = make_generator(seed, self.runner.device)
+        req = Request(
+            request_id,
+            prompt,
+            params,
+            arrival_time if arrival_time is not None else time.monotonic(),
+            generator=gen,
+        )
+        self._num_added += 1
+        self._requests[request_id] = req
+        self.scheduler.add(req)
+
+    def _check_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        if isinstance(prompt_token_ids, str | bytes) or not isinstance(prompt_token_ids, Sequence):
+            raise RequestError(f"prompt_token_ids must be a list of ints, got {type(prompt_token_ids).__name__}")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise RequestError("prompt_token_ids must not be empty")
+        vocab = self.config.vocab_size
+        for i, t in enumerate(prompt):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise RequestError(f"prompt_token_ids[{i}]={t!r} is not a token id in [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                f"prompt length {len(prompt)} leaves no room to generate within max_model_len={self.max_model_len}"
+            )
+        need = kvbm.capacity.blocks_per_sequence(len(prompt) + 1, 0, self.runner.block_size)
+        if need > self.runner.num_blocks:
+            raise RequestError(
+                f"prompt length {len(prompt)} needs {need} KV blocks but the pool holds {self.runner.num_blocks}"
+            )
+        return prompt
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+        req = self._requests.pop(request_id, None)
+        if req is None or req.is_finished:
+            return
+        self._finish(req, "abort")
+
+    def _finish(self, req: Request, reason: str) -> None:
+        was_running = req.status is Status.RUNNING
+        self.scheduler.finish(req, reason)
+        if self.proposer is not None and was_running:
+            self.proposer.free(req.request_id)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; outputs for requests that got tokens or finished."""
+        drafts = self._propose() if self.proposer is not None else {}
+        scheduled, preempted = self.scheduler.schedule(drafts)
+        if self.proposer is not None:
+            for req in preempted:
+                self.proposer.free(req.request_id)
+        if not scheduled:
+            return []
+        spec_rows = self.proposer is not None
+        entries: list[SeqBatchEntry] = []
+        rows: list[int] = []  # logits rows requested, in order
+        kinds: list[tuple[ScheduledSeq, int, int]] = []  # (seq, first logits row, n rows) of completing seqs
+        offset = 0
+        kv = self.kv_manager
+        for s in scheduled:
+            req = s.request
+            start = req.num_computed
+            toks = req.all_token_ids[start : start + s.num_new_tokens] + s.draft
+            entries.append(SeqBatchEntry(toks, kv.block_table(req.request_id), start))
+            if s.completes:
+                n_rows = len(toks) if (spec_rows and self._is_decode(s)) else 1
+                kinds.append((s, len(rows), n_rows))
+                rows.extend(range(offset + len(toks) - n_rows, offset + len(toks)))
+            offset += len(toks)
+        input_ids, positions, meta = self.runner.prepare(entries)
+        logits = None
+        t0 = time.perf_counter()
+        if rows:
+            idx = torch.tensor(rows, dtype=torch.long, device=self.runner.device)
+            _, logits = self.runner.execute(input_ids, positions, meta, idx)
+        else:
+            self.runner.execute(input_ids, positions, meta, torch.empty(0, dtype=torch.long, device=self.runner.device))
+        new_tokens = self._sample_or_verify(kinds, logits)
+        if self._spec_stats is not None:
+            self._spec_stats.verify_time_s += time.perf_counter() - t0
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        for s in scheduled:
+            req = s.request
+            toks = new_tokens.get(req.request_id)
+            accepted = len(toks) - 1 if toks else 0
+            # KV now valid: the real chunk plus the accepted drafts
+            n_commit = s.num_new_tokens + accepted
+            start = req.num_computed
+            committed_ids = (req.all_token_ids + (toks or []))[start : start + n_commit]
+            kv.commit(req.request_id, n_commit, token_ids=committed_ids)
+            req.num_computed += n_commit
+            if self.proposer is not None and self._is_decode(s):
+                self.proposer.commit(req.request_id, accepted)
+                assert self._spec_stats is not None
+                self._spec_stats.record(len(s.draft), accepted)
+            if toks is None:
+                continue
+            appended = self._append(req, toks, now)
+            if req.is_finished:
+                self._requests.pop(req.request_id, None)
+            outputs.append(req.output(appended))
+        return outputs
+
+    @staticmethod
+    def _is_decode(s: ScheduledSeq) -> bool:
+        return s.num_new_tokens == 1 and bool(s.request.output_token_ids)
+
+    def _propose(self) -> dict[str, list[int]]:
+        from engine.spec import SpecSequence
+
+        assert self.spec is not None and self._spec_stats is not None
+        cands = self.scheduler.decode_candidates()
+        if not cands:
+            return {}
+        ks = []
+        for r in cands:
+            room = min(r.params.max_tokens - len(r.output_token_ids), self.max_model_len - r.num_tokens) - 1
+            ks.append(max(0, min(self.spec.k, room)))
+        seqs = [
+            SpecSequence(r.request_id, r.all_token_ids, r.params.temperature, r.params.top_p, r.generator)
+            for r in cands
+        ]
+        t0 = time.perf_counter()
+        proposals = self.proposer.propose(seqs, ks)
+        self._spec_stats.draft_time_s += time.perf_counter() - t0
+        self._last_spec_seqs = {s.seq_id: s for s in seqs}
+        return {r.request_id: list(p)[:k] for r, p, k in zip(cands, proposals, ks, strict=True) if p}
+
+    def _sample_or_verify(
+        self, kinds: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor | None
+    ) -> dict[str, list[int]]:
+        """Tokens to append per completing request: one sampled token, or accepted drafts + bonus."""
+        out: dict[str, list[int]] = {}
+        if logits is None:
+            return out
+        plain = [(s, r) for s, r, n in kinds if n == 1 and not (self.proposer is not None and self._is_decode(s))]
+        if plain:
+            rows = torch.tensor([r for _, r in plain], device=logits.device)
+            reqs = [s.request for s, _ in plain]
+            toks = sample(
+                logits.index_select(0, rows),
+                [q.params.temperature for q in reqs],
+                [q.params.top_p for q in reqs],
+                [q.generator for q in reqs],
+            )
+            for q, t in zip(reqs, toks, strict=True):
+                out[q.request_id] = [t]
+        verify = [(s, r, n) for s, r, n in kinds if self.proposer is not None and self._is_decode(s)]
+        if verify:
+            from engine.spec import verify_chain
+
+            reqs = [s.request for s, _, _ in verify]
+            rows = torch.cat([torch.arange(r, r + n) for _, r, n in verify]).to(logits.device)
+            need_q = any(not q.params.greedy for q in reqs) and self.spec is not None and self.spec.method == "draft"
+            draft_probs = None
+            if need_q:
+                seqs = [self._last_spec_seqs[q.request_id] for q in reqs]
+                draft_probs = self.proposer.draft_probs(seqs)
+            res = verify_chain(
+                logits.index_select(0, rows),
+                [s.draft for s, _, _ in verify],
+                temperatures=[q.params.temperature for q in reqs],
+                top_ps=[q.params.top_p for q in reqs],
+                generators=[q.generator for q in reqs],
+                draft_probs=draft_probs,
+            )
+            for q, toks in zip(reqs, res.tokens, strict=True):
+                out[q.request_id] = list(toks)
+        return out
+
+    def _append(self, req: Request, tokens: list[int], now: float) -> list[int]:
+        """Append tokens one by one, stopping at the first stop condition; returns those appended."""
+        p = req.params
+        eos = () if p.ignore_eos else self.tokenizer.eos_token_ids
+        appended: list[int] = []
+        for t in tokens:
+            req.output_token_ids.append(t)
+            req.token_times.append(now)
+            appended.append(t)
+            reason = None
+            if t in eos:
+                reason = "stop"
+            elif t in p.stop_token_ids:
+                reason, req.stop_reason = "stop", t
+            elif p.stop and (hit := self._stop_string(req)) is not None:
+                reason, req.stop_reason = "stop", hit
+            elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                self._finish(req, reason)
+                break
+        return appended
+
+    def _stop_string(self, req: Request) -> str | None:
+        longest = max(len(s) for s in req.params.stop)
+        tail = self.tokenizer.decode(req.output_token_ids[-(longest + 8) :])
+        return next((s for s in req.params.stop if s in tail), None)
