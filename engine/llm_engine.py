@@ -100,11 +100,12 @@ class LLMEngine:
         except ImportError as exc:
             raise ConfigError(f"speculative decoding requested but engine.spec is unavailable: {exc}") from exc
         if spec.is_tree:
-            raise ConfigError(
-                f"spec method {spec.method!r} (tree verification) is not supported by LLMEngine; "
-                "use a chain method (ngram, draft) or measure it with StepProfiler"
-            )
-        self.proposer = build_proposer(spec, target=self.runner)
+            from engine.spec.medusa_decoder import MedusaDecoder
+
+            self.proposer = MedusaDecoder(spec, self.runner)  # node tokens ride the chain path
+            self._medusa_paths: dict[str, list[int]] = {}  # accepted tree path per request, this step
+        else:
+            self.proposer = build_proposer(spec, target=self.runner)
         self._spec_stats = SpecStats()
 
     # -- public state ------------------------------------------------------------------------------
@@ -230,14 +231,19 @@ class LLMEngine:
                 rows.extend(range(offset + len(toks) - n_rows, offset + len(toks)))
             offset += len(toks)
         input_ids, positions, meta = self.runner.prepare(entries)
-        logits = None
+        if self.spec is not None and self.spec.is_tree:  # Medusa: tree positions and mask
+            tree_nodes = [len(s.draft) if self._is_decode(s) else 0 for s in scheduled]
+            self.proposer.apply_tree(meta, positions, tree_nodes)
+        logits = hidden = None
         t0 = time.perf_counter()
         if rows:
             idx = torch.tensor(rows, dtype=torch.long, device=self.runner.device)
-            _, logits = self.runner.execute(input_ids, positions, meta, idx)
+            hidden, logits = self.runner.execute(input_ids, positions, meta, idx)
         else:
             self.runner.execute(input_ids, positions, meta, torch.empty(0, dtype=torch.long, device=self.runner.device))
         new_tokens = self._sample_or_verify(kinds, logits)
+        if self.spec is not None and self.spec.is_tree and hidden is not None:
+            self._medusa_observe(kinds, rows, new_tokens, hidden)
         if self._spec_stats is not None:
             self._spec_stats.verify_time_s += time.perf_counter() - t0
         now = time.monotonic()
@@ -287,6 +293,8 @@ class LLMEngine:
         proposals = self.proposer.propose(seqs, ks)
         self._spec_stats.draft_time_s += time.perf_counter() - t0
         self._last_spec_seqs = {s.seq_id: s for s in seqs}
+        if self.spec.is_tree:  # a tree's node list is not cut to k (k = its depth, checked by propose)
+            return {r.request_id: list(p) for r, p in zip(cands, proposals, strict=True) if p}
         return {r.request_id: list(p)[:k] for r, p, k in zip(cands, proposals, ks, strict=True) if p}
 
     def _sample_or_verify(
@@ -309,7 +317,9 @@ class LLMEngine:
             for q, t in zip(reqs, toks, strict=True):
                 out[q.request_id] = [t]
         verify = [(s, r, n) for s, r, n in kinds if self.proposer is not None and self._is_decode(s)]
-        if verify:
+        if verify and self.spec is not None and self.spec.is_tree:
+            self._medusa_verify(verify, logits, out)
+        elif verify:
             from engine.spec import verify_chain
 
             reqs = [s.request for s, _, _ in verify]
@@ -330,6 +340,47 @@ class LLMEngine:
             for q, toks in zip(reqs, res.tokens, strict=True):
                 out[q.request_id] = list(toks)
         return out
+
+    def _medusa_verify(
+        self, verify: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor, out: dict[str, list[int]]
+    ) -> None:
+        """Walk each decode sequence's Medusa tree; the accepted nodes' KV is moved next to the root
+        (before the commit below); the accepted path is remembered for ``_medusa_observe``."""
+        from engine.spec import SpecSequence
+
+        self._medusa_paths = {}
+        for s, r, n in verify:
+            q = s.request
+            p = q.params
+            seq = SpecSequence(q.request_id, q.all_token_ids, p.temperature, p.top_p, q.generator)
+            path, toks = self.proposer.accept(
+                seq, s.draft, logits[r : r + n], self.kv_manager.block_table(q.request_id), q.num_computed
+            )
+            self._medusa_paths[q.request_id] = path
+            out[q.request_id] = toks
+
+    def _medusa_observe(
+        self,
+        kinds: list[tuple[ScheduledSeq, int, int]],
+        rows: list[int],
+        new_tokens: dict[str, list[int]],
+        hidden: torch.Tensor,
+    ) -> None:
+        """Refresh the Medusa heads' state of every sequence that got tokens, from the hidden state
+        of its last accepted position (a prefill's last token, a tree's last accepted node)."""
+        paths = self._medusa_paths
+        ids: list[str] = []
+        at: list[int] = []
+        for s, r, n in kinds:
+            rid = s.request.request_id
+            if rid not in new_tokens:
+                continue
+            path = paths.get(rid)
+            ids.append(rid)
+            at.append(rows[r + (path[-1] if path else 0)] if n > 1 else rows[r + n - 1])
+        self._medusa_paths = {}
+        if ids:
+            self.proposer.observe(ids, hidden.index_select(0, torch.tensor(at, device=hidden.device)))
 
     def _append(self, req: Request, tokens: list[int], now: float) -> list[int]:
         """Append tokens one by one, stopping at the first stop condition; returns those appended."""
