@@ -107,6 +107,8 @@ class LLMEngine:
         else:
             self.proposer = build_proposer(spec, target=self.runner)
         self._spec_stats = SpecStats()
+        if spec.is_tree:  # accepted_per_pos counts tree depths, not node slots
+            self._spec_stats.max_positions = self.proposer.tree.num_heads
 
     # -- public state ------------------------------------------------------------------------------
     @property

@@ -28,6 +28,9 @@ class SpecStats:
     # Wall time spent proposing and verifying (seconds), for logs; the profiler times steps itself.
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
+    # Positions tracked in accepted_per_pos (None = as many as the longest draft). A Medusa tree
+    # verifies ~64 nodes but accepts at most its depth: positions are depths there.
+    max_positions: int | None = None
 
     def record(self, num_draft_tokens: int, num_accepted: int) -> None:
         """One sequence's decode step: it carried ``num_draft_tokens`` drafts (0 = no draft) and the
@@ -43,8 +46,11 @@ class SpecStats:
         self.num_drafts += 1
         self.num_draft_tokens += num_draft_tokens
         self.num_accepted_tokens += num_accepted
-        if len(self.accepted_per_pos) < num_draft_tokens:
-            self.accepted_per_pos.extend([0] * (num_draft_tokens - len(self.accepted_per_pos)))
+        width = num_draft_tokens if self.max_positions is None else min(num_draft_tokens, self.max_positions)
+        if num_accepted > width:
+            raise ValueError(f"SpecStats.record: {num_accepted} accepted exceeds max_positions={width}")
+        if len(self.accepted_per_pos) < width:
+            self.accepted_per_pos.extend([0] * (width - len(self.accepted_per_pos)))
         for i in range(num_accepted):
             self.accepted_per_pos[i] += 1
 

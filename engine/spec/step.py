@@ -55,6 +55,7 @@ class SpecStepRunner:
         self.proposer: Proposer | None = None
         if config.method == "medusa":
             self.medusa = medusa or MedusaDecoder(config, runner)
+            self.stats.max_positions = self.medusa.tree.num_heads
         else:
             from engine.spec import build_proposer
 

@@ -70,6 +70,11 @@ def test_spec_stats_identity_and_vllm_counting() -> None:
     assert s.acceptance_given_draft == pytest.approx(sum(s.acceptance_rate_per_pos))
     with pytest.raises(ValueError, match="num_accepted"):
         s.record(2, 3)
+    tree = SpecStats(max_positions=3)
+    tree.record(63, 2)
+    assert tree.accepted_per_pos == [1, 1, 0] and tree.num_draft_tokens == 63
+    with pytest.raises(ValueError, match="max_positions"):
+        tree.record(63, 4)
     t = SpecStats()
     t.record(1, 1)
     s.merge(t)
