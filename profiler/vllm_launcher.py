@@ -31,7 +31,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def speculative_config(method: str, k: int, *, draft_model: str | None = None, prompt_lookup_max: int = 4) -> dict | None:
+def speculative_config(
+    method: str, k: int, *, draft_model: str | None = None, prompt_lookup_max: int = 4
+) -> dict | None:
     """vLLM's ``--speculative-config`` for (method, k); ``None`` without speculation."""
     if method == "none" or k == 0:
         if method != "none" or k != 0:
@@ -88,7 +90,9 @@ class VllmServerSpec:
 class VllmServer:
     """A running ``vllm serve``; use as a context manager or call ``start``/``stop``."""
 
-    def __init__(self, spec: VllmServerSpec, *, log_path: str | os.PathLike[str], health_timeout_s: float = 900.0):
+    def __init__(
+        self, spec: VllmServerSpec, *, log_path: str | os.PathLike[str], health_timeout_s: float = 900.0
+    ):
         self.spec = spec
         self.port = spec.port or free_port()
         self.log_path = Path(log_path)
@@ -113,7 +117,11 @@ class VllmServer:
             log.write(f"$ {self.command_line}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                self.spec.command(self.port), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self.spec.command(self.port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         try:
             self._wait_healthy(t0)
@@ -127,7 +135,9 @@ class VllmServer:
         assert self.proc is not None
         while True:
             if self.proc.poll() is not None:
-                raise VllmLaunchError(f"vllm exited with code {self.proc.returncode}; log tail:\n{self.log_tail()}")
+                raise VllmLaunchError(
+                    f"vllm exited with code {self.proc.returncode}; log tail:\n{self.log_tail()}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
                     return
