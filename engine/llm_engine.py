@@ -350,14 +350,21 @@ class LLMEngine:
         (before the commit below); the accepted path is remembered for ``_medusa_observe``."""
         from engine.spec import SpecSequence
 
+        reqs = [s.request for s, _, _ in verify]
+        seqs = [
+            SpecSequence(q.request_id, q.all_token_ids, q.params.temperature, q.params.top_p, q.generator)
+            for q in reqs
+        ]
+        results = self.proposer.accept_batch(
+            seqs,
+            [s.draft for s, _, _ in verify],
+            logits,
+            [r for _, r, _ in verify],
+            [self.kv_manager.block_table(q.request_id) for q in reqs],
+            [q.num_computed for q in reqs],
+        )
         self._medusa_paths = {}
-        for s, r, n in verify:
-            q = s.request
-            p = q.params
-            seq = SpecSequence(q.request_id, q.all_token_ids, p.temperature, p.top_p, q.generator)
-            path, toks = self.proposer.accept(
-                seq, s.draft, logits[r : r + n], self.kv_manager.block_table(q.request_id), q.num_computed
-            )
+        for q, (path, toks) in zip(reqs, results, strict=True):
             self._medusa_paths[q.request_id] = path
             out[q.request_id] = toks
 

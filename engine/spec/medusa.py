@@ -237,6 +237,38 @@ class MedusaHeads(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
 
 
+def accepted_kv_moves(
+    block_table: Sequence[int], block_size: int, root_pos: int, path: Sequence[int]
+) -> list[tuple[int, int]]:
+    """(source slot, destination slot) pairs that move the accepted nodes' KV (written in slot
+    order at ``root_pos + node``) to the contiguous positions ``root_pos + 1 .. root_pos + len(path)``
+    where the next steps expect them. RoPE was applied at ``root_pos + depth``, which is exactly the
+    destination position, so a plain copy is right. Nodes already in place are skipped."""
+
+    def slot(p: int) -> int:
+        return block_table[p // block_size] * block_size + p % block_size
+
+    return [(slot(root_pos + node), slot(root_pos + d)) for d, node in enumerate(path, 1) if node != d]
+
+
+def move_kv_slots(
+    kv_caches: Iterable[tuple[torch.Tensor, torch.Tensor]], moves: Sequence[tuple[int, int]]
+) -> None:
+    """Apply slot moves for any number of sequences at once: one gather/scatter per cache tensor.
+    The gather reads every source before the scatter writes, and a node's source index is never
+    below its destination, so moves within a path cannot clobber each other."""
+    if not moves:
+        return
+    caches = list(kv_caches)
+    device = caches[0][0].device
+    src = torch.tensor([m[0] for m in moves], device=device)
+    dst = torch.tensor([m[1] for m in moves], device=device)
+    for k_cache, v_cache in caches:
+        for cache in (k_cache, v_cache):
+            flat = cache.view(-1, *cache.shape[2:])
+            flat[dst] = flat[src]
+
+
 def compact_accepted_kv(
     kv_caches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     block_table: Sequence[int],
@@ -244,21 +276,5 @@ def compact_accepted_kv(
     root_pos: int,
     path: Sequence[int],
 ) -> None:
-    """Move the accepted nodes' KV (written at slot order ``root_pos + node``) to the contiguous
-    positions ``root_pos + 1 .. root_pos + len(path)`` where the next steps expect them. RoPE was
-    applied at ``root_pos + depth``, which is exactly the destination position."""
-    pairs = [(root_pos + node, root_pos + d) for d, node in enumerate(path, 1) if node != d]
-    if not pairs:
-        return
-
-    def slot(p: int) -> int:
-        return block_table[p // block_size] * block_size + p % block_size
-
-    caches = list(kv_caches)
-    device = caches[0][0].device
-    src = torch.tensor([slot(s) for s, _ in pairs], device=device)
-    dst = torch.tensor([slot(d) for _, d in pairs], device=device)
-    for k_cache, v_cache in caches:
-        for cache in (k_cache, v_cache):
-            flat = cache.view(-1, *cache.shape[2:])
-            flat[dst] = flat[src]
+    """Move one sequence's accepted path next to its root (see ``accepted_kv_moves``)."""
+    move_kv_slots(kv_caches, accepted_kv_moves(block_table, block_size, root_pos, path))

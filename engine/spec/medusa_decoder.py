@@ -25,7 +25,7 @@ import torch
 from engine.attention.metadata import AttentionMetadata
 from engine.errors import ConfigError
 from engine.spec.base import SpecSequence, per_seq_k
-from engine.spec.medusa import MedusaHeads, MedusaTree, compact_accepted_kv, resolve_tree
+from engine.spec.medusa import MedusaHeads, MedusaTree, accepted_kv_moves, move_kv_slots, resolve_tree
 from engine.spec.verify import verify_tree
 
 if TYPE_CHECKING:
@@ -135,6 +135,42 @@ class MedusaDecoder:
             tm[b, r0 : r0 + m + 1, r0 : r0 + m + 1] = tree_mask
         meta.tree_mask = tm
 
+    def accept_batch(
+        self,
+        seqs: Sequence[SpecSequence],
+        drafts: Sequence[Sequence[int]],
+        logits: torch.Tensor,
+        row_starts: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        root_positions: Sequence[int],
+    ) -> list[tuple[list[int], list[int]]]:
+        """Walk every sequence's tree (its rows of ``logits`` start at ``row_starts[b]``: root, then
+        nodes) and move all accepted nodes' KV next to their roots in one batched copy. Returns per
+        sequence (accepted node indices, tokens to append = accepted + next). One device sync for
+        the greedy rows, whatever the batch size."""
+        argmax = logits.argmax(dim=-1).tolist() if any(s.greedy for s in seqs) else None
+        moves: list[tuple[int, int]] = []
+        out: list[tuple[list[int], list[int]]] = []
+        for s, nodes, r0, table, root_pos in zip(
+            seqs, drafts, row_starts, block_tables, root_positions, strict=True
+        ):
+            tokens = [int(s.token_ids[-1]), *nodes]
+            _, children, _ = self._prefix(len(nodes))
+            rows = logits[r0 : r0 + len(tokens)]
+            path, nxt = verify_tree(
+                rows,
+                tokens,
+                children,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                generator=s.generator,
+                argmax=argmax[r0 : r0 + len(tokens)] if s.greedy and argmax is not None else None,
+            )
+            moves.extend(accepted_kv_moves(table, self.runner.block_size, root_pos, path))
+            out.append((path, [tokens[i] for i in path] + [nxt]))
+        move_kv_slots(self.runner.kv_caches, moves)
+        return out
+
     def accept(
         self,
         seq: SpecSequence,
@@ -143,13 +179,5 @@ class MedusaDecoder:
         block_table: Sequence[int],
         root_pos: int,
     ) -> tuple[list[int], list[int]]:
-        """Walk one sequence's tree (``logits`` rows: root then nodes) and move the accepted nodes'
-        KV next to the root. Returns (accepted node indices, tokens to append = accepted + next)."""
-        tokens = [int(seq.token_ids[-1]), *nodes]
-        _, children, _ = self._prefix(len(nodes))
-        path, nxt = verify_tree(
-            logits, tokens, children, temperature=seq.temperature, top_p=seq.top_p, generator=seq.generator
-        )
-        if path:
-            compact_accepted_kv(self.runner.kv_caches, block_table, self.runner.block_size, root_pos, path)
-        return path, [tokens[i] for i in path] + [nxt]
+        """``accept_batch`` for one sequence whose rows are all of ``logits``."""
+        return self.accept_batch([seq], [nodes], logits, [0], [block_table], [root_pos])[0]

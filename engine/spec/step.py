@@ -164,16 +164,17 @@ class SpecStepRunner:
         ids, pos, meta = self.runner.prepare(entries)
         medusa.apply_tree(meta, pos, [len(d) for d in drafts])
         hidden, logits = self.runner.execute(ids, pos, meta, None)
+        starts = [0]
+        for d in drafts:
+            starts.append(starts[-1] + 1 + len(d))
+        accepted = medusa.accept_batch(seqs, drafts, logits, starts[:-1], tables, computed)
         out: list[StepOutput] = []
         rows: list[int] = []
-        row = 0
-        for s, d, t, n in zip(seqs, drafts, tables, computed, strict=True):
-            path, toks = medusa.accept(s, d, logits[row : row + 1 + len(d)], t, n)
+        for s, d, r0, (path, toks) in zip(seqs, drafts, starts[:-1], accepted, strict=True):
             self.kv.commit(s.seq_id, len(toks), token_ids=[int(s.token_ids[-1]), *toks[:-1]])
             self.stats.record(len(d), len(path))
             out.append(StepOutput(s.seq_id, len(d), len(path), toks))
-            rows.append(row + (path[-1] if path else 0))
-            row += 1 + len(d)
+            rows.append(r0 + (path[-1] if path else 0))
         medusa.observe([s.seq_id for s in seqs], hidden[torch.tensor(rows, device=hidden.device)])
         return out
 

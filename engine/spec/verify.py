@@ -169,14 +169,17 @@ def verify_tree(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    argmax: Sequence[int] | None = None,
 ) -> tuple[list[int], int]:
     """Walk a token tree of one sequence. Node 0 is the root (the last committed token); ``logits``
     row i scores the token after node i; ``children[i]`` lists node i's children (distinct tokens).
+    ``argmax``: the rows' argmax when the caller computed it for a whole batch at once (greedy).
     Returns (accepted node indices along the path, excluding the root; the next token)."""
     path: list[int] = []
     node = 0
     if temperature <= 0:
-        argmax = logits.argmax(dim=-1).tolist()
+        if argmax is None:
+            argmax = logits.argmax(dim=-1).tolist()
         while True:
             want = argmax[node]
             nxt = next((c for c in children[node] if node_tokens[c] == want), None)
