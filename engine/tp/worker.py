@@ -1,0 +1,122 @@
+"""The loop of a tensor-parallel worker (ranks 1..tp-1), started by :class:`TPExecutor`.
+
+A worker holds its shard of the model and of the paged KV cache and replays what rank 0 tells it:
+rank 0 sends each command's layout over a pipe, then broadcasts the bytes; the worker runs the same
+forward, so every collective of the step finds its peers. It reports readiness and errors on a second
+pipe, and leaves when told, when rank 0's pipe closes, or when its parent process disappears.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from typing import Any
+
+from engine.tp.env import apply_safe_env
+
+PARENT_POLL_S = 0.5
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit at once when the parent is gone (a worker blocked in a collective would otherwise wait
+    for its timeout)."""
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent_pid:
+            os._exit(70)
+
+
+def worker_main(
+    rank: int,
+    tp: int,
+    store_port: int,
+    backend: str,
+    device: str,
+    timeout_s: float,
+    source: Any,
+    runner_kwargs: dict[str, Any],
+    cmd_conn: Connection,
+    status_conn: Connection,
+    parent_pid: int,
+) -> None:
+    apply_safe_env()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it shuts us down
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="tp-parent-watch").start()
+    try:
+        _serve(rank, tp, store_port, backend, device, timeout_s, source, runner_kwargs, cmd_conn, status_conn)
+    except BaseException:  # every failure is reported to rank 0 before exiting
+        with contextlib.suppress(OSError, EOFError):
+            status_conn.send(("error", rank, traceback.format_exc()))
+        os._exit(1)
+    os._exit(0)
+
+
+def _serve(
+    rank: int,
+    tp: int,
+    store_port: int,
+    backend: str,
+    device: str,
+    timeout_s: float,
+    source: Any,
+    runner_kwargs: dict[str, Any],
+    cmd_conn: Connection,
+    status_conn: Connection,
+) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from engine.attention.metadata import AttentionMetadata
+    from engine.runner import ModelRunner
+    from engine.tp import wire
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    status_conn.send(("hello", rank, os.getpid()))
+    store = dist.TCPStore("127.0.0.1", store_port, tp, is_master=False, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=tp,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=dev if dev.type == "cuda" else None,
+    )
+    runner = ModelRunner(
+        source, device=dev, tp_rank=rank, tp_size=tp, group=dist.group.WORLD, **runner_kwargs
+    )
+    status_conn.send(("ready", rank, runner.num_blocks))
+    while True:
+        try:
+            msg = cmd_conn.recv()
+        except EOFError:  # rank 0 closed its end: the executor is gone
+            break
+        op = msg[0]
+        if op == "stop":
+            break
+        specs = msg[1]
+        buf = torch.empty(wire.buffer_size(specs), dtype=torch.uint8, device=dev)
+        dist.broadcast(buf, src=0)
+        tensors = wire.unpack(specs, buf)
+        if op == "execute":
+            names, extras = msg[2], msg[3]
+            input_ids, positions, logits_indices = tensors[:3]
+            meta = AttentionMetadata(**dict(zip(names, tensors[3:], strict=True)), **extras)
+            runner.execute(input_ids, positions, meta, logits_indices)
+        elif op == "move_kv_slots":
+            from engine.spec.medusa import move_kv_slots
+
+            pairs = tensors[0]
+            move_kv_slots(runner.kv_caches, [tuple(p) for p in pairs.tolist()])
+        else:
+            raise RuntimeError(f"tensor-parallel worker {rank}: unknown command {op!r}")
+    dist.destroy_process_group()
