@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from engine.attention.metadata import AttentionMetadata
@@ -59,6 +60,7 @@ class MedusaDecoder:
         self._head_idx = torch.tensor(self.tree.head, device=runner.device)
         self._rank_idx = torch.tensor(self.tree.rank, device=runner.device)
         self._topk: dict[str, torch.Tensor] = {}  # seq_id -> [num_heads_used, topk] token ids
+        self._mask_np = self.tree.mask.numpy()
 
     @property
     def num_nodes(self) -> int:
@@ -85,13 +87,17 @@ class MedusaDecoder:
         """Node tokens (breadth-first, root excluded) per sequence; ``[]`` without head state or when
         the sequence's budget ``k`` is below the tree's depth (drafts must fit max_tokens/context)."""
         ks = per_seq_k(k, len(seqs)) if k is not None else [self.tree.num_heads] * len(seqs)
-        out: list[list[int]] = []
-        for s, kk in zip(seqs, ks, strict=True):
-            top = self._topk.get(s.seq_id)
-            if top is None or kk < self.tree.num_heads:
-                out.append([])
-            else:
-                out.append(top[self._head_idx, self._rank_idx].tolist())
+        take = [
+            i
+            for i, (s, kk) in enumerate(zip(seqs, ks, strict=True))
+            if s.seq_id in self._topk and kk >= self.tree.num_heads
+        ]
+        out: list[list[int]] = [[] for _ in seqs]
+        if take:
+            top = torch.stack([self._topk[seqs[i].seq_id] for i in take])  # [B, heads, topk]
+            nodes = top[:, self._head_idx, self._rank_idx].tolist()  # one sync for the batch
+            for i, n in zip(take, nodes, strict=True):
+                out[i] = n
         return out
 
     def draft_probs(self, seqs: Sequence[SpecSequence]) -> list[torch.Tensor | None]:
@@ -105,35 +111,34 @@ class MedusaDecoder:
 
     # -- verify helpers --------------------------------------------------------------------------------
     @lru_cache(maxsize=64)  # noqa: B019 - one decoder per engine, a handful of prefix lengths
-    def _prefix(self, m: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], torch.Tensor]:
-        """(depths, children, mask) of the tree cut to its first ``m`` nodes (plus the root)."""
+    def _prefix(self, m: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+        """(depths, children) of the tree cut to its first ``m`` nodes (plus the root)."""
         t = self.tree
         depth = t.depth[: m + 1]
         children = tuple(tuple(c for c in ch if c <= m) for ch in t.children[: m + 1])
-        return depth, children, t.mask[: m + 1, : m + 1].to(self.runner.device)
+        return depth, children
 
     def apply_tree(self, meta: AttentionMetadata, positions: torch.Tensor, num_nodes: Sequence[int]) -> None:
         """Turn a causal batch into a tree batch, in place: for each sequence ``b`` whose chunk ends
         with a tree of ``num_nodes[b]`` nodes (its root right before them), set the nodes' positions
-        to ``root + depth`` and give the batch a ``tree_mask`` (causal rows for every other chunk)."""
+        to ``root + depth`` and give the batch a ``tree_mask`` (causal rows for every other chunk).
+        Built on the host and copied once (two small transfers per step, whatever the batch)."""
         if not any(num_nodes):
             return
         starts = meta.query_start_loc.tolist()
         width = meta.max_query_len
-        mask = torch.ones(width, width, dtype=torch.bool, device=positions.device).tril()
-        tm = mask.expand(len(num_nodes), width, width).clone()
+        tm = np.broadcast_to(np.tri(width, dtype=bool), (len(num_nodes), width, width)).copy()
+        delta = np.zeros(int(positions.shape[0]), dtype=np.int64)
         for b, m in enumerate(num_nodes):
             if not m:
                 continue
-            depth, _, tree_mask = self._prefix(m)
+            depth, _ = self._prefix(m)
             end = starts[b + 1]
-            q_len = end - starts[b]
-            root_row = end - m - 1
-            base = positions[root_row]
-            positions[root_row + 1 : end] = base + torch.tensor(depth[1:], device=positions.device)
-            r0 = q_len - m - 1  # the root's row inside the chunk
-            tm[b, r0 : r0 + m + 1, r0 : r0 + m + 1] = tree_mask
-        meta.tree_mask = tm
+            r0 = end - starts[b] - m - 1  # the root's row inside the chunk
+            delta[end - m : end] = np.asarray(depth[1:]) - np.arange(1, m + 1)
+            tm[b, r0 : r0 + m + 1, r0 : r0 + m + 1] = self._mask_np[: m + 1, : m + 1]
+        positions += torch.from_numpy(delta).to(positions.device)
+        meta.tree_mask = torch.from_numpy(tm).to(positions.device)
 
     def accept_batch(
         self,
@@ -155,7 +160,7 @@ class MedusaDecoder:
             seqs, drafts, row_starts, block_tables, root_positions, strict=True
         ):
             tokens = [int(s.token_ids[-1]), *nodes]
-            _, children, _ = self._prefix(len(nodes))
+            _, children = self._prefix(len(nodes))
             rows = logits[r0 : r0 + len(tokens)]
             path, nxt = verify_tree(
                 rows,
