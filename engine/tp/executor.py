@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -43,6 +44,17 @@ from engine.tp.validate import check_tp
 from engine.tp.worker import worker_main
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("SPECPLAN_TP_TIMEOUT_S", "600"))
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit code unknown"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 class TPWorkerError(EngineError):
@@ -207,7 +219,9 @@ class TPExecutor:
                         self._status.put(msg)
                 elif obj in sentinels:
                     rank = sentinels.pop(obj)
-                    code = self._procs[rank - 1].exitcode
+                    proc = self._procs[rank - 1]
+                    proc.join(timeout=1.0)  # reap it, so its exit code is known
+                    code = proc.exitcode
                     time.sleep(0.2)  # let its last status message (a traceback) arrive first
                     for c in list(live_conns):
                         if conns[id(c)] == rank and c.poll():
@@ -216,8 +230,8 @@ class TPExecutor:
                                 if msg[0] == "error":
                                     self._fail(f"tensor-parallel rank {rank} failed:\n{msg[2]}")
                     self._fail(
-                        f"tensor-parallel rank {rank} (pid {self._procs[rank - 1].pid}) died with exit code "
-                        f"{code}; the group of {self.tp} ranks is shut down"
+                        f"tensor-parallel rank {rank} (pid {proc.pid}) died ({_describe_exit(code)}); "
+                        f"the group of {self.tp} ranks is shut down"
                     )
 
     def _fail(self, message: str) -> None:

@@ -1,0 +1,134 @@
+"""Tensor parallelism on CPU (gloo): greedy output with tp > 1 equals tp = 1 token for token in
+float32, a tp that does not divide the heads is refused before any process starts, and a dead rank
+ends the step with a clear error instead of a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from engine.errors import ConfigError
+from engine.llm import LLM
+from engine.presets import ModelSource, resolve_model
+from engine.runner import ModelRunner, SeqBatchEntry
+from engine.sampling import SamplingParams
+from engine.tp import SAFE_ENV, TPExecutor, TPWorkerError, check_tp, valid_tp_sizes
+
+CPU = dict(device="cpu", dtype="float32")
+PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 84, 80, 32, 116, 101, 115, 116, 33], [256, 1, 2, 3]]
+
+
+def _generate(tp: int, model: str = "tiny", prompts=PROMPTS, n: int = 16, **kw) -> list[list[int]]:
+    llm = LLM(model, tp=tp, max_num_seqs=8, num_gpu_blocks=kw.pop("num_gpu_blocks", 64), **CPU, **kw)
+    try:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+        return [o.token_ids for o in outs]
+    finally:
+        close = getattr(llm.engine.runner, "close", None)
+        if close is not None:
+            close()
+
+
+def _greedy_runner(runner, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding straight through the ModelRunner interface (for sources LLM cannot name)."""
+    table = list(range(-(-(len(prompt) + n) // runner.block_size)))
+    toks, out = list(prompt), []
+    ids, pos, meta = runner.prepare([SeqBatchEntry(toks, table, 0)])
+    for _ in range(n):
+        _, logits = runner.execute(ids, pos, meta, runner.logits_indices(meta))
+        nxt = int(logits[-1].argmax())
+        out.append(nxt)
+        ids, pos, meta = runner.prepare([SeqBatchEntry([nxt], table, len(toks))])
+        toks.append(nxt)
+    return out
+
+
+# -- refusal (no processes started) -----------------------------------------------------------------
+def test_smollm2_refuses_tp2_and_names_the_heads():
+    config = resolve_model("smollm2-135m", weights="random").config
+    assert (config.num_heads, config.num_kv_heads) == (9, 3)
+    with pytest.raises(ConfigError, match=r"num_heads=9 is not divisible by tp=2") as err:
+        check_tp(config, 2)
+    assert "valid tp for this model: 1, 3" in str(err.value)
+    check_tp(config, 3)
+
+
+def test_kv_heads_replicate_when_fewer_than_ranks():
+    tiny = resolve_model("tiny", weights="random").config  # 4 heads, 2 KV heads
+    assert valid_tp_sizes(tiny, limit=8) == [1, 2, 4]
+    vicuna = resolve_model("vicuna-7b", weights="random").config
+    assert valid_tp_sizes(vicuna, limit=8) == [1, 2, 4, 8]
+
+
+def test_engine_refuses_bad_tp_before_starting_workers():
+    with pytest.raises(ConfigError, match="cannot run with tp=3"):
+        LLM("tiny", tp=3, weights="random", **CPU)
+    assert not dist.is_initialized()
+
+
+def test_executor_sets_multicast_off():
+    ex = TPExecutor("tiny", 2, weights="random", num_blocks=16, **CPU)
+    try:
+        for key, value in SAFE_ENV.items():
+            assert os.environ[key] == value
+        assert len(ex.worker_pids) == 1 and ex.num_blocks == 16 and ex.config.name == "tiny"
+    finally:
+        ex.close()
+    assert not dist.is_initialized()
+
+
+# -- equality with tp = 1 ---------------------------------------------------------------------------
+def test_tiny_tp2_greedy_equals_tp1():
+    ref = _generate(1, weights="random")
+    assert _generate(2, weights="random") == ref
+
+
+@pytest.mark.slow
+def test_tiny_tp4_replicated_kv_heads_equals_tp1():
+    ref = _generate(1, weights="random")
+    assert _generate(4, weights="random") == ref
+
+
+def test_tp3_on_a_six_head_model_equals_tp1():
+    base = resolve_model("tiny", weights="random")
+    config = base.config.replace(name="tiny-6h", hidden_size=192, num_heads=6, num_kv_heads=3, head_dim=0)
+    source = ModelSource(config, "random", None, "bytes", None)
+    kw = dict(num_blocks=16, seed=3, **CPU)
+    ref = _greedy_runner(ModelRunner(source, **kw), [5, 6, 7, 8, 9], 12)
+    with TPExecutor(source, 3, **kw) as ex:
+        assert ex.runner.model.layers[0].self_attn.num_kv_heads == 1
+        assert _greedy_runner(ex, [5, 6, 7, 8, 9], 12) == ref
+
+
+@pytest.mark.slow
+def test_smollm2_real_weights_tp3_equals_tp1(smollm2_source, spec_bench_chat_prompts, smollm2_tokenizer):
+    prompts = [smollm2_tokenizer.encode(p) for p in spec_bench_chat_prompts[:3]]
+    kw = dict(weights="real", num_gpu_blocks=256, prompts=prompts, n=24)
+    ref = _generate(1, "smollm2-135m", **kw)
+    assert _generate(3, "smollm2-135m", **kw) == ref
+
+
+# -- failures ---------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_dead_rank_raises_clear_error_not_hang():
+    ex = TPExecutor("tiny", 2, weights="random", num_blocks=16, **CPU)
+    (pid,) = ex.worker_pids
+    ids, pos, meta = ex.prepare([SeqBatchEntry([1, 2, 3], [0], 0)])
+    ex.execute(ids, pos, meta, None)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(TPWorkerError, match=r"rank 1 \(pid \d+\) died \(killed by signal SIGKILL\)"):
+        for _ in range(50):  # the monitor may notice before this step or during it
+            ex.execute(ids, pos, meta, None)
+            time.sleep(0.05)
+    assert not dist.is_initialized()
+    with pytest.raises(TPWorkerError, match="died"):
+        ex.execute(ids, pos, meta, None)
+    # the process is free for a new group
+    with TPExecutor("tiny", 2, weights="random", num_blocks=16, **CPU) as again:
+        _, logits = again.execute(ids, pos, meta, None)
+        assert logits.shape == (3, 320) and torch.isfinite(logits).all()
