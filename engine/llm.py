@@ -63,13 +63,15 @@ class LLM:
                 if out.finished:
                     done[out.request_id] = out
         results = []
-        for request_id, ids, p in zip(rid, ids_list, plist, strict=True):
+        for request_id, ids in zip(rid, ids_list, strict=True):
             out = done[request_id]
             text = self.tokenizer.decode(out.token_ids)
             if isinstance(out.stop_reason, str) and out.stop_reason in text:
                 text = text[: text.index(out.stop_reason)]
             results.append(
-                Completion(text, list(out.token_ids), list(out.token_times), ids, out.finish_reason, out.stop_reason)
+                Completion(
+                    text, list(out.token_ids), list(out.token_times), ids, out.finish_reason, out.stop_reason
+                )
             )
         return results
 

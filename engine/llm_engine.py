@@ -13,15 +13,15 @@ import zlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import kvbm
 import torch
 
+import kvbm
 from engine.errors import ConfigError, RequestError
 from engine.presets import resolve_model
 from engine.request import Request, RequestOutput, Status
 from engine.runner import ModelRunner, SeqBatchEntry
 from engine.sampling import SamplingParams, make_generator, sample
-from engine.scheduler import Scheduler, ScheduledSeq
+from engine.scheduler import ScheduledSeq, Scheduler
 from engine.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -91,14 +91,18 @@ class LLMEngine:
         try:
             from engine.tp import build_tp_runner
         except ImportError as exc:
-            raise ConfigError(f"tp={tp} needs engine.tp (tensor-parallel workers), which is unavailable: {exc}") from exc
+            raise ConfigError(
+                f"tp={tp} needs engine.tp (tensor-parallel workers), which is unavailable: {exc}"
+            ) from exc
         return build_tp_runner(self.source, tp=tp, **kwargs)
 
     def _init_spec(self, spec: SpecConfig) -> None:
         try:
             from engine.spec import SpecStats, build_proposer
         except ImportError as exc:
-            raise ConfigError(f"speculative decoding requested but engine.spec is unavailable: {exc}") from exc
+            raise ConfigError(
+                f"speculative decoding requested but engine.spec is unavailable: {exc}"
+            ) from exc
         if spec.is_tree:
             from engine.spec.medusa_decoder import MedusaDecoder
 
@@ -174,7 +178,9 @@ class LLMEngine:
 
     def _check_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
         if isinstance(prompt_token_ids, str | bytes) or not isinstance(prompt_token_ids, Sequence):
-            raise RequestError(f"prompt_token_ids must be a list of ints, got {type(prompt_token_ids).__name__}")
+            raise RequestError(
+                f"prompt_token_ids must be a list of ints, got {type(prompt_token_ids).__name__}"
+            )
         prompt = list(prompt_token_ids)
         if not prompt:
             raise RequestError("prompt_token_ids must not be empty")
@@ -184,12 +190,14 @@ class LLMEngine:
                 raise RequestError(f"prompt_token_ids[{i}]={t!r} is not a token id in [0, {vocab})")
         if len(prompt) >= self.max_model_len:
             raise RequestError(
-                f"prompt length {len(prompt)} leaves no room to generate within max_model_len={self.max_model_len}"
+                f"prompt length {len(prompt)} leaves no room to generate within "
+                f"max_model_len={self.max_model_len}"
             )
         need = kvbm.capacity.blocks_per_sequence(len(prompt) + 1, 0, self.runner.block_size)
         if need > self.runner.num_blocks:
             raise RequestError(
-                f"prompt length {len(prompt)} needs {need} KV blocks but the pool holds {self.runner.num_blocks}"
+                f"prompt length {len(prompt)} needs {need} KV blocks but the pool holds "
+                f"{self.runner.num_blocks}"
             )
         return prompt
 
@@ -242,7 +250,9 @@ class LLMEngine:
             idx = torch.tensor(rows, dtype=torch.long, device=self.runner.device)
             hidden, logits = self.runner.execute(input_ids, positions, meta, idx)
         else:
-            self.runner.execute(input_ids, positions, meta, torch.empty(0, dtype=torch.long, device=self.runner.device))
+            self.runner.execute(
+                input_ids, positions, meta, torch.empty(0, dtype=torch.long, device=self.runner.device)
+            )
         new_tokens = self._sample_or_verify(kinds, logits)
         if self.spec is not None and self.spec.is_tree and hidden is not None:
             self._medusa_observe(kinds, rows, new_tokens, hidden)
@@ -306,7 +316,9 @@ class LLMEngine:
         out: dict[str, list[int]] = {}
         if logits is None:
             return out
-        plain = [(s, r) for s, r, n in kinds if n == 1 and not (self.proposer is not None and self._is_decode(s))]
+        plain = [
+            (s, r) for s, r, n in kinds if n == 1 and not (self.proposer is not None and self._is_decode(s))
+        ]
         if plain:
             rows = torch.tensor([r for _, r in plain], device=logits.device)
             reqs = [s.request for s, _ in plain]
@@ -326,7 +338,11 @@ class LLMEngine:
 
             reqs = [s.request for s, _, _ in verify]
             rows = torch.cat([torch.arange(r, r + n) for _, r, n in verify]).to(logits.device)
-            need_q = any(not q.params.greedy for q in reqs) and self.spec is not None and self.spec.method == "draft"
+            need_q = (
+                any(not q.params.greedy for q in reqs)
+                and self.spec is not None
+                and self.spec.method == "draft"
+            )
             draft_probs = None
             if need_q:
                 seqs = [self._last_spec_seqs[q.request_id] for q in reqs]

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import kvbm
-
 from engine.request import Request, Status
 
 
@@ -58,7 +57,9 @@ class Scheduler:
         """Running requests whose next step is a single decode token (the ones a drafter serves)."""
         return [r for r in self.running if r.output_token_ids and r.num_tokens - r.num_computed == 1]
 
-    def schedule(self, drafts: Mapping[str, list[int]] | None = None) -> tuple[list[ScheduledSeq], list[Request]]:
+    def schedule(
+        self, drafts: Mapping[str, list[int]] | None = None
+    ) -> tuple[list[ScheduledSeq], list[Request]]:
         """This step's sequences and the requests preempted to make room."""
         drafts = drafts or {}
         kv = self.kv

@@ -84,5 +84,6 @@ def smollm2_tokenizer(smollm2_source):
 def spec_bench_chat_prompts(smollm2_tokenizer) -> list[str]:
     """Spec-Bench first turns (one per category, round robin) with SmolLM2's chat template applied."""
     return [
-        smollm2_tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in spec_bench_prompts(16)
+        smollm2_tokenizer.apply_chat_template([{"role": "user", "content": q}])
+        for q in spec_bench_prompts(16)
     ]

@@ -84,14 +84,18 @@ def test_seeded_sampling_is_reproducible_and_batch_independent():
     others = [SamplingParams(max_tokens=16, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2)]
     mixed = run(make_engine(), [PROMPTS[1], PROMPTS[0], PROMPTS[2]], [others[0], sp, others[1]])["r1"]
     assert solo == mixed
-    different = run(make_engine(), [PROMPTS[0]], SamplingParams(max_tokens=16, temperature=0.9, seed=99))["r0"]
+    different = run(make_engine(), [PROMPTS[0]], SamplingParams(max_tokens=16, temperature=0.9, seed=99))[
+        "r0"
+    ]
     assert different != solo
 
 
 def test_stop_token_and_max_tokens(alone):
     target = alone[0][5]
     engine = make_engine()
-    engine.add_request("s", PROMPTS[0], SamplingParams(max_tokens=24, stop_token_ids=[target], ignore_eos=True))
+    engine.add_request(
+        "s", PROMPTS[0], SamplingParams(max_tokens=24, stop_token_ids=[target], ignore_eos=True)
+    )
     outs = []
     while engine.has_unfinished():
         outs += [o for o in engine.step() if o.finished]

@@ -25,6 +25,7 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
         past = out.past_key_values
     return tokens
 
+
 NUM_PROMPTS = 16
 NEW_TOKENS = 64
 
