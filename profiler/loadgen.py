@@ -1,0 +1,159 @@
+"""Closed-loop streaming load against an OpenAI-compatible ``/v1/completions`` endpoint.
+
+``concurrency`` workers each keep exactly one request in flight until ``num_requests`` have finished,
+so the server sees a fixed batch (what a decode point means). Every streamed chunk is timestamped on
+arrival. Under speculative decoding one chunk may carry several tokens, so output tokens are counted
+by the server's ``usage`` (``stream_options.include_usage``); without it, by tokenizing the streamed
+text with the caller's tokenizer; without one, by counting chunks (a lower bound). Each request records
+which of the three it used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import httpx
+
+TokenCountSource = Literal["usage", "tokenizer", "chunks"]
+
+
+@dataclass
+class RequestRecord:
+    """One request: perf_counter timestamps (seconds) of its send and of every chunk with output."""
+
+    send: float
+    first: float | None = None
+    last: float | None = None
+    chunk_times: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)  # tokens per chunk when known (tokenizer)
+    text: str = ""
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+    token_count_source: TokenCountSource = "chunks"
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.first is not None
+
+
+def _apply_event(rec: RequestRecord, obj: dict, now: float) -> None:
+    usage = obj.get("usage")
+    if usage:
+        rec.output_tokens = int(usage.get("completion_tokens") or 0)
+        rec.prompt_tokens = usage.get("prompt_tokens")
+        rec.token_count_source = "usage"
+    for choice in obj.get("choices") or []:
+        text = choice.get("text")
+        if text is None:  # chat-style delta
+            text = (choice.get("delta") or {}).get("content")
+        if choice.get("finish_reason"):
+            rec.finish_reason = choice["finish_reason"]
+        if text:
+            if rec.first is None:
+                rec.first = now
+            rec.last = now
+            rec.chunk_times.append(now)
+            rec.text += text
+
+
+async def stream_one(
+    client: httpx.AsyncClient, url: str, body: dict, count_tokens: Callable[[str], int] | None = None
+) -> RequestRecord:
+    """Send one streaming completion and timestamp its chunks; errors are recorded, never raised."""
+    rec = RequestRecord(send=time.perf_counter())
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                rec.error = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                return rec
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                now = time.perf_counter()
+                obj = json.loads(payload)
+                if "error" in obj and not obj.get("choices"):
+                    rec.error = f"server error in stream: {str(obj['error'])[:300]}"
+                    return rec
+                _apply_event(rec, obj, now)
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"
+        return rec
+    if rec.token_count_source != "usage":
+        if count_tokens is not None:
+            rec.output_tokens = count_tokens(rec.text)
+            rec.token_count_source = "tokenizer"
+        else:
+            rec.output_tokens = len(rec.chunk_times)
+    return rec
+
+
+def completion_body(model: str, prompt: str, max_tokens: int) -> dict:
+    """Greedy, fixed-length (``ignore_eos``), streamed with a final usage chunk."""
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+@dataclass
+class ClosedLoopRun:
+    records: list[RequestRecord]
+    start: float  # perf_counter when the first request was sent
+    end: float  # perf_counter when the last request finished
+
+    @property
+    def window_s(self) -> float:
+        return self.end - self.start
+
+
+async def closed_loop(
+    url: str,
+    model: str,
+    prompts: Sequence[str],
+    *,
+    concurrency: int,
+    num_requests: int,
+    max_tokens: int,
+    timeout_s: float = 600.0,
+    count_tokens: Callable[[str], int] | None = None,
+) -> ClosedLoopRun:
+    """Keep ``concurrency`` requests in flight until ``num_requests`` are done (prompts cycle)."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if num_requests < 1:
+        raise ValueError(f"num_requests must be >= 1, got {num_requests}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    url = url.rstrip("/")
+    next_index = iter(range(num_requests))
+    records: list[RequestRecord] = []
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+
+        async def worker() -> None:
+            for i in next_index:  # a shared iterator: each index is taken by exactly one worker
+                body = completion_body(model, prompts[i % len(prompts)], max_tokens)
+                records.append(await stream_one(client, url, body, count_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
+        end = time.perf_counter()
+    return ClosedLoopRun(records, start, end)
