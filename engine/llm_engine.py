@@ -142,6 +142,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def close(self) -> None:
+        """Stop tensor-parallel workers and drop the KV cache."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
     # -- requests ----------------------------------------------------------------------------------
     def add_request(
         self,

@@ -90,7 +90,9 @@ class ModelRunner:
         )
         self.num_kv_heads = self.model.num_kv_heads_per_rank
         self.num_blocks = self._decide_num_blocks(num_blocks, gpu_memory_utilization)
-        shape = (self.num_blocks, block_size, self.num_kv_heads, self.config.head_dim)
+        # one spare block past the pool (never handed to kvbm): padded CUDA-graph rows write there
+        shape = (self.num_blocks + 1, block_size, self.num_kv_heads, self.config.head_dim)
+        self.graph_pad_slot = self.num_blocks * block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
             (
                 torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -117,6 +119,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(utilization * total) - (total - free) - ACTIVATION_RESERVE_BYTES
+            budget -= self.bytes_per_block  # the spare graph-padding block
         else:
             wanted = self.max_num_seqs * self.max_blocks_per_seq * self.bytes_per_block
             budget = min(wanted, CPU_KV_BUDGET_BYTES)
@@ -217,6 +220,11 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         rows = hidden if logits_indices is None else hidden.index_select(0, logits_indices)
         return hidden, self.model.compute_logits(rows)
+
+    def close(self) -> None:
+        """Release graphs and caches (a TP executor's close also stops its workers)."""
+        self.decode_graphs = None
+        self.kv_caches = []
 
     def logits_indices(self, meta: AttentionMetadata) -> torch.Tensor:
         """Rows of the last query token of each sequence."""
