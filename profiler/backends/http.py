@@ -1,49 +1,58 @@
-"""Closed-loop load against an OpenAI-compatible server (``/v1/completions``, streaming).
+"""The ``http`` backend: one decode point = closed-loop load at fixed concurrency on a running server.
 
-``concurrency`` workers each keep one request in flight until ``num_requests`` have finished. Every
-streamed chunk gets a timestamp; a chunk may carry several tokens under speculation, so output tokens
-are counted from the server's ``usage`` (``stream_options.include_usage``), falling back to one token
-per non-empty chunk (recorded in ``token_count_source``). TTFT, ITL and throughput follow
-``planner.metrics_def``. ``/metrics`` is scraped before and after the point; the counter deltas give
-draft coverage and per-position acceptance (vLLM metric names).
+Load comes from ``profiler.loadgen`` (streaming, per-chunk timestamps, token counts from the server's
+``usage``, else a tokenizer, else chunks). TTFT, ITL and throughput per GPU follow ``planner.metrics_def``.
+``/metrics`` is scraped before and after the point and parsed by the correction daemon's parser
+(``planner.daemon.scrape``, vLLM metric names); the counter deltas give draft coverage and per-position
+acceptance, with ``decode_steps = generated - accepted - first tokens`` because vLLM counts only steps
+that carried a draft.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from planner import metrics_def as md
+from planner.daemon.scrape import MetricsSnapshot, parse_metrics, window
+from planner.profile import Acceptance, AcceptanceSource, DecodePoint
+from profiler.loadgen import ClosedLoopRun, RequestRecord, closed_loop
 
+if TYPE_CHECKING:
+    from profiler.grid import PointSpec
 
-@dataclass
-class RequestRecord:
-    send: float
-    first: float | None = None
-    last: float | None = None
-    chunk_times: list[float] = field(default_factory=list)
-    output_tokens: int = 0
-    prompt_tokens: int | None = None
-    token_count_source: str = "chunks"
-    error: str | None = None
+log = logging.getLogger("profiler.http")
+
+__all__ = [
+    "LoadResult",
+    "RequestRecord",
+    "SpecCounters",
+    "counter_delta",
+    "parse_counters",
+    "run_load",
+    "served_model_name",
+    "to_acceptance",
+    "to_decode_point",
+    "tokenizer_counter",
+]
 
 
 @dataclass
 class SpecCounters:
-    """Deltas of vLLM's speculative-decoding counters over a window."""
+    """Deltas of vLLM's speculative-decoding counters over one point's window."""
 
     drafts: float
     draft_tokens: float
     accepted: float
-    accepted_per_pos: list[float]
+    accepted_per_pos: list[float]  # counts per position 0..k-1
     generation_tokens: float
-    first_tokens: float
+    first_tokens: float  # requests whose first token fell in the window (server's TTFT count)
 
     @property
     def decode_steps(self) -> float:
@@ -55,13 +64,15 @@ class SpecCounters:
 
     @property
     def acceptance_per_pos(self) -> list[float]:
+        """Share of drafts whose position i was accepted (acceptance given a draft)."""
         return md.acceptance_given_draft(self.accepted_per_pos, self.drafts)
 
     @property
     def tokens_per_step(self) -> float:
-        """``1 + accepted / decode_steps`` (equals coverage x acceptance given a draft)."""
-        steps = self.decode_steps
-        return 1.0 + self.accepted / steps if steps > 0 else 1.0
+        """``1 + coverage * sum(acceptance_per_pos)`` (= ``1 + accepted / decode_steps``)."""
+        if self.decode_steps <= 0:
+            return 1.0
+        return md.tokens_per_step(self.draft_coverage, self.acceptance_per_pos)
 
 
 @dataclass
@@ -72,9 +83,10 @@ class LoadResult:
 
     @property
     def ok(self) -> list[RequestRecord]:
-        return [r for r in self.records if r.error is None and r.first is not None]
+        return [r for r in self.records if r.ok]
 
     def itl_ms(self) -> list[float]:
+        """Per-request ITL: ``(last - first) / (output tokens - 1)``; requests of < 2 tokens have none."""
         out = []
         for r in self.ok:
             v = md.request_itl(r.first, r.last, r.output_tokens)  # type: ignore[arg-type]
@@ -86,153 +98,93 @@ class LoadResult:
         return [md.ttft(r.send, r.first) * 1000.0 for r in self.ok]  # type: ignore[arg-type]
 
     def chunk_gaps_ms(self) -> list[float]:
+        """Gaps between streamed chunks: reported on their own, never as ITL."""
         return [g * 1000.0 for r in self.ok for g in md.chunk_gaps(r.chunk_times)]
 
     def output_tokens(self) -> int:
         return sum(r.output_tokens for r in self.ok)
 
+    def token_count_sources(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.ok:
+            out[r.token_count_source] = out.get(r.token_count_source, 0) + 1
+        return out
 
-def parse_counters(text: str) -> dict[str, float]:
-    """Counter samples summed over labels other than ``position`` (name[pos] for per-position)."""
-    out: dict[str, float] = defaultdict(float)
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if not s.name.endswith("_total"):
-                continue
-            name = s.name
-            if "position" in s.labels:
-                name += f"[{s.labels['position']}]"
-            out[name] += s.value
-    return dict(out)
+    def tokens_per_chunk(self) -> float | None:
+        """Output tokens per streamed chunk after the first (vLLM streams one chunk per engine step)."""
+        tokens = sum(r.output_tokens - 1 for r in self.ok if len(r.chunk_times) > 1)
+        chunks = sum(len(r.chunk_times) - 1 for r in self.ok if len(r.chunk_times) > 1)
+        return tokens / chunks if chunks else None
+
+
+def parse_counters(text: str) -> MetricsSnapshot:
+    """One scrape of a vLLM-named exposition (the daemon's parser: one place for the names)."""
+    return parse_metrics(text)
 
 
 def counter_delta(
-    before: dict[str, float], after: dict[str, float], num_requests: int
+    before: MetricsSnapshot, after: MetricsSnapshot, first_tokens: float
 ) -> SpecCounters | None:
-    """Speculative counters over the window, or None when the server exposes none (no speculation)."""
+    """Speculative counters over the window; None when the server exports none (no speculation).
 
-    def d(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
-
-    if "vllm:spec_decode_num_drafts_total" not in after:
+    ``first_tokens`` is the client's count of requests that got a first token; the server's own count
+    (TTFT histogram observations) is used instead when it exports one.
+    """
+    if after.drafts is None or after.accepted is None or after.generation_tokens is None:
         return None
-    prefix = "vllm:spec_decode_num_accepted_tokens_per_pos_total["
-    positions = sorted(int(n[len(prefix) : -1]) for n in after if n.startswith(prefix))
+    w = window(before, after)
+    if w.reset:
+        raise RuntimeError("the server's counters went down during the point: it restarted mid-measurement")
+    k = max(after.accepted_per_pos, default=-1) + 1
     return SpecCounters(
-        drafts=d("vllm:spec_decode_num_drafts_total"),
-        draft_tokens=d("vllm:spec_decode_num_draft_tokens_total"),
-        accepted=d("vllm:spec_decode_num_accepted_tokens_total"),
-        accepted_per_pos=[d(f"{prefix}{p}]") for p in positions],
-        generation_tokens=d("vllm:generation_tokens_total"),
-        first_tokens=float(num_requests),
+        drafts=w.drafts or 0.0,
+        draft_tokens=(after.draft_tokens or 0.0) - (before.draft_tokens or 0.0),
+        accepted=w.accepted or 0.0,
+        accepted_per_pos=[w.accepted_per_pos.get(i, 0.0) for i in range(k)],
+        generation_tokens=w.generation_tokens or 0.0,
+        first_tokens=w.ttft_count if w.ttft_count is not None else float(first_tokens),
     )
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict) -> RequestRecord:
-    rec = RequestRecord(send=time.perf_counter())
-    chunks_with_text = 0
+def _scrape(client: httpx.Client, url: str) -> MetricsSnapshot | None:
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                rec.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                return rec
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                now = time.perf_counter()
-                obj = json.loads(payload)
-                if obj.get("usage"):
-                    rec.output_tokens = int(obj["usage"].get("completion_tokens") or 0)
-                    rec.prompt_tokens = obj["usage"].get("prompt_tokens")
-                    rec.token_count_source = "usage"
-                choices = obj.get("choices") or []
-                if any(c.get("text") for c in choices):
-                    rec.first = rec.first if rec.first is not None else now
-                    rec.last = now
-                    rec.chunk_times.append(now)
-                    chunks_with_text += 1
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
-        rec.error = f"{type(exc).__name__}: {exc}"
-    if rec.token_count_source != "usage":
-        rec.output_tokens = chunks_with_text
-    return rec
-
-
-async def _closed_loop(
-    url: str,
-    model: str,
-    prompts: list[str],
-    concurrency: int,
-    num_requests: int,
-    max_tokens: int,
-    timeout_s: float,
-) -> tuple[list[RequestRecord], float]:
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(num_requests):
-        queue.put_nowait(i)
-    records: list[RequestRecord] = []
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-
-        async def worker() -> None:
-            while True:
-                try:
-                    i = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                body = {
-                    "model": model,
-                    "prompt": prompts[i % len(prompts)],
-                    "max_tokens": max_tokens,
-                    "temperature": 0.0,
-                    "ignore_eos": True,
-                    "stream": True,
-                    "stream_options": {"include_usage": True},
-                }
-                records.append(await _one(client, url, body))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        window = time.perf_counter() - t0
-    return records, window
+        r = client.get(f"{url}/metrics")
+    except httpx.HTTPError as exc:
+        log.warning("cannot scrape %s/metrics: %s", url, exc)
+        return None
+    if r.status_code != 200:
+        log.warning("%s/metrics answered HTTP %d", url, r.status_code)
+        return None
+    return parse_counters(r.text)
 
 
 def run_load(
     url: str,
     model: str,
-    prompts: list[str],
+    prompts: Sequence[str],
     *,
     concurrency: int,
     num_requests: int | None = None,
     max_tokens: int = 64,
     timeout_s: float = 600.0,
     scrape: bool = True,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> LoadResult:
-    """One closed-loop point; scrapes ``{url}/metrics`` before and after when ``scrape``."""
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    if not prompts:
-        raise ValueError("prompts must not be empty")
+    """One closed-loop point (default ``2 x concurrency`` requests), with ``/metrics`` around it."""
     url = url.rstrip("/")
     n = num_requests or 2 * concurrency
-    before = _scrape(url) if scrape else None
-    records, window = asyncio.run(_closed_loop(url, model, prompts, concurrency, n, max_tokens, timeout_s))
-    after = _scrape(url) if scrape else None
-    started = sum(1 for r in records if r.first is not None)
-    counters = counter_delta(before, after, started) if before is not None and after is not None else None
-    return LoadResult(records, window, counters)
-
-
-def _scrape(url: str) -> dict[str, float] | None:
-    try:
-        r = httpx.get(f"{url}/metrics", timeout=30.0)
-    except httpx.HTTPError:
-        return None
-    return parse_counters(r.text) if r.status_code == 200 else None
+    with httpx.Client(timeout=30.0) as client:
+        before = _scrape(client, url) if scrape else None
+        run: ClosedLoopRun = asyncio.run(
+            closed_loop(
+                url, model, prompts, concurrency=concurrency, num_requests=n, max_tokens=max_tokens,
+                timeout_s=timeout_s, count_tokens=count_tokens,
+            )
+        )  # fmt: skip
+        after = _scrape(client, url) if scrape else None
+    started = sum(1 for r in run.records if r.first is not None)
+    counters = counter_delta(before, after, started) if before and after else None
+    return LoadResult(run.records, run.window_s, counters)
 
 
 def served_model_name(url: str) -> str:
@@ -242,25 +194,72 @@ def served_model_name(url: str) -> str:
     return str(r.json()["data"][0]["id"])
 
 
-def to_decode_point(spec, result: LoadResult, gpus: int):
-    """A profile DecodePoint from one load result (``spec`` is a profiler.grid.PointSpec)."""
-    from planner.profile import DecodePoint
+def tokenizer_counter(model_dir: str | Path) -> Callable[[str], int] | None:
+    """Token counter from ``model_dir/tokenizer.json`` (for servers that send no usage), else None."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
 
-    itls = result.itl_ms()
+    tok = Tokenizer.from_file(str(path))
+    return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+
+
+def to_decode_point(spec: PointSpec, result: LoadResult, gpus: int) -> DecodePoint:
+    """A profile DecodePoint from one load result.
+
+    ITL statistics are over requests; throughput is output tokens over the whole closed-loop window per
+    GPU. Tokens per step come from the spec-decode counters (1 without speculation); when a speculating
+    server exports none, from tokens per streamed chunk (one chunk per engine step). ``step_ms`` is mean
+    ITL x tokens per step: the time of one engine step as a request sees it.
+    """
     base = dict(
         tp=spec.tp, method=spec.method, k=spec.k, concurrency=spec.concurrency, context_len=spec.context_len
     )
+    itls = result.itl_ms()
     failed = [r.error for r in result.records if r.error]
     if not itls:
         why = failed[0] if failed else "no request produced 2 or more tokens"
         return DecodePoint(**base, error=f"{len(failed)}/{len(result.records)} requests failed: {why}")
-    tps = result.counters.tokens_per_step if (result.counters and spec.method != "none") else 1.0
+    if failed:
+        log.warning("%s: %d of %d requests failed: %s", spec, len(failed), len(result.records), failed[0])
+    if spec.method == "none":
+        tps = 1.0
+    elif result.counters is not None and result.counters.decode_steps > 0:
+        tps = result.counters.tokens_per_step
+    else:
+        tps = result.tokens_per_chunk() or 1.0
     stats = md.summarize(itls)
     return DecodePoint(
         **base,
-        step_ms=stats.mean * tps,
+        step_ms=stats.mean * max(1.0, tps),
         tokens_per_step=max(1.0, tps),
         itl_ms=stats,
         throughput_per_gpu=md.throughput_per_gpu(result.output_tokens(), result.window_s, gpus),
         samples=len(itls),
+    )
+
+
+def to_acceptance(
+    spec: PointSpec, result: LoadResult, *, model: str, detail: str | None = None
+) -> Acceptance | None:
+    """Live acceptance of (method, k) from the point's counter deltas; None without drafts."""
+    c = result.counters
+    if c is None or spec.method == "none" or c.drafts <= 0 or c.decode_steps <= 0:
+        return None
+    per_pos = (c.acceptance_per_pos + [0.0] * spec.k)[: spec.k]
+    if len(c.acceptance_per_pos) > spec.k and any(c.acceptance_per_pos[spec.k :]):
+        raise ValueError(
+            f"server accepted drafts at positions beyond k={spec.k} "
+            f"({len(c.acceptance_per_pos)} positions): it does not run the configuration being measured"
+        )
+    return Acceptance(
+        method=spec.method,  # type: ignore[arg-type]
+        k=spec.k,
+        draft_coverage=c.draft_coverage,
+        accepted_per_pos=[min(1.0, max(0.0, a)) for a in per_pos],
+        source=AcceptanceSource(
+            kind="live", model=model, detail=detail or f"/metrics deltas at concurrency {spec.concurrency}"
+        ),
+        samples=int(c.decode_steps),
     )
