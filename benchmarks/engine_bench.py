@@ -174,11 +174,50 @@ def attention_variants(runner) -> list[tuple[str, int, int, float, float]]:
     return rows
 
 
+def kernel_breakdown(runner, batch: int, ctx: int, q: int, tree: bool) -> list[tuple[str, int, float]]:
+    """GPU time per kernel family of one eager forward (torch.profiler): (family, calls, us)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per = -(-(ctx + q) // runner.block_size)
+    meta = runner.build_metadata([(list(range(b * per, (b + 1) * per)), ctx, q) for b in range(batch)])
+    if tree:
+        from engine.spec.medusa import MedusaTree, default_tree
+
+        t = MedusaTree.build(default_tree(5, num_nodes=q - 1))
+        meta.tree_mask = t.mask.to(runner.device).unsqueeze(0).expand(batch, q, q).contiguous()
+    ids = torch.randint(3, runner.config.vocab_size, (batch * q,), device=runner.device)
+    positions = (ctx + torch.arange(q, device=runner.device)).repeat(batch)
+    for _ in range(2):
+        runner.forward(ids, positions, meta)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.forward(ids, positions, meta)
+        torch.cuda.synchronize()
+    families: dict[str, list[tuple[int, float]]] = {}
+    for ev in prof.key_averages():
+        us = float(getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0))
+        if us <= 0:
+            continue
+        name = ev.key
+        low = name.lower()
+        if "paged_attn" in low or "merge_splits" in low:
+            fam = "attention (triton_paged)"
+        elif "gemm" in low or "gemv" in low or "cutlass" in low or "sm90" in low or "nvjet" in low:
+            fam = "matmul"
+        elif "index" in low and "copy" in low:
+            fam = "index_copy (write_kv)"
+        else:
+            fam = "other: " + name[:60]
+        families.setdefault(fam, []).append((ev.count, us))
+    rows = [(fam, sum(c for c, _ in v), sum(u for _, u in v)) for fam, v in families.items()]
+    return sorted(rows, key=lambda r: -r[2])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vicuna-7b")
     ap.add_argument("--quick", action="store_true", help="skip HF and the attention variants")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.99)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=1.0)
     args = ap.parse_args()
     import triton
 
@@ -255,6 +294,20 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|")
         for name, batch, ctx, us, gbs in attention_variants(runner):
             print(f"| {name} | {batch} | {ctx} | {us:.1f} | {gbs:.0f} |")
+        for title, q, tree in (
+            ("decode, batch 1, context 512", 1, False),
+            ("tree verify 65 queries", 65, True),
+        ):
+            rows = kernel_breakdown(runner, 1, 512, q, tree)
+            total = sum(r[2] for r in rows)
+            print(
+                f"\n## GPU kernel time of one eager forward, {title}: {total / 1e3:.3f} ms in "
+                f"{sum(r[1] for r in rows)} kernels (top 12 families)"
+            )
+            print("| kernel family | calls | ms |")
+            print("|---|---:|---:|")
+            for fam, calls, us in rows[:12]:
+                print(f"| {fam} | {calls} | {us / 1e3:.3f} |")
 
 
 if __name__ == "__main__":
