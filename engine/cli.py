@@ -1,5 +1,5 @@
-"""``engine`` command: ``generate`` (one prompt through the offline API), ``bench`` (decode step
-times through the step profiler) and ``serve`` (the OpenAI-compatible server in engine/serve)."""
+"""``engine`` command line: ``generate`` (text from a model), ``bench`` (decode step times through
+StepProfiler) and ``serve`` (OpenAI-compatible server, engine.serve)."""
 
 from __future__ import annotations
 
@@ -7,55 +7,107 @@ import argparse
 import statistics
 import sys
 
-from engine.errors import EngineError
+from engine.errors import CapacityError, EngineError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from exc
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+    return values
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="preset name (configs/models), HF directory or .gguf file")
+    p.add_argument("--model", required=True, help="preset name, HF directory or .gguf file")
     p.add_argument("--weights", choices=("auto", "real", "random"), default="auto")
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--seed", type=int, default=0)
 
 
-def _spec(args: argparse.Namespace):  # -> SpecConfig | None
-    if args.spec == "none":
-        return None
-    from engine.spec import SpecConfig
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engine", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
 
-    extra = {"draft_layers": args.draft_layers} if args.spec == "draft" and args.draft_layers else {}
-    return SpecConfig(method=args.spec, k=args.k, **extra)
+    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    _common(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
+    gen.add_argument("--spec", choices=("none", "ngram", "draft"), default="none")
+    gen.add_argument("--k", type=int, default=None, help="draft tokens per step with --spec")
+    gen.add_argument("--stats", action="store_true", help="print timing and speculation counters")
+
+    bench = sub.add_parser("bench", help="decode step times via StepProfiler (random weights are labelled)")
+    _common(bench)
+    bench.add_argument("--batch", type=_int_list, default=[1, 8, 32], help="concurrencies, e.g. 1,8,32")
+    bench.add_argument("--context", type=_int_list, default=[512], help="context lengths, e.g. 512,2048")
+    bench.add_argument("--method", choices=("none", "ngram", "draft", "medusa"), default="none")
+    bench.add_argument("--k", type=int, default=0)
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--num-blocks", type=int, default=None)
+    bench.add_argument("--block-size", type=int, default=16)
+    bench.add_argument("--max-context", type=int, default=None)
+    bench.add_argument("--no-cuda-graphs", action="store_true")
+    bench.add_argument("--prefill", type=_int_list, default=None, help="also time prefill at these lengths")
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with /metrics")
+    try:
+        from engine.serve.cli import add_arguments
+    except ImportError as exc:  # the server's dependencies are optional for generate/bench
+        serve.set_defaults(serve_error=str(exc))
+    else:
+        add_arguments(serve)
+    return parser
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 
+    spec = None
+    if args.spec != "none":
+        from engine.spec import SpecConfig
+
+        if args.k is None:
+            raise SystemExit(f"engine generate: --spec {args.spec} needs --k")
+        spec = SpecConfig(method=args.spec, k=args.k)
     llm = LLM(
-        args.model, dtype=args.dtype, device=args.device, tp=args.tp, weights=args.weights, spec=_spec(args)
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        tp=args.tp,
+        seed=args.seed,
+        weights=args.weights,
+        spec=spec,
+        max_num_seqs=max(1, len(args.prompt)),
     )
-    prompt = args.prompt
-    if not args.raw:
-        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
-    )
-    (out,) = llm.generate([prompt], params)
-    if llm.weights_label == "random":
-        print("[random weights: the text below is meaningless; timing is real]", file=sys.stderr)
-    print(out.text)
-    if len(out.token_times) > 1:
-        itl = (out.token_times[-1] - out.token_times[0]) / (len(out.token_times) - 1)
-        print(
-            f"[{len(out.token_ids)} tokens, ITL {itl * 1e3:.1f} ms, finish: {out.finish_reason}]",
-            file=sys.stderr,
+    try:
+        if llm.weights_label == "random":
+            print(f"[{args.model}: random weights -- the text below is meaningless]", file=sys.stderr)
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
         )
-    stats = llm.engine.spec_stats
-    if stats is not None and stats.num_decode_steps:
-        print(
-            f"[{args.spec} k={args.k}: {stats.tokens_per_step:.2f} tokens per decode step]", file=sys.stderr
-        )
+        outs = llm.generate(args.prompt, params, chat=not args.no_chat)
+        for i, out in enumerate(outs):
+            if len(outs) > 1:
+                print(f"--- [{i}] ({out.finish_reason})")
+            print(out.text)
+            if args.stats and len(out.token_times) > 1:
+                itl = (out.token_times[-1] - out.token_times[0]) / (len(out.token_times) - 1)
+                print(f"[{len(out.token_ids)} tokens, ITL {itl * 1e3:.1f} ms]", file=sys.stderr)
+        stats = llm.engine.spec_stats
+        if args.stats and stats is not None:
+            print(f"[spec: {stats.to_dict()}]", file=sys.stderr)
+    finally:
+        llm.engine.close()
     return 0
 
 
@@ -67,87 +119,67 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         tp=args.tp,
-        method=args.spec,
-        k=args.k if args.spec != "none" else 0,
+        method=args.method,
+        k=args.k,
         seed=args.seed,
-        weights=args.weights,
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        max_context=args.max_context,
         cuda_graphs=not args.no_cuda_graphs,
+        weights=args.weights,
+        max_num_seqs=max(args.batch),
     )
-    info = sp.model_info
-    print(
-        f"{info['name']} ({info['weights']} weights) on {sp.device_name}, {sp.dtype}, tp={args.tp}, "
-        f"method={args.spec} k={sp.k}, KV pool {sp.kv_capacity_blocks} blocks of {sp.block_size}"
-    )
-    print(f"{'batch':>6} {'context':>8} {'draft_ms':>9} {'verify_ms':>10} {'step_ms':>8} {'tok/s':>9}")
-    for context in args.context:
-        for batch in args.batch:
+    try:
+        info = sp.model_info
+        print(
+            f"model {info['name']} ({info['weights']} weights) dtype {sp.dtype} tp {args.tp} "
+            f"method {args.method} k {args.k} on {sp.device_name}; KV pool {sp.kv_capacity_blocks} blocks "
+            f"x {sp.block_size} tokens"
+        )
+        print(
+            f"{'batch':>6} {'context':>8} {'step ms':>9} {'p50 ms':>9} {'draft ms':>9} "
+            f"{'tok/s*':>10} {'kv use':>7}"
+        )
+        for ctx in args.context:
+            for c in args.batch:
+                try:
+                    t = sp.measure_decode(c, ctx, steps=args.steps, warmup=args.warmup)
+                except CapacityError as exc:
+                    print(f"{c:>6} {ctx:>8}  skipped: {exc}")
+                    continue
+                mean = statistics.fmean(t.step_ms)
+                print(
+                    f"{c:>6} {ctx:>8} {mean:>9.3f} {statistics.median(t.step_ms):>9.3f} "
+                    f"{statistics.fmean(t.draft_ms):>9.3f} {c * 1e3 / mean:>10.1f} {t.kv_usage:>7.1%}"
+                )
+        print("* tok/s = batch / step time: one token per sequence per step (no acceptance counted)")
+        for n in args.prefill or []:
             try:
-                t = sp.measure_decode(batch, context, steps=args.steps, warmup=args.warmup)
-            except EngineError as exc:
-                print(f"{batch:>6} {context:>8}  skipped: {exc}")
+                ms = sp.measure_prefill(n)
+            except CapacityError as exc:
+                print(f"prefill {n}: skipped: {exc}")
                 continue
-            step = statistics.median(t.step_ms)
-            print(
-                f"{batch:>6} {context:>8} {statistics.median(t.draft_ms):>9.2f} "
-                f"{statistics.median(t.verify_ms):>10.2f} {step:>8.2f} "
-                f"{batch * t.tokens_per_step / step * 1e3:>9.1f}"
-            )
-    sp.close()
+            print(f"prefill {n:>6} tokens: {statistics.median(ms):.3f} ms (median of {len(ms)})")
+    finally:
+        sp.close()
     return 0
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def cmd_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "serve_error", None):
+        raise SystemExit(f"engine serve is unavailable: {args.serve_error}")
+    from engine.serve.cli import main as serve_main
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="engine", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="generate text for one prompt")
-    _common(gen)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    for p in (gen,):
-        p.add_argument("--spec", choices=("none", "ngram", "draft", "medusa"), default="none")
-        p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
-        p.add_argument("--draft-layers", type=int, default=None, help="self-speculative drafter depth")
-    gen.set_defaults(func=cmd_generate)
-
-    bench = sub.add_parser("bench", help="decode step times (random KV contents, real kernels)")
-    _common(bench)
-    bench.add_argument("--spec", choices=("none", "ngram", "draft", "medusa"), default="none")
-    bench.add_argument("--k", type=int, default=4)
-    bench.add_argument("--batch", type=_ints, default=[1, 8, 32], help="comma-separated batch sizes")
-    bench.add_argument("--context", type=_ints, default=[512], help="comma-separated context lengths")
-    bench.add_argument("--steps", type=int, default=20)
-    bench.add_argument("--warmup", type=int, default=3)
-    bench.add_argument("--no-cuda-graphs", action="store_true")
-    bench.set_defaults(func=cmd_bench)
-
-    from engine.serve import cli as serve_cli
-
-    serve = sub.add_parser("serve", help="OpenAI-compatible server with vLLM-named Prometheus metrics")
-    serve_cli.add_arguments(serve)
-    serve.set_defaults(func=serve_cli.main)
-    return parser
+    return serve_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handlers = {"generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}
     try:
-        return int(args.func(args) or 0)
+        return handlers[args.command](args)
     except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"engine {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 
