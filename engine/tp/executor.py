@@ -41,7 +41,7 @@ from engine.runner import ModelRunner
 from engine.tp import wire
 from engine.tp.env import apply_safe_env
 from engine.tp.validate import check_tp
-from engine.tp.worker import worker_main
+from engine.tp.worker import fill_kv_random, worker_main
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("SPECPLAN_TP_TIMEOUT_S", "600"))
 
@@ -308,6 +308,15 @@ class TPExecutor:
             self._raise_failed(exc)
         move_kv_slots(runner.kv_caches, moves)
 
+    def fill_kv_random(self, seed: int) -> None:
+        """Fill every rank's KV shard with N(0, 1) values (StepProfiler's stand-in for a prefill)."""
+        runner = self._check()
+        try:
+            self._send("fill_kv_random", [], seed)
+        except BaseException as exc:
+            self._raise_failed(exc)
+        fill_kv_random(runner.kv_caches, seed, 0)
+
     def prepare(self, entries: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         return self._check().prepare(entries)
 
@@ -361,6 +370,9 @@ class TPExecutor:
         for conn in self._status_conns:
             with contextlib.suppress(OSError):
                 conn.close()
+        if self.runner is not None:
+            with contextlib.suppress(Exception):
+                self.runner.close()
         self.runner = None
         if dist.is_initialized():
             with contextlib.suppress(Exception):

@@ -32,6 +32,18 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(70)
 
 
+def fill_kv_random(kv_caches: list, seed: int, rank: int) -> None:
+    """N(0, 1) in every cache tensor of this rank (a different stream per rank, as real heads differ)."""
+    import torch
+
+    if not kv_caches:
+        return
+    gen = torch.Generator(device=kv_caches[0][0].device).manual_seed(seed * 1009 + rank)
+    for k_cache, v_cache in kv_caches:
+        k_cache.normal_(0.0, 1.0, generator=gen)
+        v_cache.normal_(0.0, 1.0, generator=gen)
+
+
 def worker_main(
     rank: int,
     tp: int,
@@ -117,6 +129,8 @@ def _serve(
 
             pairs = tensors[0]
             move_kv_slots(runner.kv_caches, [tuple(p) for p in pairs.tolist()])
+        elif op == "fill_kv_random":
+            fill_kv_random(runner.kv_caches, msg[2], rank)
         else:
             raise RuntimeError(f"tensor-parallel worker {rank}: unknown command {op!r}")
     dist.destroy_process_group()
