@@ -115,6 +115,54 @@ def collective_ms(tp: int, cfg: dict) -> dict:
     return {"n_allreduce": data["n_allreduce"], "ms": {int(k): v for k, v in data["ms"].items()}}
 
 
+def _measure(args, device: str, tp: int, graphs: bool, blocks: int, bs: int, rows: list, info: dict) -> bool:
+    """Time every batch size at one tp; False when the run failed (printed)."""
+    t0 = time.perf_counter()
+    try:
+        sp = StepProfiler(
+            args.model,
+            dtype=args.dtype,
+            device=device,
+            tp=tp,
+            num_blocks=blocks,
+            block_size=bs,
+            max_context=args.context + 16,
+            max_num_seqs=max(args.batch),
+            weights="random",
+            cuda_graphs=graphs,
+        )
+    except Exception:  # noqa: BLE001 - report and go on with the other tp sizes
+        print(f"tp={tp} graphs={graphs}: could not start:\n{traceback.format_exc()}", flush=True)
+        return False
+    info.update({"device": sp.device_name, **sp.model_info})
+    print(f"tp={tp}: ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    mode = "graphs" if graphs and device == "cuda" else "eager"
+    try:
+        for b in args.batch:
+            t = sp.measure_decode(b, args.context, steps=args.steps, warmup=args.warmup)
+            ms = sorted(t.step_ms)
+            rows.append(
+                dict(
+                    tp=tp,
+                    batch=b,
+                    mode=mode,
+                    median=statistics.median(ms),
+                    p10=ms[len(ms) // 10],
+                    p90=ms[(len(ms) * 9) // 10],
+                )
+            )
+            print(f"  tp={tp} batch={b} {mode}: {rows[-1]['median']:.3f} ms", flush=True)
+        return True
+    except Exception:  # noqa: BLE001
+        print(f"tp={tp} {mode}: measurement failed:\n{traceback.format_exc()}", flush=True)
+        return False
+    finally:
+        sp.close()
+        del sp
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vicuna-7b")
@@ -133,45 +181,10 @@ def main() -> None:
     blocks = max(args.batch) * (-(-(args.context + 1) // bs) + 1) + 8
     rows, collectives, info = [], {}, {}
     for tp in args.tp:
-        t0 = time.perf_counter()
-        try:
-            sp = StepProfiler(
-                args.model,
-                dtype=args.dtype,
-                device=device,
-                tp=tp,
-                num_blocks=blocks,
-                block_size=bs,
-                max_context=args.context + 16,
-                max_num_seqs=max(args.batch),
-                weights="random",
-            )
-        except Exception:  # noqa: BLE001 - report and go on with the other tp sizes
-            print(f"tp={tp}: could not start:\n{traceback.format_exc()}", flush=True)
-            continue
-        info = {"device": sp.device_name, **sp.model_info}
-        print(f"tp={tp}: ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        try:
-            for b in args.batch:
-                t = sp.measure_decode(b, args.context, steps=args.steps, warmup=args.warmup)
-                ms = sorted(t.step_ms)
-                rows.append(
-                    dict(
-                        tp=tp,
-                        batch=b,
-                        median=statistics.median(ms),
-                        p10=ms[len(ms) // 10],
-                        p90=ms[(len(ms) * 9) // 10],
-                    )
-                )
-                print(f"  tp={tp} batch={b}: {rows[-1]['median']:.3f} ms", flush=True)
-        except Exception:  # noqa: BLE001
-            print(f"tp={tp}: measurement failed:\n{traceback.format_exc()}", flush=True)
-        finally:
-            sp.close()
-            del sp
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        for graphs in (True, False):  # eager only as a labelled fallback when graph capture fails
+            ok = _measure(args, device, tp, graphs, blocks, bs, rows, info)
+            if ok or device != "cuda":
+                break
         if tp > 1:
             sp_cfg = dict(
                 device=device,
@@ -199,8 +212,11 @@ def main() -> None:
         f"nccl {'.'.join(map(str, torch.cuda.nccl.version())) if device == 'cuda' else '-'}"
     )
     print()
-    print("| tp | batch | step ms (median) | p10 | p90 | vs tp 1 | collectives ms/step | collectives share |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| tp | batch | mode | step ms (median) | p10 | p90 | vs tp 1 "
+        "| collectives ms/step | collectives share |"
+    )
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['median'] / base[r['batch']]:.2f}x" if r["batch"] in base else "-"
         coll = collectives.get(r["tp"])
@@ -208,7 +224,8 @@ def main() -> None:
         cms_s = f"{cms:.3f} ({coll['n_allreduce']} AR + 1 AG)" if cms is not None else "-"
         share = f"{100 * cms / r['median']:.0f}%" if cms is not None else "-"
         print(
-            f"| {r['tp']} | {r['batch']} | {r['median']:.3f} | {r['p10']:.3f} | {r['p90']:.3f} | {ratio} "
+            f"| {r['tp']} | {r['batch']} | {r['mode']} | {r['median']:.3f} | {r['p10']:.3f} "
+            f"| {r['p90']:.3f} | {ratio} "
             f"| {cms_s} | {share} |"
         )
     if args.json:
