@@ -197,8 +197,11 @@ def _num_sms(device_index: int) -> int:
 def choose_tiles(max_query_len: int, group: int) -> tuple[int, int]:
     """(BLOCK_Q, BLOCK_M): query tokens per tile and tile rows (tokens x heads in the GQA group).
 
-    Decode packs just the group (padded to the 16 rows tl.dot needs); longer chunks fill ~64 rows."""
-    rows_target = 64 if max_query_len * group > 16 else 16
+    Decode packs just the group (padded to the 16 rows tl.dot needs); verify chunks fill 64 rows;
+    Medusa trees (65 queries) and prefill chunks take 128 rows, so a tree is one pass over the KV
+    instead of two (the second of which would serve a single query)."""
+    rows = max_query_len * group
+    rows_target = 128 if rows > 64 else 64 if rows > 16 else 16
     block_q = max(1, min(triton.next_power_of_2(max_query_len), rows_target // group))
     block_m = max(16, triton.next_power_of_2(block_q * group))
     return block_q, block_m
@@ -247,7 +250,7 @@ def paged_attention_triton(
     *,
     num_splits: int | None = None,
     block_n: int = 64,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of q [T, Hq, D] over caches [num_blocks, block_size, Hkv, D]; returns [T, Hq, D].
@@ -271,6 +274,8 @@ def paged_attention_triton(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     block_d = triton.next_power_of_2(head_dim)
+    if num_warps is None:  # 128-row tiles need 8 warps to hold the fp32 accumulator without spilling
+        num_warps = 8 if block_m >= 128 else 4
 
     if num_splits > 1:
         part_o = torch.empty(

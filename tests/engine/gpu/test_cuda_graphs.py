@@ -39,6 +39,7 @@ def test_replay_matches_eager(pad):
         pos = meta.seq_lens.long() - 1
         before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
         eager = runner.forward(ids, pos, meta)
+        after_eager = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
         for (k, v), (k0, v0) in zip(runner.kv_caches, before, strict=True):  # undo eager's KV writes
             k.copy_(k0)
             v.copy_(v0)
@@ -47,8 +48,9 @@ def test_replay_matches_eager(pad):
         # fp16; the graph's attention splits the KV range differently (split count fixed from
         # max_model_len at capture), so rounding differs slightly from the eager run
         torch.testing.assert_close(replay, eager, rtol=2e-2, atol=2e-2)
-        if not pad:  # the graph wrote the same K/V as eager did to the same slots
-            for (k, _), (k0, _) in zip(runner.kv_caches, before, strict=True):
-                changed = (k != k0).flatten(1).any(1).nonzero().flatten().tolist()
-                assert set(changed) <= {t // runner.block_size for t in meta.slot_mapping.tolist()}
+        # the replay leaves the real blocks as the eager step does (padding writes only the spare block)
+        spare = runner.num_blocks - 1
+        for (k, v), (ke, ve) in zip(runner.kv_caches, after_eager, strict=True):
+            torch.testing.assert_close(k[:spare], ke[:spare], rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(v[:spare], ve[:spare], rtol=2e-2, atol=2e-2)
     assert graphs.captured_sizes == ([4, 8] if pad else [3, 5])

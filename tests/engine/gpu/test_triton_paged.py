@@ -243,7 +243,9 @@ def test_split_heuristic():
     assert triton_paged.choose_num_splits(1, 100_000, 132) == 16
     assert triton_paged.choose_tiles(1, 1) == (1, 16)
     assert triton_paged.choose_tiles(1, 4) == (1, 16)
-    assert triton_paged.choose_tiles(65, 1) == (64, 64)
+    assert triton_paged.choose_tiles(65, 1) == (128, 128)
+    assert triton_paged.choose_tiles(9, 1) == (16, 16)
+    assert triton_paged.choose_tiles(300, 4) == (32, 128)
     assert triton_paged.choose_tiles(5, 7) == (8, 64)
 
 
