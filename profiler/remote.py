@@ -22,11 +22,11 @@ from planner.profile import (
     now_utc,
 )
 from profiler.backends import http as httpb
+from profiler.backends.vllm import VllmLaunch, running_server
 from profiler.grid import REPO, SweepConfig
 from profiler.prompts import prompts_of_length
 from profiler.shapes import model_shape
 from profiler.sweep import Progress, _error_point, finished_keys, run_points
-from profiler.vllm_launcher import VllmServer, VllmServerSpec
 
 log = logging.getLogger("profiler")
 
@@ -124,27 +124,26 @@ def sweep_vllm(cfg: SweepConfig, out: Path, *, resume: bool, command: str, progr
     try:
         for (tp, method, k), group in groupby(todo, key=lambda p: (p.tp, p.method, p.k)):
             points = list(group)
-            spec = VllmServerSpec(
+            launch = VllmLaunch(
                 model=cfg.model, python=python, tp=tp, method=method, k=k,
                 max_num_seqs=max(p.concurrency for p in points),
                 max_model_len=max(p.context_len for p in points) * 2 + cfg.max_tokens,
                 draft_model=cfg.draft_model, served_model_name="profiled",
             )  # fmt: skip
-            server = VllmServer(spec, log_path=logdir / f"tp{tp}-{method}-k{k}.log")
-            log.warning("starting: %s", server.command_line)
-            bar.bar.write(f"$ {server.command_line}")
+            bar.bar.write(f"$ {launch.vllm_serve_line()}")
             try:
-                url = server.start()
-            except Exception as exc:  # noqa: BLE001 - the configuration's points record the failure
-                for p in points:
+                with running_server(launch, log_path=logdir / f"tp{tp}-{method}-k{k}.log") as server:
+                    run_points(
+                        points, _measure_http(cfg, server.base_url, "profiled"), out, lambda: meta, bar
+                    )
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the configuration's unmeasured points record the failure
+                left = [p for p in points if p.key not in finished_keys(out)] if out.exists() else points
+                for p in left:
                     point = _error_point(p, exc)
                     append_point(out, point, meta)
                     bar.done(point)
-                continue
-            try:
-                run_points(points, _measure_http(cfg, url, "profiled"), out, lambda: meta, bar)
-            finally:
-                server.stop()
     finally:
         bar.close()
     return load_profile(out)

@@ -54,13 +54,10 @@ def engine_metadata(cfg: SweepConfig, info: dict[str, Any], command: str) -> Met
     mi = info["model_info"]
     shape = {k: v for k, v in mi["shape"].items() if k in ModelShape.model_fields}
     gpu = info["device_name"]
-    is_gpu = not str(gpu).startswith("CPU")
-    mem = None
-    if is_gpu:
-        import torch
-
-        mem = torch.cuda.get_device_properties(0).total_memory / 2**30
     import torch
+
+    is_gpu = torch.cuda.is_available() and not str(gpu).lower().startswith("cpu")
+    mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if is_gpu else None
 
     return Metadata(
         model=ModelInfo(name=mi.get("name") or cfg.model, shape=ModelShape(**shape)),

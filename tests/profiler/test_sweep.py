@@ -1,0 +1,135 @@
+"""Sweep runner: per-point atomic persistence, recorded failures, --resume, and a real tiny engine sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from planner.metrics_def import summarize
+from planner.profile import (
+    DecodePoint,
+    EngineInfo,
+    Hardware,
+    Metadata,
+    ModelInfo,
+    ModelShape,
+    load_profile,
+    now_utc,
+)
+from profiler.cli import main
+from profiler.grid import PointSpec, SweepConfig
+from profiler.sweep import finished_keys, run_points
+
+
+def _meta() -> Metadata:
+    shape = ModelShape(layers=1, hidden=8, heads=1, kv_heads=1, head_dim=8, vocab=8, params=100)
+    return Metadata(
+        model=ModelInfo(name="m", shape=shape), hardware=Hardware(gpu_name="cpu", gpu_count=1),
+        engine=EngineInfo(name="t", version="0"), backend="engine", dtype="float32", block_size=16, kv_capacity_blocks_per_gpu=10, weights="random", source="measured",
+        created_at=now_utc(), command="test",
+    )  # fmt: skip
+
+
+def _ok(spec: PointSpec) -> DecodePoint:
+    step = 1.0 + spec.concurrency
+    return DecodePoint(
+        tp=spec.tp, method=spec.method, k=spec.k, concurrency=spec.concurrency, context_len=spec.context_len,
+        step_ms=step, tokens_per_step=1.0, itl_ms=summarize([step]),
+        throughput_per_gpu=spec.concurrency / step, samples=1,
+    )  # fmt: skip
+
+
+def test_each_point_is_persisted_and_failures_are_recorded(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    cfg = SweepConfig(model="tiny", concurrency=[1, 2, 3], context=[64]).validate()
+    seen: list[int] = []
+
+    def measure(spec: PointSpec) -> DecodePoint:
+        seen.append(spec.concurrency)
+        if spec.concurrency == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        # every earlier point is already on disk when the next one starts
+        assert (len(load_profile(out).decode) if out.exists() else 0) == len(seen) - 1
+        return _ok(spec)
+
+    if out.exists():
+        out.unlink()
+    run_points(cfg.points(), measure, out, _meta)
+    prof = load_profile(out)
+    assert [p.concurrency for p in prof.decode] == [1, 2, 3]
+    failed = [p for p in prof.decode if not p.ok]
+    assert len(failed) == 1 and "CUDA out of memory" in failed[0].error
+
+
+def test_interrupt_keeps_finished_points_and_resume_skips_them(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    cfg = SweepConfig(model="tiny", concurrency=[1, 2, 3, 4], context=[64]).validate()
+
+    def measure(spec: PointSpec) -> DecodePoint:
+        if spec.concurrency == 3:
+            raise KeyboardInterrupt
+        return _ok(spec)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_points(cfg.points(), measure, out, _meta)
+    assert finished_keys(out) == {(1, "none", 0, 1, 64), (1, "none", 0, 2, 64)}
+    todo = [p for p in cfg.points() if p.key not in finished_keys(out)]
+    assert [p.concurrency for p in todo] == [3, 4]
+    run_points(todo, _ok, out, _meta)
+    assert sorted(p.concurrency for p in load_profile(out).decode) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_cli_sweep_on_tiny_engine_writes_profile_and_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "tiny.json"
+    args = ["sweep", "--model", "tiny", "--method", "none,ngram", "--k", "0,2", "--concurrency", "1,4",
+            "--context", "64", "--steps", "3", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    prof = load_profile(out)
+    assert prof.metadata.weights == "random" and prof.metadata.backend == "engine"
+    assert sorted(p.key for p in prof.decode) == [
+        (1, "ngram", 2, 1, 64), (1, "ngram", 2, 4, 64), (1, "none", 0, 1, 64), (1, "none", 0, 4, 64)
+    ]  # fmt: skip
+    assert all(p.ok and p.samples == 3 and p.step_ms > 0 for p in prof.decode)
+    spec = [p for p in prof.decode if p.method == "ngram"]
+    assert all(p.draft_ms is not None and p.verify_ms is not None for p in spec)
+    assert {p.input_len for p in prof.prefill} == {64, 256}
+    text = capsys.readouterr().out
+    assert "recommended plan for ITL <=" in text and "decode points: 4 ok" in text
+    assert (tmp_path / "tiny-plots" / "itl_vs_throughput.png").stat().st_size > 1000
+    # resume: nothing left to measure, the profile is unchanged
+    before = out.read_text()
+    assert main([*args, "--resume", "--no-plots"]) == 0
+    assert load_profile(out).decode == load_profile_from_text(before, tmp_path).decode
+
+
+def load_profile_from_text(text: str, tmp: Path):
+    p = tmp / "before.json"
+    p.write_text(text)
+    return load_profile(p)
+
+
+def test_unknown_model_fails_before_measuring(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["sweep", "--model", "no-such-model", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_show_and_plot_read_a_profile(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "p.json"
+    cfg = SweepConfig(
+        model="tiny", method=["none", "ngram"], k=[0, 2], concurrency=[1, 2], context=[64]
+    ).validate()
+    run_points(cfg.points(), _ok, out, _meta)
+    assert main(["show", str(out)]) == 0
+    assert "decode points: 4 ok, 0 failed" in capsys.readouterr().out
+    assert main(["plot", str(out), "--out", str(tmp_path / "plots"), "--acceptance", "0.5"]) == 0
+    names = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert names == {"itl_vs_throughput.png", "speedup_ngram_tp1_L64.png"}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert main(["show", str(bad)]) == 2
