@@ -26,7 +26,8 @@ def _meta() -> Metadata:
     shape = ModelShape(layers=1, hidden=8, heads=1, kv_heads=1, head_dim=8, vocab=8, params=100)
     return Metadata(
         model=ModelInfo(name="m", shape=shape), hardware=Hardware(gpu_name="cpu", gpu_count=1),
-        engine=EngineInfo(name="t", version="0"), backend="engine", dtype="float32", block_size=16, kv_capacity_blocks_per_gpu=10, weights="random", source="measured",
+        engine=EngineInfo(name="t", version="0"), backend="engine", dtype="float32",
+        block_size=16, kv_capacity_blocks_per_gpu=10, weights="random", source="measured",
         created_at=now_utc(), command="test",
     )  # fmt: skip
 
