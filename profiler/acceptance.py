@@ -146,6 +146,7 @@ def measure(
     chat: bool = True,
     device: str | None = None,
     engine_kwargs: dict[str, Any] | None = None,
+    spec_kwargs: dict[str, Any] | None = None,
 ) -> tuple[AcceptanceResult, Any]:
     """Generate greedily for every prompt with (method, k) and count acceptance per category.
 
@@ -158,7 +159,11 @@ def measure(
     if method not in SPEC_METHODS:
         raise AcceptanceError(f"method: must be one of {', '.join(SPEC_METHODS)}, got {method!r}")
     llm = LLM(
-        model, spec=SpecConfig(method=method, k=k), weights="real", device=device, **(engine_kwargs or {})
+        model,
+        spec=SpecConfig(method=method, k=k, **(spec_kwargs or {})),
+        weights="real",
+        device=device,
+        **(engine_kwargs or {}),
     )
     stats = llm.engine.spec_stats
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -278,45 +283,63 @@ def table(results: list[AcceptanceResult]) -> str:
     )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="preset with real weights (e.g. smollm2-135m) or path")
-    p.add_argument("--method", default="ngram", help="ngram, draft or medusa")
-    p.add_argument("--k", default="1..8", help="num_speculative_tokens values, e.g. 1..8 or 2,4")
-    p.add_argument("--dataset", type=Path, required=True, help="Spec-Bench style JSONL")
-    p.add_argument("--per-category", type=int, default=None, help="at most this many prompts per category")
-    p.add_argument("--categories", help="comma-separated categories to keep")
-    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per prompt")
-    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", type=Path, required=True, help="profile JSON to write acceptance into")
+def _kv_blocks(prompts: list[Prompt], llm_tokens: int, k: int, block_size: int = 16) -> int:
+    """A KV pool that holds one category's prompts at once, not the 4 GiB CPU default (a k sweep would
+    otherwise hold several such pools while the previous engine is collected)."""
+    per_seq = -(-(llm_tokens + k + block_size) // block_size)
+    return max(64, per_seq * len(prompts) + 8)
 
 
-def run(a: argparse.Namespace) -> int:
+def run_acceptance(a: argparse.Namespace) -> int:
+    """Entry point of ``profiler acceptance`` (arguments defined in profiler/cli.py)."""
+    import gc
     import shlex
     import sys
 
-    ks = parse_ks(a.k)
-    if a.max_tokens < 2:
-        raise AcceptanceError(f"max_tokens: must be >= 2, got {a.max_tokens}")
-    check_real_weights(a.model)
-    cats = [c.strip() for c in a.categories.split(",")] if a.categories else None
-    prompts = load_prompts(a.dataset, per_category=a.per_category, categories=cats)
+    from profiler.prompts import SPEC_BENCH
+
+    try:
+        ks = parse_ks(a.k)
+        max_tokens = int(a.max_tokens)
+        if max_tokens < 2:
+            raise AcceptanceError(f"max_tokens: must be >= 2, got {max_tokens}")
+        limit = getattr(a, "limit", None)
+        if limit is not None and limit < 1:
+            raise AcceptanceError(f"limit: must be >= 1 prompt per category, got {limit}")
+        check_real_weights(a.model)
+        dataset = Path(a.dataset) if a.dataset else SPEC_BENCH.resolve()
+        prompts = load_prompts(dataset, per_category=limit)
+    except (AcceptanceError, ValueError) as exc:
+        print(f"profiler acceptance: {exc}", file=sys.stderr)
+        return 2
     command = shlex.join(["profiler", *sys.argv[1:]])
+    draft_model = getattr(a, "draft_model", None)
+    out: Path | None = Path(a.out) if getattr(a, "out", None) else None
+    largest = max(len(p.text) for p in prompts)  # bytes >= tokens for every tokenizer we ship
     results = []
     for k in ks:
+        spec_kwargs = {"draft_model": draft_model} if draft_model else {}
         res, llm = measure(
-            a.model, a.method, k, prompts, max_tokens=a.max_tokens, chat=not a.no_chat, device=a.device
-        )
+            a.model, a.method, k, prompts, max_tokens=max_tokens, device=getattr(a, "device", None),
+            spec_kwargs=spec_kwargs,
+            engine_kwargs={"num_gpu_blocks": _kv_blocks(prompts, largest + max_tokens + 64, k)},
+        )  # fmt: skip
         results.append(res)
-        entry = to_acceptance(
-            res, dataset=a.dataset.name, model=a.model, drafter=None if a.method == "ngram" else a.method
-        )
-        meta = None if a.out.exists() else _metadata_from(llm, a.model, command)
-        append_point(a.out, entry, meta)
+        if out is not None:
+            entry = to_acceptance(
+                res,
+                dataset=dataset.name,
+                model=a.model,
+                drafter=draft_model or (None if a.method == "ngram" else a.method),
+            )
+            append_point(out, entry, None if out.exists() else _metadata_from(llm, a.model, command))
         print(
-            f"k={k}: coverage {res.overall.coverage:.3f}, tokens/step {res.overall.tokens_per_step(k):.3f} "
-            f"({res.overall.decode_steps} decode steps) -> {a.out}",
+            f"{a.method} k={k}: coverage {res.overall.coverage:.3f}, tokens/step "
+            f"{res.overall.tokens_per_step(k):.3f} over {res.overall.decode_steps} decode steps"
+            + (f" -> {out}" if out else ""),
             flush=True,
         )
+        del llm
+        gc.collect()
     print(table(results))
     return 0
