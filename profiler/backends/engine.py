@@ -111,3 +111,10 @@ class EngineBackend:
         if self.sp is not None:
             self.sp.close()
         self.sp, self._key = None, None
+        import gc
+
+        gc.collect()  # the next configuration needs the device memory this one held
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
