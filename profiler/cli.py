@@ -45,6 +45,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         points = list(cfg.points())
         if cfg.backend == "engine":
             _check_model(cfg.model)
+        elif cfg.backend == "hf" and not (Path(cfg.model) / "config.json").is_file():
+            raise GridError(f"field 'model': backend 'hf' needs a Hugging Face directory, got {cfg.model!r}")
     except GridError as exc:
         print(f"profiler sweep: {exc}", file=sys.stderr)
         return 2
@@ -56,7 +58,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     print(f"sweep: {cfg.model} backend={cfg.backend} {len(points)} decode points -> {out}", file=sys.stderr)
     t0 = time.perf_counter()
     command = command_line()
-    if cfg.backend == "engine":
+    if cfg.backend in ("engine", "hf"):
         from profiler.sweep import sweep_engine
 
         profile = sweep_engine(cfg, out, resume=a.resume, command=command, progress=not a.no_progress)

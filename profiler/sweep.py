@@ -62,8 +62,10 @@ def engine_metadata(cfg: SweepConfig, info: dict[str, Any], command: str) -> Met
     return Metadata(
         model=ModelInfo(name=mi.get("name") or cfg.model, shape=ModelShape(**shape)),
         hardware=Hardware(gpu_name=gpu if is_gpu else "cpu", gpu_count=max(cfg.tp), gpu_memory_gib=mem),
-        engine=EngineInfo(name="specplan-engine", version=f"torch {torch.__version__}"),
-        backend="engine",
+        engine=EngineInfo(**info["engine"])
+        if "engine" in info
+        else EngineInfo(name="specplan-engine", version=f"torch {torch.__version__}"),
+        backend=info.get("backend", "engine"),
         dtype=info["dtype"],
         block_size=info["block_size"],
         kv_capacity_blocks_per_gpu=int(info["kv_capacity_blocks"]),
@@ -142,7 +144,12 @@ def sweep_engine(
     if not resume and out.exists():
         out.unlink()
     todo = [p for p in cfg.points() if p.key not in done]
-    backend = EngineBackend(cfg.model, dtype=cfg.dtype, draft_model=cfg.draft_model)
+    if cfg.backend == "hf":  # transformers generate: same configure/measure/measure_prefill interface
+        from profiler.backends.hf import HFBackend
+
+        backend = HFBackend(cfg.model, dtype=cfg.dtype, draft_model=cfg.draft_model)
+    else:
+        backend = EngineBackend(cfg.model, dtype=cfg.dtype, draft_model=cfg.draft_model)
     meta: dict[str, Metadata] = {}
     bar = Progress(len(todo), progress)
     try:

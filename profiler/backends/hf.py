@@ -127,7 +127,14 @@ class HFBackend:
             if self.device.startswith("cuda")
             else f"CPU ({torch.get_num_threads()} threads)"
         )
+        import transformers
+
         return {
+            "backend": "hf",
+            "engine": {
+                "name": "transformers",
+                "version": f"{transformers.__version__} (torch {torch.__version__})",
+            },
             "model_info": {"name": Path(self.model_path).name, "shape": shape, "weights": "real"},
             "kv_capacity_blocks": 0,  # no paged KV pool: a contiguous cache per sequence
             "block_size": 1,
