@@ -157,7 +157,9 @@ def _measure(args, device: str, tp: int, graphs: bool, blocks: int, bs: int, row
         print(f"tp={tp} {mode}: measurement failed:\n{traceback.format_exc()}", flush=True)
         return False
     finally:
+        t1 = time.perf_counter()
         sp.close()
+        print(f"tp={tp}: closed in {time.perf_counter() - t1:.1f} s", flush=True)
         del sp
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -195,6 +197,7 @@ def main() -> None:
                 batches=args.batch,
                 reps=50,
             )
+            print(f"tp={tp}: timing the collectives alone", flush=True)
             try:
                 collectives[tp] = collective_ms(tp, sp_cfg)
             except Exception:  # noqa: BLE001

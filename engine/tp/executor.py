@@ -374,12 +374,7 @@ class TPExecutor:
             with contextlib.suppress(Exception):
                 self.runner.close()
         self.runner = None
-        if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                if self._failure is not None:
-                    dist.distributed_c10d._abort_process_group()
-                else:
-                    dist.destroy_process_group()
+        _leave_group(abort=self.backend == "nccl" or self._failure is not None)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -388,6 +383,21 @@ class TPExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _leave_group(*, abort: bool) -> None:
+    """Leave the default process group without waiting on peers that may be gone.
+
+    NCCL's orderly destroy can wait on ranks that already exited (it hung a GPU run here), so NCCL
+    communicators are aborted, a local operation; gloo's destroy is local already."""
+    if not dist.is_initialized():
+        return
+    if abort:
+        with contextlib.suppress(Exception):
+            dist.distributed_c10d._abort_process_group()
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def build_tp_runner(source: ModelSource | str, *, tp: int, **runner_kwargs: Any) -> TPExecutor:

@@ -133,4 +133,5 @@ def _serve(
             fill_kv_random(runner.kv_caches, msg[2], rank)
         else:
             raise RuntimeError(f"tensor-parallel worker {rank}: unknown command {op!r}")
-    dist.destroy_process_group()
+    if backend != "nccl":  # NCCL: the process exit frees the communicators; an orderly destroy
+        dist.destroy_process_group()  # could wait on rank 0, which aborts its side instead
