@@ -86,3 +86,22 @@ def test_smollm2_prompt_lookup(smollm2_hf_dir: Path) -> None:
     assert base.tokens_per_step == 1.0
     assert 1.0 <= point.tokens_per_step <= 5.0
     assert b.info["model_info"]["shape"]["layers"] == 30
+
+
+def test_sweep_cli_with_the_hf_backend(tiny_hf: str, tmp_path: Path) -> None:
+    from planner.profile import load_profile
+    from profiler.cli import main
+
+    out = tmp_path / "hf.json"
+    argv = ["sweep", "--model", tiny_hf, "--backend", "hf", "--method", "none,ngram", "--k", "0,2",
+            "--concurrency", "1,2", "--context", "16", "--steps", "4", "--out", str(out),
+            "--no-plots", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    profile = load_profile(out)
+    assert profile.metadata.backend == "hf" and profile.metadata.engine.name == "transformers"
+    assert profile.metadata.weights == "real" and profile.metadata.model.shape.layers == 2
+    by_key = {p.key: p for p in profile.decode}
+    assert by_key[(1, "none", 0, 2, 16)].ok and by_key[(1, "ngram", 2, 1, 16)].ok
+    # transformers' assisted generation runs at batch 1 only: recorded as a failed point, sweep goes on
+    assert "only at batch size 1" in by_key[(1, "ngram", 2, 2, 16)].error
+    assert main(["sweep", "--model", "no-such-dir", "--backend", "hf", "--out", str(tmp_path)]) == 2
