@@ -132,3 +132,47 @@ def test_dead_rank_raises_clear_error_not_hang():
     with TPExecutor("tiny", 2, weights="random", num_blocks=16, **CPU) as again:
         _, logits = again.execute(ids, pos, meta, None)
         assert logits.shape == (3, 320) and torch.isfinite(logits).all()
+
+
+PARENT_SCRIPT = """
+import sys, time
+from engine.tp import TPExecutor
+
+if __name__ == "__main__":
+    ex = TPExecutor("tiny", 2, weights="random", num_blocks=16, device="cpu", dtype="float32")
+    print(ex.worker_pids[0], flush=True)
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_workers_exit_when_rank0_process_is_killed(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank0.py"
+    script.write_text(PARENT_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(proc.stdout.readline())
+        assert _alive(worker)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), f"worker {worker} outlived its rank 0"
+    finally:
+        proc.kill()
