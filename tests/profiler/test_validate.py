@@ -52,7 +52,7 @@ def test_targets_are_off_grid_and_inside_the_measured_range() -> None:
     assert {t.concurrency for t in ts} == {2, 8}  # geometric midpoints of 1-4 and 4-16
     for t in ts:
         assert t.method == "none" and t.k == 0 and t.osl == 32
-        assert 128 <= t.isl and t.isl + t.osl <= 512 and t.isl not in (128, 512)
+        assert t.isl >= 128 and t.isl + t.osl <= 512 and t.isl not in (128, 512)
 
 
 def test_prediction_uses_decode_and_prefill_surfaces() -> None:
@@ -86,8 +86,8 @@ def test_report_summarises_median_and_worst_error() -> None:
 @pytest.mark.slow
 def test_sweep_then_validate_on_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "tiny.json"
-    sweep = ["sweep", "--model", "tiny", "--method", "none", "--k", "0", "--concurrency", "1,4",
-             "--context", "64,256", "--steps", "3", "--out", str(out), "--no-plots", "--no-progress"]  # fmt: skip
+    sweep = ["sweep", "--model", "tiny", "--method", "none", "--k", "0", "--concurrency", "1,4", "--context",
+             "64,256", "--steps", "3", "--out", str(out), "--no-plots", "--no-progress"]  # fmt: skip
     assert main(sweep) == 0
     assert load_profile(out).metadata.weights == "random"
     capsys.readouterr()
