@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -126,50 +127,70 @@ def predict(profile: Profile, t: Target) -> tuple[float, float]:
     return itl, t.concurrency * t.osl / (wave_ms / 1000.0) / t.tp
 
 
-def measure(
-    profile: Profile, t: Target, *, model: str, waves: int, seed: int = 0
-) -> tuple[float, float, int]:
-    """(mean ITL ms, throughput tok/s/GPU, requests) of closed-loop load at ``t`` through engine.LLM."""
+def open_engine(profile: Profile, targets: list[Target], *, model: str) -> Any:
+    """One engine.LLM for the targets of one (tp, method, k): batch and KV pool sized for the largest.
+
+    Loading a 7B model per point would dominate a GPU validation; closed-loop concurrency is set per
+    point by submitting exactly ``c`` requests per wave instead."""
     from engine.llm import LLM
-    from engine.sampling import SamplingParams
     from engine.spec.config import SpecConfig
 
     meta = profile.metadata
+    t0 = targets[0]
     bs = meta.block_size
-    per_seq = -(-(t.isl + t.osl + t.k + bs) // bs)
-    weights = meta.weights if meta.weights != "none" else "auto"
-    spec = None if t.method == "none" else SpecConfig(method=t.method, k=t.k)
-    llm = LLM(
-        model, dtype=meta.dtype, tp=t.tp, spec=spec, max_num_seqs=t.concurrency, block_size=bs,
-        num_gpu_blocks=per_seq * t.concurrency + 8, weights=weights,
-        max_model_len=t.isl + t.osl + t.k + bs,
+    longest = max(t.isl + t.osl for t in targets) + t0.k + bs
+    c_max = max(t.concurrency for t in targets)
+    spec = None if t0.method == "none" else SpecConfig(method=t0.method, k=t0.k)
+    return LLM(
+        model, dtype=meta.dtype, tp=t0.tp, spec=spec, max_num_seqs=c_max, block_size=bs,
+        num_gpu_blocks=-(-longest // bs) * c_max + 8, max_model_len=longest,
+        weights=meta.weights if meta.weights != "none" else "auto",
     )  # fmt: skip
+
+
+def measure(llm: Any, profile: Profile, t: Target, *, waves: int, seed: int = 0) -> tuple[float, float, int]:
+    """(mean ITL ms, throughput tok/s/GPU, requests) of closed-loop load at ``t``: ``waves`` rounds of
+    exactly ``c`` concurrent requests of equal length through ``llm``."""
+    from engine.sampling import SamplingParams
+
     rng = np.random.default_rng(seed)
-    vocab = min(meta.model.shape.vocab, 256 if meta.model.shape.vocab <= 512 else meta.model.shape.vocab)
+    vocab = profile.metadata.model.shape.vocab
+    vocab = min(vocab, 256) if vocab <= 512 else vocab  # byte-level tokenizers: plain byte ids
 
     def prompts(n: int) -> list[list[int]]:
         return [rng.integers(0, vocab, size=t.isl).tolist() for _ in range(n)]
 
-    warm = SamplingParams(max_tokens=4, ignore_eos=True)
-    llm.generate(prompts(t.concurrency), warm)  # first-use costs (allocator, kernels) out of the window
+    # first-use costs (allocator growth, kernel selection, graph capture) stay out of the window
+    llm.generate(prompts(t.concurrency), SamplingParams(max_tokens=4, ignore_eos=True))
     params = SamplingParams(max_tokens=t.osl, ignore_eos=True, temperature=0.0)
-    n = t.concurrency * waves
+    done = []
     start = time.monotonic()
-    done = llm.generate(prompts(n), params)
+    for _ in range(waves):
+        done += llm.generate(prompts(t.concurrency), params)
     end = max(c.token_times[-1] for c in done)
     itls = [md.request_itl(c.token_times[0], c.token_times[-1], len(c.token_ids)) for c in done]
     itl_ms = statistics.fmean(x * 1000.0 for x in itls if x is not None)
     tokens = sum(len(c.token_ids) for c in done)
-    return itl_ms, md.throughput_per_gpu(tokens, end - start, t.tp), n
+    return itl_ms, md.throughput_per_gpu(tokens, end - start, t.tp), len(done)
 
 
 def validate(profile: Profile, *, points: int, model: str, waves: int, osl: int) -> list[Outcome]:
-    out = []
-    for t in choose_targets(profile, points, osl):
-        pred_itl, pred_thr = predict(profile, t)
-        itl, thr, n = measure(profile, t, model=model, waves=waves)
-        out.append(Outcome(t, pred_itl, itl, pred_thr, thr, n))
-    return out
+    import gc
+
+    targets = choose_targets(profile, points, osl)
+    by_cfg: dict[tuple[int, str, int], list[Target]] = {}
+    for t in targets:
+        by_cfg.setdefault((t.tp, t.method, t.k), []).append(t)
+    results: dict[Target, Outcome] = {}
+    for group in by_cfg.values():
+        llm = open_engine(profile, group, model=model)
+        for t in group:
+            pred_itl, pred_thr = predict(profile, t)
+            itl, thr, n = measure(llm, profile, t, waves=waves)
+            results[t] = Outcome(t, pred_itl, itl, pred_thr, thr, n)
+        del llm
+        gc.collect()
+    return [results[t] for t in targets]
 
 
 def report(outcomes: list[Outcome]) -> str:
