@@ -22,7 +22,7 @@ from planner.profile import (
     now_utc,
 )
 from profiler.backends import http as httpb
-from profiler.backends.vllm import VllmLaunch, running_server
+from profiler.backends.vllm import VllmLaunch, default_python, running_server
 from profiler.grid import REPO, SweepConfig
 from profiler.prompts import prompts_of_length
 from profiler.shapes import model_shape
@@ -112,7 +112,7 @@ def vllm_version(python: str) -> str:
 
 
 def sweep_vllm(cfg: SweepConfig, out: Path, *, resume: bool, command: str, progress: bool = True) -> Profile:
-    python = cfg.vllm_python or "python"
+    python = cfg.vllm_python or default_python()  # $SPECPLAN_VLLM_PYTHON, else <repo>/V, else this one
     done = finished_keys(out) if resume else set()
     if not resume and out.exists():
         out.unlink()

@@ -1,4 +1,5 @@
-"""Launch a real vLLM OpenAI server per (tp, method, k) and measure it with the http backend.
+"""Launch a real vLLM OpenAI server per (tp, method, k); ``profiler.remote.sweep_vllm`` measures each
+with the http backend and the test suite's ``vllm_server`` fixture starts its server through it.
 
 The command is the ``vllm serve`` equivalent built from the sweep's own config (``--tensor-parallel-size``,
 ``--speculative-config`` JSON, ``--max-num-seqs``) and logged before it starts, so any point can be
@@ -25,13 +26,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
-
-if TYPE_CHECKING:
-    from planner.profile import DecodePoint
-    from profiler.grid import PointSpec
 
 log = logging.getLogger("profiler.vllm")
 
@@ -242,109 +238,3 @@ def running_server(
         yield server
     finally:
         server.stop()
-
-
-class VllmBackend:
-    """The ``vllm`` sweep backend: one server per (tp, method, k), each point measured by ``http``.
-
-    Same shape as the engine backend (``configure``/``measure``/``close``) so the sweep loop drives
-    either. ``adopt`` measures an already-running server for a configuration instead of starting one
-    (it is then not stopped by ``close``); the test suite uses it with its session server.
-    """
-
-    def __init__(
-        self,
-        model: str,
-        *,
-        python: str | None = None,
-        draft_model: str | None = None,
-        max_tokens: int = 64,
-        requests_per_point: int | None = None,
-        max_model_len: int | None = None,
-        max_num_seqs: int | None = None,
-        health_timeout_s: float = 600.0,
-        log_dir: str | os.PathLike[str] | None = None,
-        env: dict[str, str] | None = None,
-        extra_args: Sequence[str] = (),
-    ) -> None:
-        self.model, self.draft_model = model, draft_model
-        self.python = python or default_python()
-        self.max_tokens, self.requests_per_point = max_tokens, requests_per_point
-        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
-        self.health_timeout_s = health_timeout_s
-        self.log_dir = Path(log_dir) if log_dir else REPO_ROOT / "build" / "vllm-logs"
-        self.env, self.extra_args = dict(env or {}), tuple(extra_args)
-        self.server: VllmServer | None = None
-        self.url: str | None = None
-        self.served_model: str | None = None
-        self.key: tuple[int, str, int] | None = None
-        self.last_acceptance = None  # planner.profile.Acceptance of the last point, when it had drafts
-        self.commands: list[str] = []  # every `vllm serve` line started, for the profile's notes
-
-    def launch_for(self, tp: int, method: str, k: int) -> VllmLaunch:
-        return VllmLaunch(
-            model=self.model, tp=tp, method=method, k=k, max_num_seqs=self.max_num_seqs,
-            max_model_len=self.max_model_len, draft_model=self.draft_model, python=self.python,
-            served_model_name="profiled", extra_args=self.extra_args, env=self.env,
-        )  # fmt: skip
-
-    def configure(self, tp: int, method: str, k: int) -> None:
-        """Make a healthy server of (tp, method, k) current, stopping the previous one first."""
-        if self.key == (tp, method, k) and (self.server is None or self.server.proc is not None):
-            return
-        self.close()
-        launch = self.launch_for(tp, method, k)
-        log.warning("vllm backend: %s", launch.vllm_serve_line())
-        self.commands.append(launch.vllm_serve_line())
-        server = VllmServer(launch, log_path=self.log_dir / f"tp{tp}-{method}-k{k}.log")
-        self.server = server
-        try:
-            server.start()
-            server.wait_healthy(self.health_timeout_s)
-        except BaseException:
-            self.close()
-            raise
-        self.url, self.served_model, self.key = server.base_url, "profiled", (tp, method, k)
-
-    def adopt(self, url: str, tp: int, method: str, k: int, served_model: str | None = None) -> None:
-        """Measure an already-running server as configuration (tp, method, k)."""
-        from profiler.backends import http as httpb
-
-        self.close()
-        self.url = url.rstrip("/")
-        self.served_model = served_model or httpb.served_model_name(self.url)
-        self.key = (tp, method, k)
-
-    def measure(
-        self, spec: PointSpec, *, steps: int = 0, warmup: int = 1, power: object = None
-    ) -> DecodePoint:
-        """One closed-loop point (``steps`` is the engine backend's knob; ``max_tokens`` sets length here)."""
-        from profiler.backends import http as httpb
-        from profiler.prompts import prompts_of_length
-
-        if self.key != (spec.tp, spec.method, spec.k):
-            self.configure(spec.tp, spec.method, spec.k)
-        assert self.url and self.served_model
-        if self.server is not None and self.server.proc is not None and self.server.proc.poll() is not None:
-            raise VllmServerError(
-                f"vLLM exited with code {self.server.proc.returncode}:\n{self.server.log_tail()}"
-            )
-        prompts = prompts_of_length(max(4, spec.concurrency), spec.context_len)
-        if warmup:
-            httpb.run_load(self.url, self.served_model, prompts, concurrency=spec.concurrency,
-                           num_requests=spec.concurrency, max_tokens=4, scrape=False)  # fmt: skip
-        n = self.requests_per_point or 2 * spec.concurrency
-        result = httpb.run_load(
-            self.url, self.served_model, prompts, concurrency=spec.concurrency, num_requests=n,
-            max_tokens=self.max_tokens,
-        )  # fmt: skip
-        self.last_acceptance = httpb.to_acceptance(
-            spec, result, model=self.model, detail=f"vLLM /metrics deltas at concurrency {spec.concurrency}"
-        )
-        return httpb.to_decode_point(spec, result, spec.tp)
-
-    def close(self) -> None:
-        server, self.server = self.server, None
-        self.url = self.served_model = self.key = None
-        if server is not None:
-            server.stop()

@@ -16,11 +16,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from planner.profile import Acceptance, DecodePoint
-from profiler.backends.vllm import VllmBackend, VllmLaunch, VllmServer, VllmServerError, running_server
-from profiler.grid import PointSpec
+from profiler.backends.vllm import VllmLaunch, VllmServer, VllmServerError, running_server
 
 FAKE_SERVER = textwrap.dedent(
     """
@@ -163,36 +163,55 @@ def test_unhealthy_server_times_out(fake_vllm: Path, tmp_path: Path, monkeypatch
     assert _wait_gone(parent) and _wait_gone(child)
 
 
-def test_backend_records_the_failure_of_a_config_that_cannot_start(
+def test_sweep_records_a_config_that_cannot_start(
     fake_vllm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from profiler.grid import SweepConfig
+    from profiler.remote import sweep_vllm
+
     monkeypatch.setenv("FAKE_VLLM_MODE", "crash")
-    backend = VllmBackend("m", python=sys.executable, log_dir=tmp_path)
-    with pytest.raises(VllmServerError, match="exited with code 3"):
-        backend.configure(1, "ngram", 2)
-    assert backend.server is None and backend.key is None
-    assert backend.commands and backend.commands[0].startswith("vllm serve m ")
-    assert (tmp_path / "tp1-ngram-k2.log").is_file()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_CONFIG))
+    cfg = SweepConfig(model=str(model), backend="vllm", method=["ngram"], k=[2], concurrency=[1, 2],
+                      context=[16], vllm_python=sys.executable).validate()  # fmt: skip
+    profile = sweep_vllm(cfg, tmp_path / "p.json", resume=False, command="test", progress=False)
+    assert [p.key for p in profile.decode] == [(1, "ngram", 2, 1, 16), (1, "ngram", 2, 2, 16)]
+    assert all(not p.ok and "exited with code 3" in p.error for p in profile.decode)
+    log = (tmp_path / "p-vllm-logs" / "tp1-ngram-k2.log").read_text()
+    assert "--max-num-seqs 2" in log and '"num_speculative_tokens":2' in log
+
+
+TINY_CONFIG = {
+    "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "intermediate_size": 128, "vocab_size": 512, "tie_word_embeddings": True,
+}  # fmt: skip
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_real_vllm_points_with_live_acceptance(vllm_server: str, tmp_path: Path) -> None:
-    import httpx
+def test_real_vllm_sweep_points_with_live_acceptance(vllm_server: str, tmp_path: Path) -> None:
+    """A sweep over the session's real vLLM (SmolLM2, ngram k=4): the http path the vllm backend runs."""
+    from profiler.grid import SweepConfig
+    from profiler.remote import sweep_http
 
-    backend = VllmBackend("build/smollm2-hf", max_tokens=24, requests_per_point=4)
-    backend.adopt(vllm_server, 1, "ngram", 4)  # the session server: SmolLM2 with ngram k=4
-    for c in (1, 2):
-        spec = PointSpec(1, "ngram", 4, c, 128)
-        point = backend.measure(spec, warmup=1)
+    model = Path(__file__).resolve().parents[2] / "build" / "smollm2-hf"  # the fixture's model
+    cfg = SweepConfig(
+        model=str(model), backend="http", url=vllm_server, method=["ngram"], k=[4], concurrency=[1, 2],
+        context=[128], max_tokens=24, requests_per_point=4,
+    ).validate()  # fmt: skip
+    profile = sweep_http(cfg, tmp_path / "p.json", resume=False, command="test", progress=False)
+    assert profile.metadata.backend == "http" and profile.metadata.weights == "real"
+    assert [p.key for p in profile.decode] == [(1, "ngram", 4, 1, 128), (1, "ngram", 4, 2, 128)]
+    for point in profile.decode:
         DecodePoint.model_validate(point.model_dump())
-        assert point.ok and point.key == spec.key and point.samples == 4
+        assert point.ok and point.samples == 4
         assert point.itl_ms.p99 >= point.itl_ms.p50 > 0 and point.throughput_per_gpu > 0
-        acc = backend.last_acceptance
-        assert isinstance(acc, Acceptance) and acc.k == 4 and acc.source.kind == "live"
-        assert 0.0 < acc.draft_coverage <= 1.0
-        # tokens per step as the point recorded it = coverage x acceptance given a draft
-        assert point.tokens_per_step == pytest.approx(acc.tokens_per_step)
-        assert acc.tokens_per_step <= acc.tokens_per_draft
-    backend.close()  # an adopted server is not stopped by the backend
+        assert 1.0 <= point.tokens_per_step <= 5.0
+    acc = profile.acceptance_for("ngram", 4)
+    assert isinstance(acc, Acceptance) and acc.source.kind == "live" and len(acc.accepted_per_pos) == 4
+    assert 0.0 < acc.draft_coverage <= 1.0
+    assert acc.tokens_per_step <= acc.tokens_per_draft
+    # the acceptance comes from the last point's window: its tokens per step are that point's
+    assert acc.tokens_per_step == pytest.approx(profile.decode[-1].tokens_per_step)
     assert httpx.get(f"{vllm_server}/health", timeout=30).status_code == 200
