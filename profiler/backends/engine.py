@@ -59,10 +59,13 @@ class EngineBackend:
         }
 
     def start_context(self, spec, steps: int, warmup: int) -> int:
-        """Context to start at: ``L`` unless the timed steps would run past the model's maximum length,
-        then early enough that they end there (a point at the model's own limit stays measurable)."""
+        """Context to measure at: ``L``, unless a speculative point's lookahead (every timed and warm-up
+        step reserves up to ``1 + k`` slots, plus ``k`` for the last draft) would run past the model's
+        maximum length; then early enough that it ends there, so a point at the model's own limit stays
+        measurable (at most ``(steps + warmup) * (1 + k) + k`` tokens short of ``L``)."""
         limit = int(getattr(self.sp.runner, "max_model_len", 1 << 30))
-        return max(2, min(spec.context_len, limit - (steps + warmup) * (1 + spec.k) - 1))
+        lookahead = 0 if spec.k == 0 else (steps + warmup) * (1 + spec.k) + spec.k
+        return max(2, min(spec.context_len, limit - lookahead))
 
     def measure(self, spec, *, steps: int, warmup: int, power=None) -> DecodePoint:
         """One decode point (``spec``: profiler.grid.PointSpec); raises on failure (the sweep records it)."""
