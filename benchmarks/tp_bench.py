@@ -5,7 +5,8 @@ fills the KV cache, and times decode steps at each batch size with a constant co
 GPU, rank 0's view of the step: broadcast of the batch + forward + logits). Then, separately, it times
 what the tensor-parallel layers communicate per step: 2 all-reduces per layer of [batch, hidden] in the
 model dtype, one for the vocabulary-parallel embedding, and one all-gather of the float32 logit shard,
-captured in a CUDA graph as the decode graphs do.
+captured in a CUDA graph as the decode graphs do. (On 2x H200 this collective phase hung in its
+first run, before any per-phase print existed; it now prints each phase so a run shows where.)
 
     python benchmarks/tp_bench.py --model vicuna-7b --dtype float16 --tp 1,2 --batch 1,8,64
     python benchmarks/tp_bench.py --model tiny --device cpu --tp 1,2 --batch 1,8   # CPU smoke run
@@ -70,11 +71,22 @@ def _collective_worker(rank: int, tp: int, port: int, cfg: dict, out_path: str) 
 
         for _ in range(3):
             step()
+        if rank == 0:
+            print(f"  collectives: batch {b} eager warm-up done", flush=True)
         if cuda:
+            torch.cuda.synchronize()
+            side = torch.cuda.Stream()  # warm up on a side stream before capture, as torch requires
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
+            if rank == 0:
+                print(f"  collectives: batch {b} captured", flush=True)
             run = graph.replay
             for _ in range(3):
                 run()
