@@ -23,10 +23,14 @@ CPU = dict(device="cpu", dtype="float32")
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 84, 80, 32, 116, 101, 115, 116, 33], [256, 1, 2, 3]]
 
 
-def _generate(tp: int, model: str = "tiny", prompts=PROMPTS, n: int = 16, **kw) -> list[list[int]]:
+def _generate(
+    tp: int, model: str = "tiny", prompts=PROMPTS, n: int = 16, stats: list | None = None, **kw
+) -> list[list[int]]:
     llm = LLM(model, tp=tp, max_num_seqs=8, num_gpu_blocks=kw.pop("num_gpu_blocks", 64), **CPU, **kw)
     try:
         outs = llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+        if stats is not None:
+            stats.append(llm.engine.spec_stats)
         return [o.token_ids for o in outs]
     finally:
         close = getattr(llm.engine.runner, "close", None)
@@ -86,6 +90,18 @@ def test_executor_sets_multicast_off():
 def test_tiny_tp2_greedy_equals_tp1():
     ref = _generate(1, weights="random")
     assert _generate(2, weights="random") == ref
+
+
+def test_tiny_tp2_with_prompt_lookup_speculation_equals_tp1():
+    """Verify steps (1 + k query tokens per sequence) through the executor stay lossless."""
+    from engine.spec import SpecConfig
+
+    prompts = [[256, *([7, 8, 9, 10] * 4)], [256, 65, 66, 67, 65, 66, 67, 65]]
+    ref = _generate(1, prompts=prompts, n=20, weights="random")
+    spec = SpecConfig(method="ngram", k=3)
+    stats: list = []
+    assert _generate(2, prompts=prompts, n=20, weights="random", spec=spec, stats=stats) == ref
+    assert stats[0].num_drafts > 0  # verify steps really ran through the executor
 
 
 @pytest.mark.slow
