@@ -49,10 +49,6 @@ def paged_attention_ref(
     # [B, blocks, bs, Hkv, D] -> [B, Hkv, S, D]
     k = k_cache[table].reshape(batch, blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
     v = v_cache[table].reshape(batch, blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
-    if num_kv_heads != num_heads:
-        rep = num_heads // num_kv_heads
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
 
     # scatter the flattened queries into [B, max_q, Hq, D]
     starts = meta.query_start_loc.long()
@@ -64,5 +60,13 @@ def paged_attention_ref(
     mask = build_mask(meta, blocks * block_size)
     # padded query rows see key 0 only so softmax stays finite; their output is discarded
     mask[:, :, 0] |= ~mask.any(-1)
-    out = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=mask.unsqueeze(1), scale=scale)
+    # enable_gqa: query head h reads KV head h // (Hq / Hkv) without materialising repeated K/V
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2),
+        k,
+        v,
+        attn_mask=mask.unsqueeze(1),
+        scale=scale,
+        enable_gqa=num_kv_heads != num_heads,
+    )
     return out.transpose(1, 2)[seq_idx, row]
