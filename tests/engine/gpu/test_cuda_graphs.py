@@ -25,8 +25,11 @@ def test_replay_matches_eager(pad):
     runner = ModelRunner(
         "tiny", dtype="float16", device="cuda", num_blocks=64, cuda_graphs=False, weights="random"
     )
-    if pad:  # the last block is the spare the padding rows write to (kvbm would manage num_blocks - 1)
-        runner.graph_pad_slot = (runner.num_blocks - 1) * runner.block_size
+    # the runner keeps one spare block past the kvbm pool for padding rows; without it, graphs are
+    # captured per exact batch size
+    assert runner.graph_pad_slot == runner.num_blocks * runner.block_size
+    if not pad:
+        runner.graph_pad_slot = None
     graphs = DecodeGraphs(runner, max_batch=8)
     gen = torch.Generator().manual_seed(0)
     for k, v in runner.kv_caches:
@@ -49,7 +52,7 @@ def test_replay_matches_eager(pad):
         # max_model_len at capture), so rounding differs slightly from the eager run
         torch.testing.assert_close(replay, eager, rtol=2e-2, atol=2e-2)
         # the replay leaves the real blocks as the eager step does (padding writes only the spare block)
-        spare = runner.num_blocks - 1
+        spare = runner.num_blocks
         for (k, v), (ke, ve) in zip(runner.kv_caches, after_eager, strict=True):
             torch.testing.assert_close(k[:spare], ke[:spare], rtol=2e-2, atol=2e-2)
             torch.testing.assert_close(v[:spare], ve[:spare], rtol=2e-2, atol=2e-2)
