@@ -35,6 +35,17 @@ def _tps(profile: Profile, method: str, k: int, point_tps: float, acceptance) ->
     return acc.tokens_per_step if acc else point_tps
 
 
+def _tps_source(profile: Profile, method: str, acceptance) -> str:
+    """Where the tokens per step behind a speculative curve come from (shown in titles)."""
+    if acceptance and any(m == method for m, _ in acceptance):
+        return "given acceptance"
+    if any(a.method == method for a in profile.acceptance):
+        return "profile acceptance"
+    if profile.metadata.weights == "real":
+        return "measured tok/step"
+    return "tok/step = 1 (random weights, no acceptance: step-time ratio only)"
+
+
 def _itl_vs_thr(profile: Profile, out: Path, acceptance) -> Path | None:
     plt = _plt()
     groups = defaultdict(list)
@@ -90,7 +101,10 @@ def _heatmaps(profile: Profile, out: Path, acceptance) -> list[Path]:
         ax.set_yticks(range(len(ks)), [str(k) for k in ks])
         ax.set_xlabel("concurrency")
         ax.set_ylabel("k")
-        ax.set_title(f"speedup {method} vs none, tp{tp} L={ctx}", fontsize=9)
+        ax.set_title(
+            f"speedup {method} vs none, tp{tp} L={ctx}\n{_tps_source(profile, method, acceptance)}",
+            fontsize=8,
+        )
         fig.colorbar(im, ax=ax)
         path = out / f"speedup_{method}_tp{tp}_L{ctx}.png"
         fig.tight_layout()
