@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,10 +101,13 @@ class ModelRunner:
             )
             for _ in range(self.config.num_layers)
         ]
-        self._pin = self.device.type == "cuda"
+        self._staging: torch.Tensor | None = None  # pinned host buffer for step inputs (CUDA)
+        self._staged: torch.cuda.Event | None = None
         self.decode_graphs = (
             self._make_decode_graphs() if cuda_graphs and self.device.type == "cuda" else None
         )
+        self._verify_widths: set[tuple[int, bool]] = set()  # (queries per sequence, tree) with graphs
+        self._verify_graphs: dict[tuple[int, bool], Any] = {}
 
     # -- sizing -----------------------------------------------------------------------------------
     @property
@@ -143,18 +147,43 @@ class ModelRunner:
         return DecodeGraphs(self, max_batch=self.max_num_seqs)
 
     # -- inputs -----------------------------------------------------------------------------------
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array)
-        if self._pin:
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+    def _upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Host int arrays -> device tensors of the same dtype and shape. On CUDA: one pinned
+        staging buffer reused across steps and ONE host-to-device copy per step (the previous
+        copy is awaited before the buffer is overwritten); on CPU the arrays are used in place."""
+        if self.device.type != "cuda":
+            return [torch.from_numpy(a) for a in arrays]
+        total = sum(a.size for a in arrays)
+        if self._staging is None or self._staging.numel() < total:
+            self._staging = torch.empty(
+                max(total, 2 * (self._staging.numel() if self._staging is not None else 0)),
+                dtype=torch.int64,
+                pin_memory=True,
+            )
+        if self._staged is not None:
+            self._staged.synchronize()
+        host = self._staging.numpy()
+        off = 0
+        for a in arrays:
+            host[off : off + a.size] = a.ravel()
+            off += a.size
+        dev = self._staging[:total].to(self.device, non_blocking=True)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
+        out, off = [], 0
+        for a in arrays:
+            t = dev[off : off + a.size].view(a.shape)
+            out.append(t if a.dtype == np.int64 else t.to(torch.int32))
+            off += a.size
+        return out
 
     def build_metadata(self, seqs: Sequence[tuple[Sequence[int], int, int]]) -> AttentionMetadata:
         """Metadata for sequences given as (block_table, num_computed, num_query)."""
-        meta, _ = self._build(seqs)
-        return meta
+        host = self._build(seqs)
+        return self._meta(host, self._upload(host[:4]))
 
-    def _build(self, seqs: Sequence[tuple[Sequence[int], int, int]]) -> tuple[AttentionMetadata, np.ndarray]:
+    def _build(self, seqs: Sequence[tuple[Sequence[int], int, int]]) -> tuple[np.ndarray, ...]:
+        """Host arrays (slots, query_start_loc, seq_lens, block_tables, positions) of one step."""
         bs = self.block_size
         num = len(seqs)
         if num == 0:
@@ -178,23 +207,28 @@ class ModelRunner:
         seq_of_tok = np.repeat(np.arange(num), q_lens)
         positions = np.arange(total, dtype=np.int64) - starts[:-1][seq_of_tok] + computed[seq_of_tok]
         slots = tables[seq_of_tok, positions // bs].astype(np.int64) * bs + positions % bs
-        meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots),
-            query_start_loc=self._to_device(starts),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)),
-            block_tables=self._to_device(tables),
-            max_query_len=int(q_lens.max()),
+        return slots, starts, seq_lens.astype(np.int32), tables, positions
+
+    def _meta(self, host: tuple[np.ndarray, ...], dev: Sequence[torch.Tensor]) -> AttentionMetadata:
+        _, starts, seq_lens, _, _ = host
+        return AttentionMetadata(
+            slot_mapping=dev[0],
+            query_start_loc=dev[1],
+            seq_lens=dev[2],
+            block_tables=dev[3],
+            max_query_len=int(np.diff(starts).max()),
             max_seq_len=int(seq_lens.max()),
         )
-        return meta, positions
 
     def prepare(
         self, entries: Sequence[SeqBatchEntry]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input_ids [T], positions [T], metadata) for one flattened step."""
-        meta, positions = self._build([(e.block_table, e.num_computed, len(e.token_ids)) for e in entries])
+        host = self._build([(e.block_table, e.num_computed, len(e.token_ids)) for e in entries])
+        positions = host[4]
         ids = np.fromiter((t for e in entries for t in e.token_ids), dtype=np.int64, count=len(positions))
-        return self._to_device(ids), self._to_device(positions), meta
+        dev = self._upload([*host[:4], positions, ids])
+        return dev[5], dev[4], self._meta(host, dev)
 
     # -- execution --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -214,16 +248,40 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one step; logits (float32) for the rows ``logits_indices`` (None = every row)."""
         hidden = None
-        if self.decode_graphs is not None and meta.is_pure_decode:
-            hidden = self.decode_graphs.run(input_ids, positions, meta)  # None: no graph for this shape
+        if self.decode_graphs is not None:
+            graphs = self._graphs_for(meta)
+            if graphs is not None:
+                hidden = graphs.run(input_ids, positions, meta)  # None: no graph for this shape
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         rows = hidden if logits_indices is None else hidden.index_select(0, logits_indices)
         return hidden, self.model.compute_logits(rows)
 
+    def enable_verify_graphs(self, queries_per_seq: int, *, tree: bool = False) -> None:
+        """Let steps where every sequence carries exactly ``queries_per_seq`` queries (a speculative
+        verify of 1 + k tokens, or a Medusa tree) replay CUDA graphs too. Opt-in per width, so prefill
+        chunks of equal length never capture a graph per prompt length."""
+        if self.decode_graphs is not None and queries_per_seq > 1:
+            self._verify_widths.add((queries_per_seq, tree))
+
+    def _graphs_for(self, meta: AttentionMetadata):  # noqa: ANN202 - DecodeGraphs | None
+        if meta.is_pure_decode:
+            return self.decode_graphs
+        key = (meta.max_query_len, meta.tree_mask is not None)
+        if key not in self._verify_widths or meta.num_tokens != meta.num_seqs * meta.max_query_len:
+            return None
+        graphs = self._verify_graphs.get(key)
+        if graphs is None:
+            from engine.cuda_graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(self, max_batch=self.max_num_seqs, queries_per_seq=key[0], tree=key[1])
+            self._verify_graphs[key] = graphs
+        return graphs
+
     def close(self) -> None:
         """Release graphs and caches (a TP executor's close also stops its workers)."""
         self.decode_graphs = None
+        self._verify_graphs.clear()
         self.kv_caches = []
 
     def logits_indices(self, meta: AttentionMetadata) -> torch.Tensor:
