@@ -190,15 +190,28 @@ TINY_CONFIG = {
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_real_vllm_sweep_points_with_live_acceptance(vllm_server: str, tmp_path: Path) -> None:
-    """A sweep over the session's real vLLM (SmolLM2, ngram k=4): the http path the vllm backend runs."""
+def test_real_vllm_sweep_points_with_live_acceptance(
+    vllm_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep over the session's real vLLM (SmolLM2, ngram k=4): the http path the vllm backend runs.
+
+    The prompts repeat a pattern the model continues, so prompt lookup finds 4-gram matches and the
+    window is sure to hold drafts (Spec-Bench questions at 24 output tokens may hold none).
+    """
+    from profiler import remote
     from profiler.grid import SweepConfig
     from profiler.remote import sweep_http
+
+    patterns = ["1 2 3 4 5 6 7 8 ", "red green blue red green blue ", "one, two, three, one, two, three, "]
+    monkeypatch.setattr(
+        remote, "prompts_of_length",
+        lambda n, approx_tokens, path=None: [f"Continue: {patterns[i % 3] * 8}" for i in range(n)],
+    )  # fmt: skip
 
     model = Path(__file__).resolve().parents[2] / "build" / "smollm2-hf"  # the fixture's model
     cfg = SweepConfig(
         model=str(model), backend="http", url=vllm_server, method=["ngram"], k=[4], concurrency=[1, 2],
-        context=[128], max_tokens=24, requests_per_point=4,
+        context=[128], max_tokens=32, requests_per_point=4,
     ).validate()  # fmt: skip
     profile = sweep_http(cfg, tmp_path / "p.json", resume=False, command="test", progress=False)
     assert profile.metadata.backend == "http" and profile.metadata.weights == "real"
