@@ -239,7 +239,7 @@ class LLMEngine:
         for s in scheduled:
             req = s.request
             start = req.num_computed
-            toks = req.all_token_ids[start : start + s.num_new_tokens] + s.draft
+            toks = req.token_slice(start, start + s.num_new_tokens) + s.draft
             entries.append(SeqBatchEntry(toks, kv.block_table(req.request_id), start))
             if s.completes:
                 n_rows = len(toks) if (spec_rows and self._is_decode(s)) else 1
@@ -273,7 +273,8 @@ class LLMEngine:
             # KV now valid: the real chunk plus the accepted drafts
             n_commit = s.num_new_tokens + accepted
             start = req.num_computed
-            committed_ids = (req.all_token_ids + (toks or []))[start : start + n_commit]
+            known = min(n_commit, req.num_tokens - start)
+            committed_ids = req.token_slice(start, start + known) + (toks or [])[: n_commit - known]
             kv.commit(req.request_id, n_commit, token_ids=committed_ids)
             req.num_computed += n_commit
             if self.proposer is not None and self._is_decode(s):
