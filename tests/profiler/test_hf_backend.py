@@ -78,11 +78,11 @@ def test_refusals_name_the_problem(tiny_hf: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_smollm2_prompt_lookup(smollm2_hf_dir: Path) -> None:
     b = HFBackend(str(smollm2_hf_dir), dtype="float32", device="cpu")
-    spec = PointSpec(1, "ngram", 4, 1, 128)
-    point = b.measure(spec, steps=24, warmup=2)
+    spec = PointSpec(1, "ngram", 4, 1, 64)
+    point = b.measure(spec, steps=12, warmup=2)
     _check(point, spec)
-    base = b.measure(PointSpec(1, "none", 0, 1, 128), steps=24, warmup=2)
-    _check(base, PointSpec(1, "none", 0, 1, 128))
+    base = b.measure(PointSpec(1, "none", 0, 1, 64), steps=12, warmup=2)
+    _check(base, PointSpec(1, "none", 0, 1, 64))
     assert base.tokens_per_step == 1.0
     assert 1.0 <= point.tokens_per_step <= 5.0
     assert b.info["model_info"]["shape"]["layers"] == 30
