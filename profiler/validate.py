@@ -5,8 +5,10 @@ range but not on it) this runs end-to-end closed-loop load through ``engine.LLM`
 continuous batching, prefill included): ``c`` requests in flight, ``requests_per_seq`` waves of
 ``c`` equal-length requests (so a wave's decode is not disturbed by another wave's prefill), and compares
 
-- ITL: the per-request ``(last - first) / (n - 1)`` (planner.metrics_def.request_itl), mean over requests,
-  against the decode surface's step time averaged over the contexts a request passes through;
+- ITL: the per-request ``(last - first) / (n - 1)`` (planner.metrics_def.request_itl) over the steady
+  decode window of its wave (from the moment the wave's last prefill finished: before that, decode steps
+  share the batch with chunked prefill, which the decode surface does not model and TTFT covers), mean over
+  requests, against the decode surface's step time averaged over the contexts a request passes through;
 - throughput per GPU end to end (output tokens over the wall time of the run), against the prediction
   ``c * osl / (c * TTFT(isl) + (osl - 1) * step) / tp`` per wave, from the prefill and decode surfaces.
 
@@ -164,12 +166,23 @@ def measure(llm: Any, profile: Profile, t: Target, *, waves: int, seed: int = 0)
     llm.generate(prompts(t.concurrency), SamplingParams(max_tokens=4, ignore_eos=True))
     params = SamplingParams(max_tokens=t.osl, ignore_eos=True, temperature=0.0)
     done = []
+    itls: list[float] = []
     start = time.monotonic()
     for _ in range(waves):
-        done += llm.generate(prompts(t.concurrency), params)
+        wave = llm.generate(prompts(t.concurrency), params)
+        done += wave
+        # Steady decode only: from the moment the wave's last prefill finished, all c sequences decode
+        # together (what the decode surface models); earlier tokens share steps with prefill chunks.
+        t0 = max(c.token_times[0] for c in wave)
+        for c in wave:
+            tail = [x for x in c.token_times if x >= t0]
+            itl = md.request_itl(tail[0], tail[-1], len(tail)) if tail else None
+            if itl is not None:
+                itls.append(itl)
     end = max(c.token_times[-1] for c in done)
-    itls = [md.request_itl(c.token_times[0], c.token_times[-1], len(c.token_ids)) for c in done]
-    itl_ms = statistics.fmean(x * 1000.0 for x in itls if x is not None)
+    if not itls:
+        raise ValidateError(f"max_tokens: {t.osl} left no steady decode window at c={t.concurrency}")
+    itl_ms = statistics.fmean(x * 1000.0 for x in itls)
     tokens = sum(len(c.token_ids) for c in done)
     return itl_ms, md.throughput_per_gpu(tokens, end - start, t.tp), len(done)
 
