@@ -399,15 +399,21 @@ class Planner:
         )
 
     def breakeven(self, tp: int, method: str, k: int, evals: dict[ConfigKey, _Eval]) -> Breakeven:
-        """First concurrency at which (method, k) stops beating no speculation at ``tp``."""
+        """The concurrency from which (method, k) no longer beats no speculation at ``tp`` anywhere
+        up to the largest common measured concurrency (None: it still pays there). Measured curves
+        can cross more than once (noise, kernel shape changes); operators need the point past which
+        running without speculation is never worse, so the last crossing counts, not the first."""
         spec, base = evals.get((tp, method, k)), evals.get((tp, "none", 0))
         if spec is None or base is None:
             raise KeyError((tp, method, k))
         lo = int(max(spec.c[0], base.c[0]))
         hi = int(min(spec.c[-1], base.c[-1]))
         cs = np.arange(lo, hi + 1)
-        worse = np.flatnonzero(spec.itl[cs - int(spec.c[0])] >= base.itl[cs - int(base.c[0])])
-        crossing = int(cs[worse[0]]) if worse.size else None
+        better = np.flatnonzero(spec.itl[cs - int(spec.c[0])] < base.itl[cs - int(base.c[0])])
+        if better.size and better[-1] == cs.size - 1:
+            crossing = None
+        else:
+            crossing = int(cs[better[-1] + 1]) if better.size else lo
         return Breakeven(tp=tp, method=method, k=k, concurrency=crossing, checked_up_to=hi)
 
     def _breakeven_for(self, ch: Choice, evals: dict[ConfigKey, _Eval]) -> Breakeven | None:
