@@ -4,6 +4,10 @@ The batch is flattened ([T] tokens of many sequences), projections are fused (on
 gate/up GEMM) and built from the tensor-parallel layers of ``engine.model.parallel``, so the same
 module is every rank of a TP group. ``forward`` returns final-normed hidden states; the caller
 picks which rows need logits (last token of each sequence, or every verify position).
+
+The residual stream is passed vLLM-style: each layer takes and returns ``(hidden, residual)`` and the
+residual add is fused into the next RMSNorm; the elementwise work (add + norm, RoPE + K/V store,
+SiLU * mul) goes through ``engine.kernels``, which is Triton on CUDA and the exact eager math elsewhere.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import paged_attention, resolve_backend, write_kv
+from engine.attention import paged_attention, resolve_backend
 from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.errors import ConfigError
+from engine.kernels import fused_add_rmsnorm, rope_and_write_kv, silu_and_mul
+from engine.kernels.reference import rope_ref
 from engine.model.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -35,12 +40,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in float32 as HF does, then back to the activation dtype before the scale
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with a residual, (norm(x + residual), x + residual) in one fused op. Statistics in
+        float32 as HF does, then back to the activation dtype before the scale."""
+        normed, new_residual = self.add_norm(x, residual)
+        return normed if residual is None else (normed, new_residual)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); with no residual, (norm(x), x). Always a pair."""
+        return fused_add_rmsnorm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -58,13 +68,9 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hkv, D] -> rotated (same dtype)."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
-
-    def _rotate_half(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat((-x[..., self.half :], x[..., : self.half]), dim=-1)
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated (same dtype). The model itself uses the fused
+        ``rope_and_write_kv`` on ``cos``/``sin``; this eager form is for other callers."""
+        return rope_ref(positions, q, k, self.cos, self.sin)
 
 
 def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
@@ -121,9 +127,8 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        q = rope_and_write_kv(positions, q, k, v, rope.cos, rope.sin, k_cache, v_cache, meta.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale, backend=self.attn_backend)
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -141,8 +146,7 @@ class LlamaMLP(nn.Module):
         self.shard = self.gate_up_proj.shard_sizes[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.shard, self.shard], dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -157,14 +161,20 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
         positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         rope: RotaryEmbedding,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) -> (mlp output, residual before it); the residual stream is
+        ``hidden + residual`` (``residual`` None on the first layer: the stream is ``hidden``), and
+        each add is fused into the following norm."""
+        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, rope, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -222,10 +232,11 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """input_ids/positions [T] -> final-normed hidden [T, H]."""
-        x = self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids)
+        residual = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rope, cache, meta)
-        return self.norm(x)
+            hidden, residual = layer(positions, hidden, residual, self.rope, cache, meta)
+        return self.norm.add_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] in float32 (full vocabulary on every rank)."""
