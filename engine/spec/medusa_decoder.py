@@ -173,7 +173,10 @@ class MedusaDecoder:
             )
             moves.extend(accepted_kv_moves(table, self.runner.block_size, root_pos, path))
             out.append((path, [tokens[i] for i in path] + [nxt]))
-        move_kv_slots(self.runner.kv_caches, moves)
+        if hasattr(self.runner, "move_kv_slots"):  # a TPExecutor moves the slots on every rank's shard
+            self.runner.move_kv_slots(moves)
+        else:
+            move_kv_slots(self.runner.kv_caches, moves)
         return out
 
     def accept(

@@ -104,6 +104,49 @@ def test_tiny_tp2_with_prompt_lookup_speculation_equals_tp1():
     assert stats[0].num_drafts > 0  # verify steps really ran through the executor
 
 
+def test_tiny_tp2_medusa_deep_paths_move_kv_on_every_rank():
+    """Medusa heads run on rank 0; an accepted path off the first-child chain moves KV slots, and the
+    move must reach every rank's cache shard (else later steps read stale K/V on the other ranks and
+    the tokens diverge from tp = 1). An oracle proposer makes such paths certain."""
+    from engine.llm_engine import LLMEngine
+    from engine.spec import SpecConfig
+    from tests.support.medusa_oracle import oracle_propose
+
+    n = 24
+    ref = _generate(1, n=n, weights="random")
+    tree = [[0], [1], [2], [0, 0], [1, 0], [1, 1], [1, 1, 0], [1, 1, 1]]
+    engine = LLMEngine(
+        "tiny", tp=2, spec=SpecConfig(method="medusa", k=3, tree=tree), weights="random",
+        max_num_seqs=8, num_gpu_blocks=64, **CPU,
+    )  # fmt: skip
+    try:
+        truth = {f"q{i}": r for i, r in enumerate(ref)}
+        plen = {f"q{i}": len(p) for i, p in enumerate(PROMPTS)}
+        engine.proposer.propose = oracle_propose(engine.proposer, truth, plen, engine.config.vocab_size)
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(f"q{i}", p, SamplingParams(max_tokens=n, ignore_eos=True))
+        done: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = list(out.token_ids)
+        assert [done[f"q{i}"] for i in range(len(PROMPTS))] == ref
+        assert engine.spec_stats.acceptance_given_draft > 1.5  # deep paths were accepted
+    finally:
+        engine.runner.close()
+
+
+def test_tiny_tp2_with_a_draft_model_on_rank0_equals_tp1():
+    """A separate draft model is a tp=1 runner on rank 0 beside the tensor-parallel target."""
+    from engine.spec import SpecConfig
+
+    ref = _generate(1, n=20, weights="random")
+    spec = SpecConfig(method="draft", k=3, draft_model="tiny", draft_weights="random")
+    stats: list = []
+    assert _generate(2, n=20, weights="random", spec=spec, stats=stats) == ref
+    assert stats[0].num_drafts > 0
+
+
 @pytest.mark.slow
 def test_tiny_tp4_replicated_kv_heads_equals_tp1():
     ref = _generate(1, weights="random")
