@@ -60,9 +60,9 @@ class SpecStepRunner:
             from engine.spec import build_proposer
 
             self.proposer = proposer or build_proposer(config, target=runner)
-        if pad_drafts and hasattr(runner, "enable_verify_graphs") and getattr(runner, "tp_size", 1) == 1:
-            # padded drafts give every sequence the same width, the shape a CUDA graph replays (tp 1
-            # only: with tp > 1 every rank would have to capture the same graphs in step)
+        if pad_drafts and hasattr(runner, "enable_verify_graphs"):
+            # padded drafts give every sequence the same width, the shape a CUDA graph replays (a
+            # TPExecutor forwards this to every rank, so all ranks capture the same graphs in step)
             if self.medusa is not None:
                 runner.enable_verify_graphs(1 + self.medusa.tree.num_nodes, tree=True)
             else:

@@ -294,6 +294,16 @@ class TPExecutor:
             self._raise_failed(exc)
             raise  # unreachable: _raise_failed raises
 
+    def enable_verify_graphs(self, queries_per_seq: int, *, tree: bool = False) -> None:
+        """Let verify steps of this width replay CUDA graphs on every rank (each rank captures the
+        same graphs at the same step, so the collectives inside them stay in step)."""
+        runner = self._check()
+        try:
+            self._send("enable_verify_graphs", [], queries_per_seq, tree)
+        except BaseException as exc:
+            self._raise_failed(exc)
+        runner.enable_verify_graphs(queries_per_seq, tree=tree)
+
     def move_kv_slots(self, moves: Sequence[tuple[int, int]]) -> None:
         """Apply KV slot moves (Medusa's path compaction) on every rank's cache shard."""
         from engine.spec.medusa import move_kv_slots

@@ -129,6 +129,8 @@ def _serve(
 
             pairs = tensors[0]
             move_kv_slots(runner.kv_caches, [tuple(p) for p in pairs.tolist()])
+        elif op == "enable_verify_graphs":
+            runner.enable_verify_graphs(msg[2], tree=msg[3])
         elif op == "fill_kv_random":
             fill_kv_random(runner.kv_caches, msg[2], rank)
         else:
