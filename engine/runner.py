@@ -20,6 +20,7 @@ import torch.distributed as dist
 from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.errors import CapacityError, ConfigError
+from engine.model.comm import enable_symm_mem, release_symm_mem
 from engine.model.loader import build_model, resolve_device, resolve_dtype
 from engine.presets import ModelSource, resolve_model
 
@@ -90,6 +91,8 @@ class ModelRunner:
             attn_backend=attn_backend,
         )
         self.num_kv_heads = self.model.num_kv_heads_per_rank
+        # small all-reduces over symmetric memory where the GPUs allow it (collective: every rank)
+        self.symm_mem = tp_size > 1 and group is not None and enable_symm_mem(group, self.device)
         self.num_blocks = self._decide_num_blocks(num_blocks, gpu_memory_utilization)
         # one spare block past the pool (never handed to kvbm): padded CUDA-graph rows write there
         shape = (self.num_blocks + 1, block_size, self.num_kv_heads, self.config.head_dim)
@@ -283,6 +286,8 @@ class ModelRunner:
         self.decode_graphs = None
         self._verify_graphs.clear()
         self.kv_caches = []
+        if self.symm_mem:
+            release_symm_mem()
 
     def logits_indices(self, meta: AttentionMetadata) -> torch.Tensor:
         """Rows of the last query token of each sequence."""

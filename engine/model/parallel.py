@@ -4,7 +4,8 @@ one model definition serves a single GPU, a CPU test and every rank of a tensor-
 - ``ColumnParallelLinear`` splits output features: each rank computes its slice, no communication.
   Fused projections (QKV, gate/up) pass ``output_sizes`` so each part is split separately and a
   rank's shard stays ``[q_r, k_r, v_r]``.
-- ``RowParallelLinear`` splits input features and all-reduces the partial sums (one all-reduce).
+- ``RowParallelLinear`` splits input features and all-reduces the partial sums (one all-reduce,
+  through ``engine.model.comm``: symmetric memory for small messages on GPUs, else NCCL/gloo).
 - ``VocabParallelEmbedding`` splits the vocabulary; rows a rank does not own are zero, then summed.
 - ``ParallelLMHead`` splits the vocabulary and all-gathers the logits.
 Shards are cut from full Hugging Face tensors by ``load_shard`` so every loader stays unaware of tp.
@@ -18,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from engine.model.comm import all_reduce
 
 
 def _split(size: int, tp_size: int, what: str) -> int:
@@ -93,9 +96,7 @@ class RowParallelLinear(_TPModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        if self.tp_size > 1:
-            dist.all_reduce(y, group=self.group)
-        return y
+        return all_reduce(y, self.group) if self.tp_size > 1 else y
 
     def load_shard(self, full: torch.Tensor) -> None:
         begin = self.tp_rank * self.in_shard
@@ -126,8 +127,7 @@ class VocabParallelEmbedding(_TPModule):
         out = F.embedding(local.clamp(0, self.shard - 1), self.weight) * mine.unsqueeze(-1).to(
             self.weight.dtype
         )
-        dist.all_reduce(out, group=self.group)
-        return out
+        return all_reduce(out, self.group)
 
     def load_shard(self, full: torch.Tensor) -> None:
         rows = full[self.vocab_start : self.vocab_start + self.shard]
