@@ -176,7 +176,15 @@ def build_model(dtype: torch.dtype):  # noqa: ANN201
     from engine.model.llama import LlamaForCausalLM
     from engine.weights.random import iter_random_weights
 
-    model = LlamaForCausalLM(TINY, attn_backend="torch" if SMALL else "auto").to(DEVICE, dtype)
+    # built as engine.model.loader does: parameters in ``dtype``, the rope tables stay float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(DEVICE):
+            model = LlamaForCausalLM(TINY, attn_backend="torch" if SMALL else "auto")
+    finally:
+        torch.set_default_dtype(old)
+    assert model.rope.cos.dtype == torch.float32
     model.load_weights(iter_random_weights(TINY, seed=3, dtype=dtype, device=DEVICE))
     model.set_attn_backend("torch" if SMALL else "auto")
     return model.eval()
