@@ -1,15 +1,18 @@
-"""Tensor-parallel decode step time: the engine's StepProfiler at tp 1, 2, ... and the collective cost.
+"""Tensor-parallel decode step time, and what its collectives cost.
 
-For each tp it builds the model (random weights at the preset's shape; timing depends on shapes only),
-fills the KV cache, and times decode steps at each batch size with a constant context (CUDA events on
-GPU, rank 0's view of the step: broadcast of the batch + forward + logits). Then, separately, it times
-what the tensor-parallel layers communicate per step: 2 all-reduces per layer of [batch, hidden] in the
-model dtype, one for the vocabulary-parallel embedding, and one all-gather of the float32 logit shard,
-captured in a CUDA graph as the decode graphs do. (On 2x H200 this collective phase hung in its
-first run, before any per-phase print existed; it now prints each phase so a run shows where.)
+Each variant builds the model (random weights at the preset's shape: timing depends on shapes only),
+fills the KV cache and times decode steps at every batch size with a constant context (CUDA events on
+rank 0: the step's message to the workers + the graph-captured forward + logits; StepProfiler).
+A variant is ``TP[/ALLREDUCE][/unfused]``:
 
-    python benchmarks/tp_bench.py --model vicuna-7b --dtype float16 --tp 1,2 --batch 1,8,64
-    python benchmarks/tp_bench.py --model tiny --device cpu --tp 1,2 --batch 1,8   # CPU smoke run
+- ALLREDUCE: ``auto`` (symmetric-memory one-shot for small messages, NCCL above), ``nccl`` (always NCCL)
+  or ``none`` (no communication: wrong outputs, right shapes). ``none`` exists to time the step without
+  its collectives; "collectives ms/step" is a variant's median minus the ``none`` median at that tp,
+  batch and kernels, measured in the same run.
+- ``unfused``: the eager elementwise ops instead of engine.kernels' Triton kernels (SPECPLAN_FUSED_KERNELS=0).
+
+    python benchmarks/tp_bench.py --model vicuna-7b --dtype float16 --variants 1/unfused,1,2,2/nccl,2/none
+    python benchmarks/tp_bench.py --model tiny --device cpu --variants 1,2,2/none --batch 1,8   # CPU smoke
 """
 
 from __future__ import annotations
@@ -19,16 +22,16 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
-from datetime import timedelta
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.kernels import fused_enabled  # noqa: E402
 from engine.step_profiler import StepProfiler  # noqa: E402
 from engine.tp.env import apply_safe_env  # noqa: E402
 
@@ -37,144 +40,114 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def _collective_worker(rank: int, tp: int, port: int, cfg: dict, out_path: str) -> None:
-    """One rank of the collective micro-benchmark (spawned)."""
-    import torch.distributed as dist
+@dataclass(frozen=True)
+class Variant:
+    tp: int
+    allreduce: str = "auto"
+    fused: bool = True
 
-    apply_safe_env()
-    cuda = cfg["device"] == "cuda"
-    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
-    store = dist.TCPStore("127.0.0.1", port, tp, is_master=rank == 0, wait_for_workers=False)
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        store=store,
-        rank=rank,
-        world_size=tp,
-        timeout=timedelta(seconds=300),
-        device_id=dev if cuda else None,
-    )
-    dtype = getattr(torch, cfg["dtype"])
-    n_ar = 2 * cfg["layers"] + 1
-    shard = -(-cfg["vocab"] // tp)
-    results = {}
-    for b in cfg["batches"]:
-        xs = [torch.randn(b, cfg["hidden"], dtype=dtype, device=dev) for _ in range(n_ar)]
-        local = torch.randn(b, shard, dtype=torch.float32, device=dev)
-        gathered = torch.empty(tp * b, shard, dtype=torch.float32, device=dev)
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        parts = text.split("/")
+        try:
+            tp = int(parts[0])
+        except ValueError:
+            raise SystemExit(f"--variants: {text!r} must start with the tp size, e.g. 2/nccl") from None
+        allreduce = next((p for p in parts[1:] if p in ("auto", "nccl", "none")), "auto")
+        unknown = [p for p in parts[1:] if p not in ("auto", "nccl", "none", "unfused")]
+        if unknown or tp < 1:
+            raise SystemExit(f"--variants: cannot read {text!r} (TP[/auto|nccl|none][/unfused])")
+        return cls(tp, allreduce if tp > 1 else "-", "unfused" not in parts[1:])
 
-        def step(xs=xs, local=local, gathered=gathered) -> None:
-            for x in xs:
-                dist.all_reduce(x)
-            dist.all_gather_into_tensor(gathered, local)
+    def __str__(self) -> str:
+        ar = f" all-reduce={self.allreduce}" if self.tp > 1 else ""
+        return f"tp={self.tp}{ar} {self.kernels}"
 
-        for _ in range(3):
-            step()
-        if rank == 0:
-            print(f"  collectives: batch {b} eager warm-up done", flush=True)
-        if cuda:
-            torch.cuda.synchronize()
-            side = torch.cuda.Stream()  # warm up on a side stream before capture, as torch requires
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            if rank == 0:
-                print(f"  collectives: batch {b} captured", flush=True)
-            run = graph.replay
-            for _ in range(3):
-                run()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(cfg["reps"]):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                run()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            times = []
-            for _ in range(cfg["reps"]):
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
-        results[b] = statistics.median(times)
-    if rank == 0:
-        Path(out_path).write_text(json.dumps({"n_allreduce": n_ar, "ms": results}))
-    dist.barrier()
-    dist.destroy_process_group()
+    @property
+    def kernels(self) -> str:
+        return "fused" if self.fused else "unfused"
 
 
-def collective_ms(tp: int, cfg: dict) -> dict:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "coll.json")
-        mp.spawn(_collective_worker, args=(tp, port, cfg, out), nprocs=tp, join=True)
-        data = json.loads(Path(out).read_text())
-    return {"n_allreduce": data["n_allreduce"], "ms": {int(k): v for k, v in data["ms"].items()}}
-
-
-def _measure(args, device: str, tp: int, graphs: bool, blocks: int, bs: int, rows: list, info: dict) -> bool:
-    """Time every batch size at one tp; False when the run failed (printed)."""
-    t0 = time.perf_counter()
-    try:
-        sp = StepProfiler(
-            args.model,
-            dtype=args.dtype,
-            device=device,
-            tp=tp,
-            num_blocks=blocks,
-            block_size=bs,
-            max_context=args.context + 16,
-            max_num_seqs=max(args.batch),
-            weights="random",
-            cuda_graphs=graphs,
-        )
-    except Exception:  # noqa: BLE001 - report and go on with the other tp sizes
-        print(f"tp={tp} graphs={graphs}: could not start:\n{traceback.format_exc()}", flush=True)
-        return False
-    info.update({"device": sp.device_name, **sp.model_info})
-    print(f"tp={tp}: ready in {time.perf_counter() - t0:.1f} s", flush=True)
-    mode = "graphs" if graphs and device == "cuda" else "eager"
-    try:
-        for b in args.batch:
-            t = sp.measure_decode(b, args.context, steps=args.steps, warmup=args.warmup)
-            ms = sorted(t.step_ms)
-            rows.append(
-                dict(
-                    tp=tp,
-                    batch=b,
-                    mode=mode,
-                    median=statistics.median(ms),
-                    p10=ms[len(ms) // 10],
-                    p90=ms[(len(ms) * 9) // 10],
-                )
+def _measure(args, device: str, v: Variant, blocks: int, bs: int, rows: list, info: dict) -> None:
+    """Time every batch size of one variant (graphs; eager only as a labelled fallback)."""
+    os.environ["SPECPLAN_TP_ALLREDUCE"] = v.allreduce if v.tp > 1 else "auto"  # workers inherit it
+    os.environ["SPECPLAN_FUSED_KERNELS"] = "1" if v.fused else "0"
+    fused_enabled.cache_clear()
+    for graphs in (True, False):
+        t0 = time.perf_counter()
+        try:
+            sp = StepProfiler(
+                args.model,
+                dtype=args.dtype,
+                device=device,
+                tp=v.tp,
+                num_blocks=blocks,
+                block_size=bs,
+                max_context=args.context + 16,
+                max_num_seqs=max(args.batch),
+                weights="random",
+                cuda_graphs=graphs,
             )
-            print(f"  tp={tp} batch={b} {mode}: {rows[-1]['median']:.3f} ms", flush=True)
-        return True
-    except Exception:  # noqa: BLE001
-        print(f"tp={tp} {mode}: measurement failed:\n{traceback.format_exc()}", flush=True)
-        return False
-    finally:
-        t1 = time.perf_counter()
-        sp.close()
-        print(f"tp={tp}: closed in {time.perf_counter() - t1:.1f} s", flush=True)
-        del sp
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - report and go on with the other variants
+            print(f"{v}: could not start:\n{traceback.format_exc()}", flush=True)
+            if device != "cuda":
+                return
+            continue
+        info.update({"device": sp.device_name, **sp.model_info})
+        symm = bool(getattr(sp.runner, "symm_mem", False))
+        print(f"{v}: ready in {time.perf_counter() - t0:.1f} s (symmetric memory: {symm})", flush=True)
+        mode = "graphs" if graphs and device == "cuda" else "eager"
+        try:
+            for b in args.batch:
+                t = sp.measure_decode(b, args.context, steps=args.steps, warmup=args.warmup)
+                ms = sorted(t.step_ms)
+                rows.append(
+                    dict(
+                        tp=v.tp,
+                        allreduce=v.allreduce if v.tp > 1 else "-",
+                        symm_mem=symm,
+                        kernels=v.kernels,
+                        batch=b,
+                        mode=mode,
+                        median=statistics.median(ms),
+                        p10=ms[len(ms) // 10],
+                        p90=ms[(len(ms) * 9) // 10],
+                    )
+                )
+                print(f"  {v} batch={b} {mode}: {rows[-1]['median']:.3f} ms", flush=True)
+            return
+        except Exception:  # noqa: BLE001
+            print(f"{v} {mode}: measurement failed:\n{traceback.format_exc()}", flush=True)
+            return
+        finally:
+            t1 = time.perf_counter()
+            sp.close()
+            print(f"{v}: closed in {time.perf_counter() - t1:.1f} s", flush=True)
+            del sp
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _table(rows: list[dict]) -> list[str]:
+    base = {(r["batch"], r["kernels"]): r["median"] for r in rows if r["tp"] == 1}
+    bare = {(r["tp"], r["batch"], r["kernels"]): r["median"] for r in rows if r["allreduce"] == "none"}
+    lines = [
+        "| tp | kernels | all-reduce | batch | step ms (median) | p10 | p90 | vs tp 1 "
+        "| collectives ms/step |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ref = base.get((r["batch"], r["kernels"]))
+        ratio = f"{r['median'] / ref:.2f}x" if ref and r["allreduce"] != "none" else "-"
+        none = bare.get((r["tp"], r["batch"], r["kernels"]))
+        timed = none is not None and r["allreduce"] not in ("none", "-")
+        coll = f"{r['median'] - none:.3f}" if timed else "-"
+        ar = r["allreduce"] + (" (symm-mem)" if r["allreduce"] == "auto" and r["symm_mem"] else "")
+        lines.append(
+            f"| {r['tp']} | {r['kernels']} | {ar} | {r['batch']} | {r['median']:.3f} | {r['p10']:.3f} "
+            f"| {r['p90']:.3f} | {ratio} | {coll} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -182,7 +155,11 @@ def main() -> None:
     ap.add_argument("--model", default="vicuna-7b")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    ap.add_argument("--tp", type=_ints, default=[1, 2])
+    ap.add_argument(
+        "--variants",
+        default="1/unfused,1,2,2/nccl,2/none,4,4/nccl,4/none",
+        help="comma-separated TP[/auto|nccl|none][/unfused]; tp sizes above the visible GPUs are skipped",
+    )
     ap.add_argument("--batch", type=_ints, default=[1, 8, 64])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
@@ -191,31 +168,19 @@ def main() -> None:
     args = ap.parse_args()
     apply_safe_env()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    variants = [Variant.parse(t) for t in args.variants.split(",") if t]
+    if device == "cuda":
+        gpus = torch.cuda.device_count()
+        skipped = [v for v in variants if v.tp > gpus]
+        variants = [v for v in variants if v.tp <= gpus]
+        if skipped:
+            print(f"skipped (only {gpus} GPUs): {', '.join(map(str, skipped))}", flush=True)
     bs = 16
     blocks = max(args.batch) * (-(-(args.context + 1) // bs) + 1) + 8
-    rows, collectives, info = [], {}, {}
-    for tp in args.tp:
-        for graphs in (True, False):  # eager only as a labelled fallback when graph capture fails
-            ok = _measure(args, device, tp, graphs, blocks, bs, rows, info)
-            if ok or device != "cuda":
-                break
-        if tp > 1:
-            sp_cfg = dict(
-                device=device,
-                dtype=args.dtype if device == "cuda" else "float32",
-                layers=info["shape"]["layers"],
-                hidden=info["shape"]["hidden"],
-                vocab=info["shape"]["vocab"],
-                batches=args.batch,
-                reps=50,
-            )
-            print(f"tp={tp}: timing the collectives alone", flush=True)
-            try:
-                collectives[tp] = collective_ms(tp, sp_cfg)
-            except Exception:  # noqa: BLE001
-                print(f"tp={tp}: collective benchmark failed:\n{traceback.format_exc()}", flush=True)
-
-    base = {r["batch"]: r["median"] for r in rows if r["tp"] == 1}
+    rows: list[dict] = []
+    info: dict = {}
+    for v in variants:
+        _measure(args, device, v, blocks, bs, rows, info)
     print()
     print(
         f"model {args.model} ({info.get('weights', 'random')} weights), dtype {args.dtype}, "
@@ -227,26 +192,9 @@ def main() -> None:
         f"nccl {'.'.join(map(str, torch.cuda.nccl.version())) if device == 'cuda' else '-'}"
     )
     print()
-    print(
-        "| tp | batch | mode | step ms (median) | p10 | p90 | vs tp 1 "
-        "| collectives ms/step | collectives share |"
-    )
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        ratio = f"{r['median'] / base[r['batch']]:.2f}x" if r["batch"] in base else "-"
-        coll = collectives.get(r["tp"])
-        cms = coll["ms"].get(r["batch"]) if coll else None
-        cms_s = f"{cms:.3f} ({coll['n_allreduce']} AR + 1 AG)" if cms is not None else "-"
-        share = f"{100 * cms / r['median']:.0f}%" if cms is not None else "-"
-        print(
-            f"| {r['tp']} | {r['batch']} | {r['mode']} | {r['median']:.3f} | {r['p10']:.3f} "
-            f"| {r['p90']:.3f} | {ratio} "
-            f"| {cms_s} | {share} |"
-        )
+    print("\n".join(_table(rows)))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"rows": rows, "collectives": collectives, "info": info}, indent=1)
-        )
+        Path(args.json).write_text(json.dumps({"rows": rows, "info": info}, indent=1))
 
 
 if __name__ == "__main__":

@@ -267,10 +267,10 @@ class TPExecutor:
 
     def _send(self, op: str, tensors: Sequence[torch.Tensor | None], *extra: Any) -> None:
         runner = self._check()
-        specs, buf = wire.pack(tensors, runner.device)
-        for conn in self._cmd:
+        specs = wire.specs_of(tensors)
+        for conn in self._cmd:  # the layout first: workers wake up while rank 0 packs the bytes
             conn.send((op, specs, *extra))
-        dist.broadcast(buf, src=0)
+        dist.broadcast(wire.pack(tensors, runner.device)[1], src=0)
 
     def execute(
         self,

@@ -23,18 +23,21 @@ def _padded(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def specs_of(tensors: Sequence[torch.Tensor | None]) -> list[TensorSpec]:
+    """The layout of ``tensors`` (known before any byte is packed, so it can be sent first)."""
+    return [None if t is None else (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors]
+
+
 def pack(
     tensors: Sequence[torch.Tensor | None], device: torch.device
 ) -> tuple[list[TensorSpec], torch.Tensor]:
     """(layout, bytes on ``device``) for a list of tensors, some possibly None."""
-    specs: list[TensorSpec] = []
+    specs = specs_of(tensors)
     parts: list[torch.Tensor] = []
     for t in tensors:
         if t is None:
-            specs.append(None)
             continue
         t = t.to(device).contiguous()
-        specs.append((str(t.dtype).removeprefix("torch."), tuple(t.shape)))
         raw = t.reshape(-1).view(torch.uint8)
         pad = _padded(raw.numel()) - raw.numel()
         parts.append(raw)
