@@ -15,6 +15,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     timeout "${TEST_LIMIT_S:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/engine/gpu 2>&1 | tail -15
 fi
+max_tp=$(echo "$TP" | tr ',' '\n' | sort -n | tail -1)
+timeout 120 python3 benchmarks/allreduce_bench.py --world "$max_tp" --tokens 1,8,64 2>&1 | grep -v Warning | tail -8
 variants="1/unfused,1"
 for t in ${TP//,/ }; do
     [ "$t" -gt 1 ] && variants="$variants,$t,$t/nccl,$t/none"

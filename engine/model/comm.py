@@ -1,20 +1,20 @@
 """The all-reduce of the tensor-parallel layers, with a low-latency path for small messages.
 
 A decode step at batch 1 all-reduces 65 tensors of a few KiB (vicuna-7b): each costs NCCL's fixed
-latency, not bandwidth. On CUDA, ``enable_symm_mem`` gives a group a symmetric-memory buffer, and
-messages up to ``SYMM_MEM_MAX_BYTES`` then go through PyTorch's one-shot all-reduce (every rank reads
-its peers' buffers over NVLink in one kernel; no NVLink multicast needed); larger ones, CPU (gloo) and
-groups without the buffer use ``dist.all_reduce``. Both are captured by CUDA graphs.
+latency (~12 us on 2x H200), not bandwidth. On CUDA, ``enable_symm_mem`` gives a group a symmetric-memory
+buffer, and messages up to ``SYMM_MEM_MAX_BYTES`` then go through the Triton one-shot all-reduce of
+``engine.model.allreduce_triton`` (every rank reads its peers' buffers over NVLink in one kernel; no
+NVLink multicast); larger ones, CPU (gloo) and groups without the buffer use ``dist.all_reduce``. Both
+are captured by CUDA graphs.
 
 ``SPECPLAN_TP_ALLREDUCE`` picks the path for every rank (spawned ranks inherit the environment):
-``auto`` (default: symmetric memory where it was set up), ``nccl`` (always ``dist.all_reduce``), or
+``auto`` (default: the one-shot kernel where it was set up), ``nccl`` (always ``dist.all_reduce``), or
 ``none`` - no communication at all, so results are WRONG; it exists only for benchmarks, which time a
 step with and without its collectives to learn what the collectives cost.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -23,7 +23,7 @@ import torch.distributed as dist
 MODES = ("auto", "nccl", "none")
 SYMM_MEM_MAX_BYTES = 1 << 20  # one-shot beats NCCL's ring/tree only while latency dominates
 
-_symm_buffers: dict[str, torch.Tensor] = {}  # group name -> this rank's symmetric buffer (bytes)
+_symm_handles: dict[str, tuple] = {}  # group name -> (this rank's buffer, its _SymmetricMemory)
 
 
 def allreduce_mode() -> str:
@@ -41,28 +41,29 @@ def enable_symm_mem(group: dist.ProcessGroup, device: torch.device) -> bool:
     if device.type != "cuda" or allreduce_mode() != "auto":
         return False
     name = group.group_name
-    if name in _symm_buffers:
+    if name in _symm_handles:
         return True
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
-        if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out"):
-            return False
-        with contextlib.suppress(Exception):  # older torch needs this; newer ones deprecate it
-            symm_mem.enable_symm_mem_for_group(name)
+        from engine.model import allreduce_triton  # noqa: F401 - needs Triton
+
         buf = symm_mem.empty(SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
-        symm_mem.rendezvous(buf, name)
+        handle = symm_mem.rendezvous(buf, name)
+        usable = handle.world_size == group.size() and group.size() * allreduce_triton.MAX_PROGRAMS * 4 <= (
+            handle.signal_pad_size
+        )
     except Exception:  # noqa: BLE001 - fall back to NCCL, which always works
-        return False
-    ok = torch.tensor([1], device=device)
+        usable = False
+    ok = torch.tensor([int(usable)], device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)  # use it only if every rank has it
     if int(ok.item()) == 1:
-        _symm_buffers[name] = buf
-    return name in _symm_buffers
+        _symm_handles[name] = (buf, handle)
+    return name in _symm_handles
 
 
 def release_symm_mem() -> None:
-    _symm_buffers.clear()
+    _symm_handles.clear()
 
 
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -71,12 +72,10 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor
     if mode == "none":
         return x
     nbytes = x.numel() * x.element_size()
-    buf = _symm_buffers.get(group.group_name) if group is not None and mode == "auto" else None
-    if buf is not None and nbytes <= SYMM_MEM_MAX_BYTES and x.is_contiguous():
-        staged = buf[:nbytes].view(x.dtype).view(x.shape)
-        staged.copy_(x)
-        out = torch.empty_like(x)
-        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", group.group_name, out)
-        return out
+    symm = _symm_handles.get(group.group_name) if group is not None and mode == "auto" else None
+    if symm is not None and nbytes <= SYMM_MEM_MAX_BYTES and x.is_contiguous():
+        from engine.model.allreduce_triton import one_shot_all_reduce
+
+        return one_shot_all_reduce(x, symm[1])
     dist.all_reduce(x, group=group)
     return x

@@ -18,7 +18,10 @@ PROMPTS = [[256, *([7, 8, 9, 10] * 4)], [256, 65, 66, 67, 65, 66, 67, 65], [256,
 
 def _generate(tp: int, spec: SpecConfig | None = None) -> tuple[list[list[int]], bool, int]:
     """(tokens, whether the symmetric-memory all-reduce was set up, number of verify steps)."""
-    llm = LLM("tiny", tp=tp, device="cuda", dtype="float32", weights="random", max_num_seqs=8, spec=spec)
+    llm = LLM(
+        "tiny", tp=tp, device="cuda", dtype="float32", weights="random", max_num_seqs=8, num_gpu_blocks=64,
+        spec=spec,
+    )  # fmt: skip
     try:
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
         symm = bool(getattr(llm.engine.runner, "symm_mem", False))
