@@ -11,6 +11,7 @@ Prints microseconds per all-reduce, median over replays, as seen by rank 0.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import sys
@@ -56,6 +57,7 @@ def _time_graph(fn, calls: int, reps: int) -> float:
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     apply_safe_env()
+    os.environ["SPECPLAN_TP_ALLREDUCE"] = "oneshot"
     dev = torch.device("cuda", rank)
     torch.cuda.set_device(dev)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=60))

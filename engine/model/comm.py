@@ -1,16 +1,22 @@
-"""The all-reduce of the tensor-parallel layers, with a low-latency path for small messages.
+"""The all-reduce of the tensor-parallel layers: NCCL (gloo on CPU), or a one-shot kernel for small
+messages.
 
 A decode step at batch 1 all-reduces 65 tensors of a few KiB (vicuna-7b): each costs NCCL's fixed
-latency (~12 us on 2x H200), not bandwidth. On CUDA, ``enable_symm_mem`` gives a group a symmetric-memory
-buffer, and messages up to ``SYMM_MEM_MAX_BYTES`` then go through the Triton one-shot all-reduce of
+latency, not bandwidth. ``SPECPLAN_TP_ALLREDUCE=oneshot`` gives the group a symmetric-memory buffer and
+sends messages up to ``SYMM_MEM_MAX_BYTES`` through the Triton one-shot all-reduce of
 ``engine.model.allreduce_triton`` (every rank reads its peers' buffers over NVLink in one kernel; no
-NVLink multicast); larger ones, CPU (gloo) and groups without the buffer use ``dist.all_reduce``. Both
-are captured by CUDA graphs.
+NVLink multicast). On 2x H200 it takes 8.5 us per call against NCCL's 13 us in isolation, but a whole
+vicuna-7b decode step gains only ~1% (benchmarks/RESULTS.md, tensor parallel), so NCCL stays the
+default. Both are captured by CUDA graphs.
 
-``SPECPLAN_TP_ALLREDUCE`` picks the path for every rank (spawned ranks inherit the environment):
-``auto`` (default: the one-shot kernel where it was set up), ``nccl`` (always ``dist.all_reduce``), or
-``none`` - no communication at all, so results are WRONG; it exists only for benchmarks, which time a
-step with and without its collectives to learn what the collectives cost.
+``SPECPLAN_TP_ALLREDUCE`` is read by every rank (spawned ranks inherit the environment): ``nccl``
+(default), ``oneshot``, or ``none`` - no communication at all, so results are WRONG; it exists only
+for benchmarks, which time a step with and without its collectives to learn what they cost.
+
+Only the first process group of a process gets symmetric memory: torch keys its symmetric-memory
+state by group name, which a later group reuses after ``destroy_process_group``, and a rendezvous
+then waits on the old group's store (a profiler sweep that rebuilds the executor stalled 60-120 s per
+rebuild that way). Later groups use NCCL.
 """
 
 from __future__ import annotations
@@ -20,14 +26,15 @@ import os
 import torch
 import torch.distributed as dist
 
-MODES = ("auto", "nccl", "none")
+MODES = ("nccl", "oneshot", "none")
 SYMM_MEM_MAX_BYTES = 1 << 20  # one-shot beats NCCL's ring/tree only while latency dominates
 
+_symm_mem_tried = False  # set by the first enable_symm_mem of this process
 _symm_handles: dict[str, tuple] = {}  # group name -> (this rank's buffer, its _SymmetricMemory)
 
 
 def allreduce_mode() -> str:
-    mode = os.environ.get("SPECPLAN_TP_ALLREDUCE", "auto")
+    mode = os.environ.get("SPECPLAN_TP_ALLREDUCE", "nccl")
     if mode not in MODES:
         raise ValueError(f"SPECPLAN_TP_ALLREDUCE must be one of {MODES}, got {mode!r}")
     return mode
@@ -38,11 +45,15 @@ def enable_symm_mem(group: dist.ProcessGroup, device: torch.device) -> bool:
 
     Returns False, and the group keeps using NCCL, where symmetric memory is unavailable (CPU, an
     old torch, GPUs without peer access); any failure here is a fallback, never an error."""
-    if device.type != "cuda" or allreduce_mode() != "auto":
+    global _symm_mem_tried
+    if device.type != "cuda" or allreduce_mode() != "oneshot":
         return False
     name = group.group_name
     if name in _symm_handles:
         return True
+    if _symm_mem_tried:  # see the module docstring: a second group would stall in rendezvous
+        return False
+    _symm_mem_tried = True
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -72,7 +83,7 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor
     if mode == "none":
         return x
     nbytes = x.numel() * x.element_size()
-    symm = _symm_handles.get(group.group_name) if group is not None and mode == "auto" else None
+    symm = _symm_handles.get(group.group_name) if group is not None and mode == "oneshot" else None
     if symm is not None and nbytes <= SYMM_MEM_MAX_BYTES and x.is_contiguous():
         from engine.model.allreduce_triton import one_shot_all_reduce
 

@@ -9,6 +9,7 @@ pipe, and leaves when told, when rank 0's pipe closes, or when its parent proces
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import threading
@@ -58,6 +59,7 @@ def worker_main(
     parent_pid: int,
 ) -> None:
     apply_safe_env()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is this rank?
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it shuts us down
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="tp-parent-watch").start()
     try:
