@@ -128,13 +128,14 @@ class DraftModelProposer:
             cuda_graphs=target.decode_graphs is not None,
             seed=config.seed,
         )
-        if self_spec:
+        if self_spec and getattr(target, "tp_size", 1) == 1:
             src_state = target.model.state_dict()
             own = runner.model.state_dict()
             with torch.no_grad():
                 for key, tensor in own.items():
                     tensor.copy_(src_state[key])
-        elif truncated and base.weights != "random":
+        elif self_spec or (truncated and base.weights != "random"):
+            # a tensor-parallel target holds only its shard, so a self-drafter reads the checkpoint
             runner.model.load_weights(
                 _first_layers(
                     iter_weights(base, seed=config.seed, dtype=target.dtype, device=target.device), layers

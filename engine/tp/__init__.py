@@ -20,8 +20,8 @@ device: its step is launch-bound, so splitting it would add two all-reduces per 
 time, and rank 0 already holds the tokens it drafts from. Medusa heads read the target's final hidden
 state, which every rank holds whole after the last all-reduce, so they also run on rank 0; the one
 thing that touches every rank is the KV compaction after a tree walk, which ``TPExecutor.move_kv_slots``
-applies on all shards. Prompt lookup (ngram) needs no model. Self-speculation that copies the target's
-first layers into the drafter needs whole weights, which a sharded target does not hold.
+applies on all shards. Prompt lookup (ngram) needs no model. A self-drafter (the target's first layers)
+reads those layers from the checkpoint: rank 0's copy of the target is only a shard.
 
 Every process the engine starts runs with NVLink multicast off (``engine.tp.env``).
 """

@@ -136,12 +136,18 @@ def test_tiny_tp2_medusa_deep_paths_move_kv_on_every_rank():
         engine.runner.close()
 
 
-def test_tiny_tp2_with_a_draft_model_on_rank0_equals_tp1():
-    """A separate draft model is a tp=1 runner on rank 0 beside the tensor-parallel target."""
+@pytest.mark.parametrize(
+    "spec_kw",
+    [dict(draft_model="tiny", draft_weights="random"), dict(draft_layers=1)],
+    ids=["draft-model", "self-draft"],
+)
+def test_tiny_tp2_with_a_drafter_on_rank0_equals_tp1(spec_kw):
+    """A drafter is a tp=1 runner on rank 0 beside the tensor-parallel target; a self-drafter (the
+    target's first layers) reads them from the checkpoint, since rank 0 holds only its shard."""
     from engine.spec import SpecConfig
 
     ref = _generate(1, n=20, weights="random")
-    spec = SpecConfig(method="draft", k=3, draft_model="tiny", draft_weights="random")
+    spec = SpecConfig(method="draft", k=3, **spec_kw)
     stats: list = []
     assert _generate(2, n=20, weights="random", spec=spec, stats=stats) == ref
     assert stats[0].num_drafts > 0
