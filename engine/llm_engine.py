@@ -253,12 +253,9 @@ class LLMEngine:
         logits = hidden = None
         t0 = time.perf_counter()
         if rows:
-            idx = torch.tensor(rows, dtype=torch.long, device=self.runner.device)
-            hidden, logits = self.runner.execute(input_ids, positions, meta, idx)
+            hidden, logits = self.runner.execute(input_ids, positions, meta, self.runner.index_tensor(rows))
         else:
-            self.runner.execute(
-                input_ids, positions, meta, torch.empty(0, dtype=torch.long, device=self.runner.device)
-            )
+            self.runner.execute(input_ids, positions, meta, self.runner.index_tensor([]))
         new_tokens = self._sample_or_verify(kinds, logits)
         if self.spec is not None and self.spec.is_tree and hidden is not None:
             self._medusa_observe(kinds, rows, new_tokens, hidden)

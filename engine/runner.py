@@ -213,7 +213,7 @@ class ModelRunner:
         return slots, starts, seq_lens.astype(np.int32), tables, positions
 
     def _meta(self, host: tuple[np.ndarray, ...], dev: Sequence[torch.Tensor]) -> AttentionMetadata:
-        _, starts, seq_lens, _, _ = host
+        starts, seq_lens = host[1], host[2]
         return AttentionMetadata(
             slot_mapping=dev[0],
             query_start_loc=dev[1],
@@ -227,10 +227,20 @@ class ModelRunner:
         self, entries: Sequence[SeqBatchEntry]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input_ids [T], positions [T], metadata) for one flattened step."""
+        return self.upload_inputs(self.host_inputs(entries))
+
+    def host_inputs(self, entries: Sequence[SeqBatchEntry]) -> tuple[np.ndarray, ...]:
+        """A step's inputs as host arrays (slots, query_start_loc, seq_lens, block_tables, positions,
+        input_ids): what a tensor-parallel worker needs to rebuild the step on its own device."""
         host = self._build([(e.block_table, e.num_computed, len(e.token_ids)) for e in entries])
-        positions = host[4]
-        ids = np.fromiter((t for e in entries for t in e.token_ids), dtype=np.int64, count=len(positions))
-        dev = self._upload([*host[:4], positions, ids])
+        ids = np.fromiter((t for e in entries for t in e.token_ids), dtype=np.int64, count=len(host[4]))
+        return (*host, ids)
+
+    def upload_inputs(
+        self, host: tuple[np.ndarray, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """``host_inputs``' arrays -> (input_ids, positions, metadata) on this runner's device."""
+        dev = self._upload(host)
         return dev[5], dev[4], self._meta(host, dev)
 
     # -- execution --------------------------------------------------------------------------------
@@ -288,6 +298,10 @@ class ModelRunner:
         self.kv_caches = []
         if self.symm_mem:
             release_symm_mem()
+
+    def index_tensor(self, rows: Sequence[int]) -> torch.Tensor:
+        """Rows to take logits for, as a device tensor (a TPExecutor also keeps the host list)."""
+        return torch.tensor(list(rows), dtype=torch.long, device=self.device)
 
     def logits_indices(self, meta: AttentionMetadata) -> torch.Tensor:
         """Rows of the last query token of each sequence."""

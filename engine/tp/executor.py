@@ -97,6 +97,8 @@ class TPExecutor:
         self._cmd: list[Connection] = []
         self._status_conns: list[Connection] = []
         self.runner: ModelRunner | None = None
+        self._host_step: tuple[AttentionMetadata, torch.Tensor, tuple] | None = None
+        self._rows: tuple[torch.Tensor, str | list[int]] | None = None  # last rows tensor handed out
 
         devices = self._rank_devices(runner_kwargs.pop("device", None), tp)
         backend = "nccl" if devices[0].type == "cuda" else "gloo"
@@ -281,9 +283,26 @@ class TPExecutor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on every rank; rank 0's hidden states and full-vocabulary logits."""
         runner = self._check()
-        tensors, extras, names = wire.step_tensors(input_ids, positions, meta, logits_indices)
+        host = self._host_step
         try:
-            self._send("execute", tensors, names, extras)
+            rows = self._rows[1] if self._rows is not None and self._rows[0] is logits_indices else None
+            known_rows = logits_indices is None or rows is not None
+            if (
+                host is not None
+                and host[0] is meta
+                and host[1] is positions
+                and meta.tree_mask is None
+                and known_rows
+            ):
+                # the workers rebuild the step from the host arrays prepare() made and the rows from
+                # their host form (their logits shards are all-gathered, so the rows must match): no
+                # device-side packing, no broadcast, and rank 0's stream meets the workers only at the
+                # first all-reduce
+                for conn in self._cmd:
+                    conn.send(("execute_host", host[2], rows))
+            else:  # a step changed after prepare() (Medusa's tree), or built some other way
+                tensors, extras, names = wire.step_tensors(input_ids, positions, meta, logits_indices)
+                self._send("execute", tensors, names, extras)
             return runner.execute(input_ids, positions, meta, logits_indices)
         except TPWorkerError:
             raise
@@ -328,13 +347,24 @@ class TPExecutor:
         fill_kv_random(runner.kv_caches, seed, 0)
 
     def prepare(self, entries: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        return self._check().prepare(entries)
+        runner = self._check()
+        host = runner.host_inputs(entries)
+        input_ids, positions, meta = runner.upload_inputs(host)
+        self._host_step = (meta, positions, host)  # execute() sends these arrays if meta is unchanged
+        return input_ids, positions, meta
 
     def build_metadata(self, seqs: Sequence[tuple[Sequence[int], int, int]]) -> AttentionMetadata:
         return self._check().build_metadata(seqs)
 
     def logits_indices(self, meta: AttentionMetadata) -> torch.Tensor:
-        return self._check().logits_indices(meta)
+        rows = self._check().logits_indices(meta)
+        self._rows = (rows, "last")
+        return rows
+
+    def index_tensor(self, rows: Sequence[int]) -> torch.Tensor:
+        out = self._check().index_tensor(rows)
+        self._rows = (out, list(rows))
+        return out
 
     def __getattr__(self, name: str) -> Any:
         # plain attributes of rank 0's runner: num_blocks, block_size, config, device, dtype,

@@ -22,6 +22,7 @@ from typing import Any
 from engine.tp.env import apply_safe_env
 
 PARENT_POLL_S = 0.5
+SPIN_S = 0.05  # busy-poll window after each command on GPUs (see _next_command)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -31,6 +32,18 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(PARENT_POLL_S)
         if os.getppid() != parent_pid:
             os._exit(70)
+
+
+def _next_command(conn: Connection, spin_s: float) -> Any:
+    """The next message from rank 0. On GPUs the worker polls for ``spin_s`` before it blocks: a
+    blocked read costs a scheduler wake-up (tens of microseconds) on every step, which rank 0's graph
+    then waits for at its first all-reduce; spinning burns one core only while steps keep coming."""
+    if spin_s > 0:
+        deadline = time.perf_counter() + spin_s
+        while time.perf_counter() < deadline:
+            if conn.poll():
+                break
+    return conn.recv()
 
 
 def fill_kv_random(kv_caches: list, seed: int, rank: int) -> None:
@@ -109,14 +122,27 @@ def _serve(
         source, device=dev, tp_rank=rank, tp_size=tp, group=dist.group.WORLD, **runner_kwargs
     )
     status_conn.send(("ready", rank, runner.num_blocks))
+    spin_s = SPIN_S if dev.type == "cuda" else 0.0
     while True:
         try:
-            msg = cmd_conn.recv()
+            msg = _next_command(cmd_conn, spin_s)
         except EOFError:  # rank 0 closed its end: the executor is gone
             break
         op = msg[0]
         if op == "stop":
             break
+        if op == "execute_host":
+            input_ids, positions, meta = runner.upload_inputs(msg[1])
+            spec = msg[2]  # None (every row), "last" (each sequence's last token) or a list of rows
+            rows = (
+                None
+                if spec is None
+                else runner.logits_indices(meta)
+                if spec == "last"
+                else runner.index_tensor(spec)
+            )
+            runner.execute(input_ids, positions, meta, rows)
+            continue
         specs = msg[1]
         buf = torch.empty(wire.buffer_size(specs), dtype=torch.uint8, device=dev)
         dist.broadcast(buf, src=0)
