@@ -7,6 +7,12 @@ Interface (what engine/runner.py calls)::
 
     graphs = DecodeGraphs(runner, max_batch=runner.max_num_seqs)   # nothing captured yet
     hidden = graphs.run(input_ids, positions, meta)   # [T, H] hidden, or None = "run eager"
+    out = graphs.run_with_logits(input_ids, positions, meta)   # (hidden, float32 logits of every row)
+
+``run_with_logits`` also replays the LM head (and, with tensor parallelism, its vocabulary all-gather)
+inside the graph, for steps that want logits for every row (a decode step's last tokens are all of its
+rows; a verify step wants them all): the eager LM head is ~6 more launches per step, and the GPU idles
+while the host issues them. Each graph size is captured once with the head and once without, on demand.
 
 ``run`` returns None when the step does not fit (wrong shape, batch above ``max_batch``, a context
 longer than the captured block-table width); the runner then runs the model eagerly. The first
@@ -24,7 +30,7 @@ write their K/V to that slot and attend to it alone.
 The captured metadata uses ``max_seq_len = runner.max_model_len``: the attention kernel fixes its
 split-K count from it at capture time and reads each sequence's real length on the device, so one
 graph is valid for every context up to max_model_len. Graphs share one memory pool. The returned
-hidden tensor is a copy, so a caller may keep it across steps.
+hidden (and logits) tensors are copies, so a caller may keep them across steps.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class _Graph:
     positions: torch.Tensor
     meta: AttentionMetadata
     hidden: torch.Tensor
+    logits: torch.Tensor | None = None
 
 
 class DecodeGraphs:
@@ -90,7 +97,7 @@ class DecodeGraphs:
         self.max_graphs = max_graphs
         self.pad_slot: int | None = getattr(runner, "graph_pad_slot", None)
         self.buckets = bucket_sizes(max_batch) if self.pad_slot is not None else None
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[tuple[int, bool], _Graph] = {}  # (graph batch, with logits)
         self._pool = torch.cuda.graph_pool_handle()
 
     # -- shape logic --------------------------------------------------------------------------------
@@ -113,11 +120,8 @@ class DecodeGraphs:
             return False
         if meta.block_tables.shape[1] > self.runner.max_blocks_per_seq:
             return False
-        return (
-            batch in self._graphs
-            or self._graph_batch(batch) in self._graphs
-            or (len(self._graphs) < self.max_graphs)
-        )
+        gb = self._graph_batch(batch)
+        return any((gb, lg) in self._graphs for lg in (False, True)) or len(self._graphs) < self.max_graphs
 
     # -- capture ------------------------------------------------------------------------------------
     def _static(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -144,9 +148,10 @@ class DecodeGraphs:
         return ids, positions, meta
 
     @torch.inference_mode()
-    def capture(self, batch: int) -> None:
-        """Capture the graph for graph batch size ``batch`` (idempotent)."""
-        if batch in self._graphs:
+    def capture(self, batch: int, *, logits: bool = False) -> None:
+        """Capture the graph for graph batch size ``batch``, with the LM head when ``logits``
+        (idempotent)."""
+        if (batch, logits) in self._graphs:
             return
         if self.pad_slot is None:
             # Without a spare slot the capture-time writes would land in a real block: point them at
@@ -157,15 +162,21 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile Triton kernels and warm allocators outside the capture
-                self.runner.forward(ids, positions, meta)
+                self._forward(ids, positions, meta, logits)
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            hidden = self.runner.forward(ids, positions, meta)
+            hidden, head = self._forward(ids, positions, meta, logits)
         torch.cuda.synchronize(self.runner.device)
         if self.pad_slot is None:
             self._restore_block0(saved)
-        self._graphs[batch] = _Graph(graph, ids, positions, meta, hidden)
+        self._graphs[(batch, logits)] = _Graph(graph, ids, positions, meta, hidden, head)
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logits: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = self.runner.forward(ids, positions, meta)
+        return hidden, self.runner.model.compute_logits(hidden) if logits else None
 
     def _save_block0(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         caches = getattr(self.runner, "kv_caches", [])
@@ -177,18 +188,31 @@ class DecodeGraphs:
             v[0].copy_(sv)
 
     # -- replay -------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor | None:
         """Replay the graph for this step's batch; None when the step does not fit any graph."""
+        out = self._replay(input_ids, positions, meta, logits=False)
+        return None if out is None else out[0]
+
+    def run_with_logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(hidden, float32 logits) of every row from one replay; None when the step does not fit."""
+        out = self._replay(input_ids, positions, meta, logits=True)
+        return None if out is None else (out[0], out[1])
+
+    @torch.inference_mode()
+    def _replay(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, *, logits: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if not self.fits(meta):
             return None
         batch = meta.num_seqs
         gb = self._graph_batch(batch)
-        if gb not in self._graphs:
-            self.capture(gb)
-        g = self._graphs[gb]
+        if (gb, logits) not in self._graphs:
+            self.capture(gb, logits=logits)
+        g = self._graphs[(gb, logits)]
         tokens = batch * self.q
         width = meta.block_tables.shape[1]
         g.input_ids[:tokens].copy_(input_ids, non_blocking=True)
@@ -204,8 +228,9 @@ class DecodeGraphs:
             assert meta.tree_mask is not None
             g.meta.tree_mask[:batch].copy_(meta.tree_mask, non_blocking=True)
         g.graph.replay()
-        return g.hidden[:tokens].clone()
+        head = g.logits[:tokens].clone() if g.logits is not None else None
+        return g.hidden[:tokens].clone(), head
 
     @property
     def captured_sizes(self) -> list[int]:
-        return sorted(self._graphs)
+        return sorted({gb for gb, _ in self._graphs})

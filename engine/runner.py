@@ -111,6 +111,7 @@ class ModelRunner:
         )
         self._verify_widths: set[tuple[int, bool]] = set()  # (queries per sequence, tree) with graphs
         self._verify_graphs: dict[tuple[int, bool], Any] = {}
+        self._every_row: torch.Tensor | None = None  # a rows tensor handed out that selects every row
 
     # -- sizing -----------------------------------------------------------------------------------
     @property
@@ -263,6 +264,10 @@ class ModelRunner:
         hidden = None
         if self.decode_graphs is not None:
             graphs = self._graphs_for(meta)
+            if graphs is not None and self.selects_every_row(logits_indices, input_ids):
+                out = graphs.run_with_logits(input_ids, positions, meta)  # the LM head in the graph too
+                if out is not None:
+                    return out
             if graphs is not None:
                 hidden = graphs.run(input_ids, positions, meta)  # None: no graph for this shape
         if hidden is None:
@@ -299,10 +304,30 @@ class ModelRunner:
         if self.symm_mem:
             release_symm_mem()
 
+    def mark_every_row(self, rows: torch.Tensor | None) -> None:
+        """Declare ``rows`` to select every row (a tensor-parallel worker is told so by rank 0, whose
+        choice of graph, with or without the LM head, it must mirror: the collectives must match)."""
+        if rows is not None:
+            self._every_row = rows
+
     def index_tensor(self, rows: Sequence[int]) -> torch.Tensor:
         """Rows to take logits for, as a device tensor (a TPExecutor also keeps the host list)."""
-        return torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        rows = list(rows)
+        out = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if rows == list(range(len(rows))):
+            self._every_row = out
+        return out
 
     def logits_indices(self, meta: AttentionMetadata) -> torch.Tensor:
         """Rows of the last query token of each sequence."""
-        return (meta.query_start_loc[1:] - 1).long()
+        out = (meta.query_start_loc[1:] - 1).long()
+        if meta.num_tokens == meta.num_seqs:  # one query per sequence: its last rows are all rows
+            self._every_row = out
+        return out
+
+    def selects_every_row(self, logits_indices: torch.Tensor | None, input_ids: torch.Tensor) -> bool:
+        """Whether ``logits_indices`` is known (from the host, without a device sync) to be 0..T-1,
+        so the LM head can run inside the step's CUDA graph."""
+        if logits_indices is None:
+            return True
+        return logits_indices is self._every_row and logits_indices.numel() == input_ids.numel()

@@ -302,7 +302,8 @@ class TPExecutor:
                     conn.send(("execute_host", host[2], rows))
             else:  # a step changed after prepare() (Medusa's tree), or built some other way
                 tensors, extras, names = wire.step_tensors(input_ids, positions, meta, logits_indices)
-                self._send("execute", tensors, names, extras)
+                every_row = runner.selects_every_row(logits_indices, input_ids)
+                self._send("execute", tensors, names, extras, every_row)
             return runner.execute(input_ids, positions, meta, logits_indices)
         except TPWorkerError:
             raise

@@ -148,9 +148,11 @@ def _serve(
         dist.broadcast(buf, src=0)
         tensors = wire.unpack(specs, buf)
         if op == "execute":
-            names, extras = msg[2], msg[3]
+            names, extras, every_row = msg[2], msg[3], msg[4]
             input_ids, positions, logits_indices = tensors[:3]
             meta = AttentionMetadata(**dict(zip(names, tensors[3:], strict=True)), **extras)
+            if every_row:  # rank 0 runs the LM head inside its graph: so must we
+                runner.mark_every_row(logits_indices)
             runner.execute(input_ids, positions, meta, logits_indices)
         elif op == "move_kv_slots":
             from engine.spec.medusa import move_kv_slots

@@ -57,3 +57,26 @@ def test_replay_matches_eager(pad):
             torch.testing.assert_close(k[:spare], ke[:spare], rtol=2e-2, atol=2e-2)
             torch.testing.assert_close(v[:spare], ve[:spare], rtol=2e-2, atol=2e-2)
     assert graphs.captured_sizes == ([4, 8] if pad else [3, 5])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lm_head_inside_the_graph_matches_eager():
+    """When the rows asked for are every row (a decode step's last tokens), execute() replays the
+    graph that includes the LM head; other row choices replay the graph without it."""
+    from engine.runner import ModelRunner
+
+    runner = ModelRunner("tiny", dtype="float32", device="cuda", num_blocks=64, weights="random")
+    gen = torch.Generator().manual_seed(1)
+    for k, v in runner.kv_caches:
+        k.copy_(torch.randn(k.shape, generator=gen))
+        v.copy_(torch.randn(v.shape, generator=gen))
+    seqs = [(list(range(b * 7, b * 7 + 7)), 30 + b, 1) for b in range(3)]
+    meta = runner.build_metadata(seqs)
+    ids = torch.randint(0, runner.config.vocab_size, (3,), generator=gen).cuda()
+    pos = meta.seq_lens.long() - 1
+    eager = runner.model.compute_logits(runner.forward(ids, pos, meta))
+    _, in_graph = runner.execute(ids, pos, meta, runner.logits_indices(meta))
+    torch.testing.assert_close(in_graph, eager, rtol=1e-4, atol=1e-4)
+    _, one_row = runner.execute(ids, pos, meta, runner.index_tensor([2]))
+    torch.testing.assert_close(one_row, eager[2:], rtol=1e-4, atol=1e-4)
+    assert sorted(runner.decode_graphs._graphs) == [(4, False), (4, True)]
