@@ -17,6 +17,9 @@ Only the first process group of a process gets symmetric memory: torch keys its 
 state by group name, which a later group reuses after ``destroy_process_group``, and a rendezvous
 then waits on the old group's store (a profiler sweep that rebuilds the executor stalled 60-120 s per
 rebuild that way). Later groups use NCCL.
+
+With ``oneshot`` the model also fuses each row-parallel all-reduce with the residual add and RMSNorm
+that follow it (``all_reduce_add_rmsnorm``): one kernel instead of an all-reduce and a norm.
 """
 
 from __future__ import annotations
@@ -90,3 +93,28 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor
         return one_shot_all_reduce(x, symm[1])
     dist.all_reduce(x, group=group)
     return x
+
+
+def can_fuse_add_norm(group: dist.ProcessGroup | None, x: torch.Tensor) -> bool:
+    """Whether ``x`` [T, H] (a row-parallel partial sum) can be all-reduced by the kernel that also
+    adds the residual and applies RMSNorm (``SPECPLAN_TP_ALLREDUCE=oneshot``, small T)."""
+    if group is None or x.dim() != 2 or allreduce_mode() != "oneshot":
+        return False
+    symm = _symm_handles.get(group.group_name)
+    if symm is None:
+        return False
+    from engine.model.allreduce_triton import max_fused_rows
+
+    return 1 <= x.shape[0] <= max_fused_rows(symm[1], x.shape[1], x.element_size(), SYMM_MEM_MAX_BYTES)
+
+
+def all_reduce_add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(sum over ranks of x + residual) * weight, that sum + residual) in one kernel; callers
+    check ``can_fuse_add_norm`` first."""
+    from engine.model.allreduce_triton import one_shot_add_rmsnorm
+
+    return one_shot_add_rmsnorm(
+        x.contiguous(), residual.contiguous(), weight, eps, _symm_handles[group.group_name][1]
+    )

@@ -24,6 +24,7 @@ from engine.config import ModelConfig
 from engine.errors import ConfigError
 from engine.kernels import fused_add_rmsnorm, rope_and_write_kv, silu_and_mul
 from engine.kernels.reference import rope_ref
+from engine.model.comm import all_reduce_add_rmsnorm, can_fuse_add_norm
 from engine.model.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -120,6 +121,8 @@ class LlamaAttention(nn.Module):
         rope: RotaryEmbedding,
         kv_cache: KVCache,
         meta: AttentionMetadata,
+        *,
+        reduce: bool = True,
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
@@ -130,7 +133,7 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = kv_cache
         q = rope_and_write_kv(positions, q, k, v, rope.cos, rope.sin, k_cache, v_cache, meta.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale, backend=self.attn_backend)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return self.o_proj(out.reshape(t, self.q_size), reduce=reduce)
 
 
 class LlamaMLP(nn.Module):
@@ -145,8 +148,8 @@ class LlamaMLP(nn.Module):
         )
         self.shard = self.gate_up_proj.shard_sizes[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, *, reduce: bool = True) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)), reduce=reduce)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -167,14 +170,32 @@ class LlamaDecoderLayer(nn.Module):
         rope: RotaryEmbedding,
         kv_cache: KVCache,
         meta: AttentionMetadata,
+        *,
+        fuse_allreduce: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, residual) -> (mlp output, residual before it); the residual stream is
         ``hidden + residual`` (``residual`` None on the first layer: the stream is ``hidden``), and
-        each add is fused into the following norm."""
-        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, rope, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm.add_norm(hidden, residual)
-        return self.mlp(hidden), residual
+        each add is fused into the following norm. With ``fuse_allreduce`` (tensor parallel, see
+        engine.model.comm) the row-parallel outputs stay per-rank partial sums, and their all-reduce
+        happens inside the next add+norm: ``hidden`` comes in, and goes out, unreduced (except on
+        the first layer, whose input is the embedding)."""
+        norm_in = self._add_norm_reduced if fuse_allreduce and residual is not None else _add_norm
+        hidden, residual = norm_in(self.input_layernorm, hidden, residual)
+        hidden = self.self_attn(hidden, positions, rope, kv_cache, meta, reduce=not fuse_allreduce)
+        norm_post = self._add_norm_reduced if fuse_allreduce else _add_norm
+        hidden, residual = norm_post(self.post_attention_layernorm, hidden, residual)
+        return self.mlp(hidden, reduce=not fuse_allreduce), residual
+
+    def _add_norm_reduced(
+        self, norm: RMSNorm, partial: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return all_reduce_add_rmsnorm(partial, residual, norm.weight, norm.eps, self.mlp.down_proj.group)
+
+
+def _add_norm(
+    norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return norm.add_norm(hidden, residual)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -234,8 +255,11 @@ class LlamaForCausalLM(nn.Module):
         """input_ids/positions [T] -> final-normed hidden [T, H]."""
         hidden = self.embed_tokens(input_ids)
         residual = None
+        fuse = self.tp_size > 1 and can_fuse_add_norm(self.group, hidden)  # one choice per forward
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, self.rope, cache, meta)
+            hidden, residual = layer(positions, hidden, residual, self.rope, cache, meta, fuse_allreduce=fuse)
+        if fuse:
+            return all_reduce_add_rmsnorm(hidden, residual, self.norm.weight, self.norm.eps, self.group)[0]
         return self.norm.add_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

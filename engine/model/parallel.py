@@ -94,9 +94,11 @@ class RowParallelLinear(_TPModule):
         self.in_shard = _split(in_features, tp_size, "input size")
         self.weight = nn.Parameter(torch.empty(out_features, self.in_shard), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, reduce: bool = True) -> torch.Tensor:
+        """``reduce=False`` returns this rank's partial sum, for a caller that fuses the all-reduce
+        into what follows (engine.model.comm.all_reduce_add_rmsnorm)."""
         y = F.linear(x, self.weight)
-        return all_reduce(y, self.group) if self.tp_size > 1 else y
+        return all_reduce(y, self.group) if self.tp_size > 1 and reduce else y
 
     def load_shard(self, full: torch.Tensor) -> None:
         begin = self.tp_rank * self.in_shard
