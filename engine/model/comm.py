@@ -37,7 +37,7 @@ _symm_handles: dict[str, tuple] = {}  # group name -> (this rank's buffer, its _
 
 
 def allreduce_mode() -> str:
-    mode = os.environ.get("SPECPLAN_TP_ALLREDUCE", "nccl")
+    mode = os.environ.get("SPECPLAN_TP_ALLREDUCE", "oneshot")
     if mode not in MODES:
         raise ValueError(f"SPECPLAN_TP_ALLREDUCE must be one of {MODES}, got {mode!r}")
     return mode
