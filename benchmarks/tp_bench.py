@@ -5,13 +5,14 @@ fills the KV cache and times decode steps at every batch size with a constant co
 rank 0: the step's message to the workers + the graph-captured forward + logits; StepProfiler).
 A variant is ``TP[/ALLREDUCE][/unfused]``:
 
-- ALLREDUCE: ``oneshot`` (default: engine.model.comm's symmetric-memory kernel, fused with the
-  residual add and RMSNorm, for small messages; NCCL above), ``nccl`` (always NCCL) or ``none`` (no communication: wrong outputs, right shapes). ``none`` exists
-  to time the step without its collectives; "collectives ms/step" is a variant's median minus the
-  ``none`` median at that tp, batch and kernels, measured in the same run.
+- ALLREDUCE: ``nccl`` (default), ``oneshot`` (engine.model.comm's symmetric-memory kernel, fused
+  with the residual add and RMSNorm, for small messages; NCCL above) or ``none`` (no communication:
+  wrong outputs, right shapes). ``none`` exists to time the step without its collectives;
+  "collectives ms/step" is a variant's median minus the ``none`` median at that tp, batch and
+  kernels, measured in the same run.
 - ``unfused``: the eager elementwise ops instead of engine.kernels' Triton kernels (SPECPLAN_FUSED_KERNELS=0).
 
-    python benchmarks/tp_bench.py --model vicuna-7b --dtype float16 --variants 1/unfused,1,2,2/nccl,2/none
+    python benchmarks/tp_bench.py --model vicuna-7b --dtype float16 --variants 1/unfused,1,2,2/oneshot,2/none
     python benchmarks/tp_bench.py --model tiny --device cpu --variants 1,2,2/none --batch 1,8   # CPU smoke
 """
 
@@ -43,7 +44,7 @@ def _ints(text: str) -> list[int]:
 @dataclass(frozen=True)
 class Variant:
     tp: int
-    allreduce: str = "oneshot"
+    allreduce: str = "nccl"
     fused: bool = True
 
     @classmethod
@@ -53,7 +54,7 @@ class Variant:
             tp = int(parts[0])
         except ValueError:
             raise SystemExit(f"--variants: {text!r} must start with the tp size, e.g. 2/nccl") from None
-        allreduce = next((p for p in parts[1:] if p in ("nccl", "oneshot", "none")), "oneshot")
+        allreduce = next((p for p in parts[1:] if p in ("nccl", "oneshot", "none")), "nccl")
         unknown = [p for p in parts[1:] if p not in ("nccl", "oneshot", "none", "unfused")]
         if unknown or tp < 1:
             raise SystemExit(f"--variants: cannot read {text!r} (TP[/nccl|oneshot|none][/unfused])")
@@ -70,7 +71,7 @@ class Variant:
 
 def _measure(args, device: str, v: Variant, blocks: int, bs: int, rows: list, info: dict) -> None:
     """Time every batch size of one variant (graphs; eager only as a labelled fallback)."""
-    os.environ["SPECPLAN_TP_ALLREDUCE"] = v.allreduce if v.tp > 1 else "oneshot"  # workers inherit it
+    os.environ["SPECPLAN_TP_ALLREDUCE"] = v.allreduce if v.tp > 1 else "nccl"  # workers inherit it
     os.environ["SPECPLAN_FUSED_KERNELS"] = "1" if v.fused else "0"
     fused_enabled.cache_clear()
     for graphs in (True, False):
@@ -158,7 +159,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument(
         "--variants",
-        default="1/unfused,1,2,2/nccl,2/none,4,4/nccl,4/none",
+        default="1/unfused,1,2,2/oneshot,2/none,4,4/oneshot,4/none",
         help="comma-separated TP[/nccl|oneshot|none][/unfused]; tp sizes above the visible GPUs are skipped",
     )
     ap.add_argument("--batch", type=_ints, default=[1, 8, 64])

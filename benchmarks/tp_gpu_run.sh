@@ -19,7 +19,7 @@ max_tp=$(echo "$TP" | tr ',' '\n' | sort -n | tail -1)
 timeout 120 python3 benchmarks/allreduce_bench.py --world "$max_tp" --tokens 1,8,64 2>&1 | grep -v Warning | tail -8
 variants="1/unfused,1"
 for t in ${TP//,/ }; do
-    [ "$t" -gt 1 ] && variants="$variants,$t,$t/nccl,$t/none"
+    [ "$t" -gt 1 ] && variants="$variants,$t,$t/oneshot,$t/none"
 done
 timeout "${BENCH_LIMIT_S:-240}" python3 benchmarks/tp_bench.py --model vicuna-7b --dtype float16 \
     --variants "${VARIANTS:-$variants}" --batch 1,8,64 --context 1024 --steps 30 --warmup 5 \

@@ -3,11 +3,13 @@ messages.
 
 A decode step at batch 1 all-reduces 65 tensors of a few KiB (vicuna-7b): each costs NCCL's fixed
 latency, not bandwidth. ``SPECPLAN_TP_ALLREDUCE=oneshot`` gives the group a symmetric-memory buffer and
-sends messages up to ``SYMM_MEM_MAX_BYTES`` through the Triton one-shot all-reduce of
-``engine.model.allreduce_triton`` (every rank reads its peers' buffers over NVLink in one kernel; no
-NVLink multicast). On 2x H200 it takes 8.5 us per call against NCCL's 13 us in isolation, but a whole
-vicuna-7b decode step gains only ~1% (benchmarks/RESULTS.md, tensor parallel), so NCCL stays the
-default. Both are captured by CUDA graphs.
+sends messages up to ``SYMM_MEM_MAX_BYTES`` through the Triton one-shot kernels of
+``engine.model.allreduce_triton`` (every rank reads its peers' buffers over NVLink; no NVLink
+multicast), and fuses each row-parallel all-reduce with the residual add and RMSNorm that follow it
+(``all_reduce_add_rmsnorm``: one kernel instead of an all-reduce and a norm). On 2x H200 that made the
+vicuna-7b tp 2 decode step 5% faster than NCCL at batch 1 and 3% at batch 64 (benchmarks/RESULTS.md,
+tensor parallel). It is opt-in: its setup across executor rebuilds in one process hung a sweep once
+(fixed since, in ``enable_symm_mem``, but not re-run on GPUs). Both paths are captured by CUDA graphs.
 
 ``SPECPLAN_TP_ALLREDUCE`` is read by every rank (spawned ranks inherit the environment): ``nccl``
 (default), ``oneshot``, or ``none`` - no communication at all, so results are WRONG; it exists only
@@ -17,9 +19,6 @@ Only the first process group of a process gets symmetric memory: torch keys its 
 state by group name, which a later group reuses after ``destroy_process_group``, and a rendezvous
 then waits on the old group's store (a profiler sweep that rebuilds the executor stalled 60-120 s per
 rebuild that way). Later groups use NCCL.
-
-With ``oneshot`` the model also fuses each row-parallel all-reduce with the residual add and RMSNorm
-that follow it (``all_reduce_add_rmsnorm``): one kernel instead of an all-reduce and a norm.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ _symm_handles: dict[str, tuple] = {}  # group name -> (this rank's buffer, its _
 
 
 def allreduce_mode() -> str:
-    mode = os.environ.get("SPECPLAN_TP_ALLREDUCE", "oneshot")
+    mode = os.environ.get("SPECPLAN_TP_ALLREDUCE", "nccl")
     if mode not in MODES:
         raise ValueError(f"SPECPLAN_TP_ALLREDUCE must be one of {MODES}, got {mode!r}")
     return mode
@@ -47,14 +46,17 @@ def enable_symm_mem(group: dist.ProcessGroup, device: torch.device) -> bool:
     """Give ``group`` a symmetric buffer for small all-reduces (collective: every rank calls it).
 
     Returns False, and the group keeps using NCCL, where symmetric memory is unavailable (CPU, an
-    old torch, GPUs without peer access); any failure here is a fallback, never an error."""
+    old torch, GPUs without peer access, a process's second group); any failure here is a fallback,
+    never an error. Every rank runs the same collectives whatever its own state: rank 0 of a second
+    executor has set symmetric memory up before while its freshly spawned workers have not, and a
+    rank that skipped a collective the others run would hang the group."""
     global _symm_mem_tried
     if device.type != "cuda" or allreduce_mode() != "oneshot":
-        return False
+        return False  # the same on every rank: they share the environment and the device kind
     name = group.group_name
-    if name in _symm_handles:
-        return True
-    if _symm_mem_tried:  # see the module docstring: a second group would stall in rendezvous
+    fresh = not _symm_mem_tried and name not in _symm_handles
+    if not _all_ranks(fresh, group, device):
+        _symm_handles.pop(name, None)  # a stale entry from an earlier group of the same name
         return False
     _symm_mem_tried = True
     try:
@@ -69,11 +71,16 @@ def enable_symm_mem(group: dist.ProcessGroup, device: torch.device) -> bool:
         )
     except Exception:  # noqa: BLE001 - fall back to NCCL, which always works
         usable = False
-    ok = torch.tensor([int(usable)], device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)  # use it only if every rank has it
-    if int(ok.item()) == 1:
-        _symm_handles[name] = (buf, handle)
-    return name in _symm_handles
+    if not _all_ranks(usable, group, device):  # use it only if every rank has it
+        return False
+    _symm_handles[name] = (buf, handle)
+    return True
+
+
+def _all_ranks(flag: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
 
 
 def release_symm_mem() -> None:
