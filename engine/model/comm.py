@@ -24,6 +24,7 @@ rebuild that way). Later groups use NCCL.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -47,12 +48,22 @@ def enable_symm_mem(group: dist.ProcessGroup, device: torch.device) -> bool:
 
     Returns False, and the group keeps using NCCL, where symmetric memory is unavailable (CPU, an
     old torch, GPUs without peer access, a process's second group); any failure here is a fallback,
-    never an error. Every rank runs the same collectives whatever its own state: rank 0 of a second
-    executor has set symmetric memory up before while its freshly spawned workers have not, and a
-    rank that skipped a collective the others run would hang the group."""
-    global _symm_mem_tried
+    never an error."""
     if device.type != "cuda" or allreduce_mode() != "oneshot":
         return False  # the same on every rank: they share the environment and the device kind
+    return _negotiate(group, device, _rendezvous)
+
+
+def _negotiate(
+    group: dist.ProcessGroup,
+    device: torch.device,
+    setup: Callable[[dist.ProcessGroup, torch.device], tuple | None],
+) -> bool:
+    """Set up ``setup``'s symmetric buffer on every rank or on none. Every rank runs the same
+    collectives whatever its own state: rank 0 of a second executor has been through this before
+    while its freshly spawned workers have not, and a rank that skipped a collective the others run
+    hung a sweep (kept apart from ``enable_symm_mem`` so CPU tests can run it with gloo)."""
+    global _symm_mem_tried
     name = group.group_name
     fresh = not _symm_mem_tried and name not in _symm_handles
     if not _all_ranks(fresh, group, device):
@@ -60,21 +71,26 @@ def enable_symm_mem(group: dist.ProcessGroup, device: torch.device) -> bool:
         return False
     _symm_mem_tried = True
     try:
-        import torch.distributed._symmetric_memory as symm_mem
-
-        from engine.model import allreduce_triton  # noqa: F401 - needs Triton
-
-        buf = symm_mem.empty(SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
-        handle = symm_mem.rendezvous(buf, name)
-        usable = handle.world_size == group.size() and group.size() * allreduce_triton.MAX_PROGRAMS * 4 <= (
-            handle.signal_pad_size
-        )
+        entry = setup(group, device)
     except Exception:  # noqa: BLE001 - fall back to NCCL, which always works
-        usable = False
-    if not _all_ranks(usable, group, device):  # use it only if every rank has it
+        entry = None
+    if not _all_ranks(entry is not None, group, device):  # use it only if every rank has it
         return False
-    _symm_handles[name] = (buf, handle)
+    _symm_handles[name] = entry
     return True
+
+
+def _rendezvous(group: dist.ProcessGroup, device: torch.device) -> tuple | None:
+    """(buffer, handle) of a fresh symmetric buffer for ``group``, or None where it cannot serve."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from engine.model import allreduce_triton  # needs Triton
+
+    buf = symm_mem.empty(SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
+    handle = symm_mem.rendezvous(buf, group.group_name)
+    slots_needed = group.size() * allreduce_triton.MAX_PROGRAMS * 4
+    usable = handle.world_size == group.size() and slots_needed <= handle.signal_pad_size
+    return (buf, handle) if usable else None
 
 
 def _all_ranks(flag: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
