@@ -8,8 +8,10 @@ sends messages up to ``SYMM_MEM_MAX_BYTES`` through the Triton one-shot kernels 
 multicast), and fuses each row-parallel all-reduce with the residual add and RMSNorm that follow it
 (``all_reduce_add_rmsnorm``: one kernel instead of an all-reduce and a norm). On 2x H200 that made the
 vicuna-7b tp 2 decode step 5% faster than NCCL at batch 1 and 3% at batch 64 (benchmarks/RESULTS.md,
-tensor parallel). It is opt-in: its setup across executor rebuilds in one process hung a sweep once
-(fixed since, in ``enable_symm_mem``, but not re-run on GPUs). Both paths are captured by CUDA graphs.
+tensor parallel). It is opt-in, for two reasons: its barriers spin on the GPU, so a rank that dies in
+the middle of a step leaves its peers spinning where NCCL's watchdog would have ended the step with an
+error; and its setup across executor rebuilds in one process hung a sweep once (fixed since in
+``_negotiate`` and tested on CPU, not re-run on GPUs). Both paths are captured by CUDA graphs.
 
 ``SPECPLAN_TP_ALLREDUCE`` is read by every rank (spawned ranks inherit the environment): ``nccl``
 (default), ``oneshot``, or ``none`` - no communication at all, so results are WRONG; it exists only
