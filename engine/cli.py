@@ -8,6 +8,7 @@ import statistics
 import sys
 
 from engine.errors import CapacityError, EngineError
+from engine.spec.flags import add_spec_arguments, spec_config
 
 
 def _int_list(text: str) -> list[int]:
@@ -40,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
-    gen.add_argument("--spec", choices=("none", "ngram", "draft"), default="none")
-    gen.add_argument("--k", type=int, default=None, help="draft tokens per step with --spec")
+    add_spec_arguments(gen)
     gen.add_argument("--stats", action="store_true", help="print timing and speculation counters")
 
     bench = sub.add_parser("bench", help="decode step times via StepProfiler (random weights are labelled)")
@@ -72,13 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 
-    spec = None
-    if args.spec != "none":
-        from engine.spec import SpecConfig
-
-        if args.k is None:
-            raise SystemExit(f"engine generate: --spec {args.spec} needs --k")
-        spec = SpecConfig(method=args.spec, k=args.k)
+    spec = spec_config(args, "engine generate")
     llm = LLM(
         args.model,
         dtype=args.dtype,

@@ -14,8 +14,7 @@ import logging
 import uvicorn
 
 from engine.errors import EngineError
-
-SPEC_METHODS = ("none", "ngram", "draft", "medusa")
+from engine.spec.flags import add_spec_arguments, spec_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,43 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--spec", choices=SPEC_METHODS, default="none", help="speculative decoding method")
-    parser.add_argument(
-        "--k",
-        "--num-speculative-tokens",
-        dest="k",
-        type=int,
-        default=None,
-        help="draft tokens per step (Medusa: heads); required with --spec",
-    )
-    parser.add_argument("--prompt-lookup-min", type=int, default=1)
-    parser.add_argument("--prompt-lookup-max", type=int, default=4)
-    parser.add_argument(
-        "--draft-model", default=None, help="drafter for --spec draft (default: truncated target)"
-    )
-    parser.add_argument("--draft-layers", type=int, default=None)
-    parser.add_argument("--medusa-heads", default=None, help="Medusa heads file for --spec medusa")
+    add_spec_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-
-
-def spec_config(args: argparse.Namespace):  # -> engine.spec.SpecConfig | None
-    """The SpecConfig the flags describe (None without --spec); errors name the flag."""
-    if args.spec == "none":
-        if args.k is not None:
-            raise SystemExit("engine serve: --k needs --spec ngram|draft|medusa")
-        return None
-    if args.k is None:
-        raise SystemExit(f"engine serve: --spec {args.spec} needs --k (num_speculative_tokens)")
-    from engine.spec import SpecConfig
-
-    kwargs = {"method": args.spec, "k": args.k}
-    if args.spec == "ngram":
-        kwargs |= {"prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
-    elif args.spec == "draft":
-        kwargs |= {"draft_model": args.draft_model, "draft_layers": args.draft_layers}
-    elif args.spec == "medusa":
-        kwargs |= {"medusa_heads": args.medusa_heads}
-    return SpecConfig(**kwargs)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -94,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     from engine.serve.launcher import bind_socket
 
     try:
-        spec = spec_config(args)
+        spec = spec_config(args, "engine serve")
         engine = LLMEngine(
             args.model,
             dtype=args.dtype,

@@ -1,0 +1,54 @@
+"""Command-line flags for speculative decoding, shared by ``engine generate`` and ``engine serve``.
+
+Names follow ``vllm serve`` where one exists (``--num-speculative-tokens``); a bad combination exits
+with a message that names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.spec.config import SpecConfig
+
+SPEC_METHODS = ("none", "ngram", "draft", "medusa")
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", choices=SPEC_METHODS, default="none", help="speculative decoding method")
+    parser.add_argument(
+        "--k",
+        "--num-speculative-tokens",
+        dest="k",
+        type=int,
+        default=None,
+        help="draft tokens per step (Medusa: heads); required with --spec",
+    )
+    parser.add_argument("--prompt-lookup-min", type=int, default=1)
+    parser.add_argument("--prompt-lookup-max", type=int, default=4)
+    parser.add_argument(
+        "--draft-model", default=None, help="drafter for --spec draft (default: truncated target)"
+    )
+    parser.add_argument("--draft-layers", type=int, default=None)
+    parser.add_argument("--medusa-heads", default=None, help="Medusa heads file for --spec medusa")
+
+
+def spec_config(args: argparse.Namespace, command: str) -> SpecConfig | None:
+    """The SpecConfig the flags describe (None without --spec); ``command`` prefixes the errors."""
+    if args.spec == "none":
+        if args.k is not None:
+            raise SystemExit(f"{command}: --k needs --spec ngram|draft|medusa")
+        return None
+    if args.k is None:
+        raise SystemExit(f"{command}: --spec {args.spec} needs --k (num_speculative_tokens)")
+    from engine.spec import SpecConfig
+
+    kwargs = {"method": args.spec, "k": args.k}
+    if args.spec == "ngram":
+        kwargs |= {"prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
+    elif args.spec == "draft":
+        kwargs |= {"draft_model": args.draft_model, "draft_layers": args.draft_layers}
+    elif args.spec == "medusa":
+        kwargs |= {"medusa_heads": args.medusa_heads}
+    return SpecConfig(**kwargs)
