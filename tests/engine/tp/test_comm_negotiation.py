@@ -39,7 +39,10 @@ def _rank(rank: int, port: int, case: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _run(case: str, tmp_path: Path) -> list[dict]:
+def _run(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    # spawned children import _rank from this module: they get the parent's sys.path, which under a
+    # plain `pytest` need not hold the repository root
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[3]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -51,8 +54,10 @@ def _run(case: str, tmp_path: Path) -> list[dict]:
     ("case", "expected"),
     [("both-fresh", True), ("setup-fails-on-rank1", False), ("rank0-set-up-before", False)],
 )
-def test_negotiation_is_all_or_nothing_and_keeps_ranks_in_step(case: str, expected: bool, tmp_path: Path):
-    results = _run(case, tmp_path)
+def test_negotiation_is_all_or_nothing_and_keeps_ranks_in_step(
+    case: str, expected: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    results = _run(case, tmp_path, monkeypatch)
     assert [r["ok"] for r in results] == [expected, expected]
     assert [r["registered"] for r in results] == [expected, expected]  # no stale entry survives
     assert [r["after"] for r in results] == [2.0, 2.0]
