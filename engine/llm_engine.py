@@ -300,7 +300,7 @@ class LLMEngine:
         ks = []
         for r in cands:
             room = min(r.params.max_tokens - len(r.output_token_ids), self.max_model_len - r.num_tokens) - 1
-            ks.append(max(0, min(self.spec.k, room)))
+            ks.append(max(0, min(self.spec.k, room)) if r.params.speculate else 0)
         seqs = [
             SpecSequence(r.request_id, r.all_token_ids, r.params.temperature, r.params.top_p, r.generator)
             for r in cands

@@ -29,6 +29,7 @@ class SamplingParams:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    speculate: bool = True  # False: this request never gets drafts, even in a speculating engine
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -57,6 +58,8 @@ class SamplingParams:
         self.stop_token_ids = tuple(ids)
         if not isinstance(self.ignore_eos, bool):
             raise RequestError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if not isinstance(self.speculate, bool):
+            raise RequestError(f"speculate must be a bool, got {self.speculate!r}")
         return self
 
 

@@ -157,6 +157,7 @@ def test_more_requests_than_slots():
         ({"seed": "x"}, "seed"),
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"speculate": "no"}, "speculate"),
     ],
 )
 def test_bad_sampling_params_name_the_field(kwargs, field):
@@ -192,6 +193,33 @@ def test_ngram_speculation_is_lossless(alone):
     assert stats is not None and stats.num_drafts > 0
     # every output token after the first comes from a decode step: 1 + accepted per step
     assert stats.num_decode_steps + stats.num_accepted_tokens == sum(len(o) - 1 for o in alone)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculation_switched_off_per_request_in_a_mixed_batch(alone, method):
+    """Requests with ``speculate=False`` get no drafts while their batch-mates do; all stay lossless."""
+    from engine.spec import SpecConfig
+
+    spec = (
+        SpecConfig(method="ngram", k=3)
+        if method == "ngram"
+        else SpecConfig(method="draft", k=3, draft_layers=1)
+    )
+    engine = make_engine(spec=spec)
+    drafted: set[str] = set()
+    propose = engine.proposer.propose
+
+    def recording(seqs, k):  # noqa: ANN001, ANN202
+        out = propose(seqs, k)
+        drafted.update(s.seq_id for s, p in zip(seqs, out, strict=True) if p)
+        return out
+
+    engine.proposer.propose = recording
+    off = SamplingParams(max_tokens=24, ignore_eos=True, speculate=False)
+    params = [GREEDY if i % 2 == 0 else off for i in range(len(PROMPTS))]
+    out = run(engine, PROMPTS, params)
+    assert [out[f"r{i}"] for i in range(len(PROMPTS))] == alone
+    assert drafted and all(int(rid[1:]) % 2 == 0 for rid in drafted)  # only the speculating ones
 
 
 def test_ngram_speculation_with_preemption_is_lossless(alone):
