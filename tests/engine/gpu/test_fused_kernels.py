@@ -7,8 +7,6 @@ installed: then the same checks run (on smaller shapes) through Triton's CPU int
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -21,14 +19,9 @@ from engine.kernels.reference import (
     rope_ref,
     silu_and_mul_ref,
 )
+from tests.support.triton_device import triton_test_device
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-elif _INTERPRET:
-    DEVICE = torch.device("cpu")
-else:
-    pytest.skip("needs a CUDA device (or TRITON_INTERPRET=1 with Triton installed)", allow_module_level=True)
+DEVICE = triton_test_device()
 fused = pytest.importorskip("engine.kernels.fused_triton", reason="Triton is not installed")
 
 pytestmark = pytest.mark.gpu

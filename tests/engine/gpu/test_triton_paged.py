@@ -9,21 +9,14 @@ session 3 -- so today these checks run on GPUs: 123 passed on an H200 pair, benc
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.reference import paged_attention_ref
+from tests.support.triton_device import triton_test_device
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-elif _INTERPRET:
-    DEVICE = torch.device("cpu")
-else:
-    pytest.skip("needs a CUDA device (or TRITON_INTERPRET=1 with Triton installed)", allow_module_level=True)
+DEVICE = triton_test_device()
 triton_paged = pytest.importorskip("engine.attention.triton_paged", reason="Triton is not installed")
 
 pytestmark = pytest.mark.gpu
