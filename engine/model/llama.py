@@ -23,7 +23,6 @@ from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.errors import ConfigError
 from engine.kernels import fused_add_rmsnorm, rope_and_write_kv, silu_and_mul
-from engine.kernels.reference import rope_ref
 from engine.model.comm import all_reduce_add_rmsnorm, can_fuse_add_norm
 from engine.model.parallel import (
     ColumnParallelLinear,
@@ -41,21 +40,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x); with a residual, (norm(x + residual), x + residual) in one fused op. Statistics in
-        float32 as HF does, then back to the activation dtype before the scale."""
-        normed, new_residual = self.add_norm(x, residual)
-        return normed if residual is None else (normed, new_residual)
-
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual); with no residual, (norm(x), x). Always a pair."""
         return fused_add_rmsnorm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
-    """rotate_half RoPE with a precomputed cos/sin table indexed by position (no per-step trig)."""
+    """rotate_half RoPE tables (cos/sin per position, float32) read by engine.kernels.rope_and_write_kv,
+    so no step computes trigonometry."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
@@ -64,14 +56,6 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
-        self.half = head_dim // 2
-
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hkv, D] -> rotated (same dtype). The model itself uses the fused
-        ``rope_and_write_kv`` on ``cos``/``sin``; this eager form is for other callers."""
-        return rope_ref(positions, q, k, self.cos, self.sin)
 
 
 def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
@@ -146,7 +130,6 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(
             i, config.hidden_size, tp_rank=tp_rank, tp_size=tp_size, group=group
         )
-        self.shard = self.gate_up_proj.shard_sizes[0]
 
     def forward(self, x: torch.Tensor, *, reduce: bool = True) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)), reduce=reduce)

@@ -272,7 +272,7 @@ class TPExecutor:
         specs = wire.specs_of(tensors)
         for conn in self._cmd:  # the layout first: workers wake up while rank 0 packs the bytes
             conn.send((op, specs, *extra))
-        dist.broadcast(wire.pack(tensors, runner.device)[1], src=0)
+        dist.broadcast(wire.pack(tensors, runner.device), src=0)
 
     def execute(
         self,

@@ -28,11 +28,9 @@ def specs_of(tensors: Sequence[torch.Tensor | None]) -> list[TensorSpec]:
     return [None if t is None else (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors]
 
 
-def pack(
-    tensors: Sequence[torch.Tensor | None], device: torch.device
-) -> tuple[list[TensorSpec], torch.Tensor]:
-    """(layout, bytes on ``device``) for a list of tensors, some possibly None."""
-    specs = specs_of(tensors)
+def pack(tensors: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """The bytes of a list of tensors (some possibly None) on ``device``, laid out as ``specs_of``
+    describes them."""
     parts: list[torch.Tensor] = []
     for t in tensors:
         if t is None:
@@ -44,8 +42,8 @@ def pack(
         if pad:
             parts.append(torch.zeros(pad, dtype=torch.uint8, device=device))
     if not parts:
-        return specs, torch.zeros(ALIGN, dtype=torch.uint8, device=device)
-    return specs, torch.cat(parts)
+        return torch.zeros(ALIGN, dtype=torch.uint8, device=device)
+    return torch.cat(parts)
 
 
 def buffer_size(specs: Sequence[TensorSpec]) -> int:
