@@ -3,7 +3,9 @@
 Requests validate strictly: a field of the wrong type or out of range is rejected with its name and
 value, and a field the engine cannot honour (``n > 1``, ``logprobs``, penalties) is rejected rather
 than silently ignored, so a benchmark never measures something other than what it asked for.
-Unknown extra fields are ignored, as OpenAI clients send optional fields (``user``) freely.
+Unknown extra fields are ignored, as OpenAI clients send optional fields (``user``) freely. Text that
+is not valid Unicode (a lone surrogate such as ``"\\ud800"``, which JSON can spell) is rejected with the
+field that holds it, since it cannot be tokenized or sent back.
 """
 
 from __future__ import annotations
@@ -31,10 +33,51 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _lone_surrogate_path(value: Any, path: str) -> str | None:
+    """The path of the first string under ``value`` that UTF-8 cannot encode, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        items: Any = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((p for p in (_lone_surrogate_path(v, sub) for sub, v in items) if p), None)
+
+
+# Accepted only at their neutral value (the engine implements none of them): field -> neutral values.
+_NEUTRAL_ONLY: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "top_k": (None, -1, 0),
+    "min_tokens": (None, 0),
+}
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat; strict types so "abc" never becomes a number."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_invalid_text_and_unsupported(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        where = _lone_surrogate_path(data, "")
+        if where is not None:
+            raise ValueError(f"{where}: text contains a lone surrogate (not valid Unicode)")
+        for name, neutral in _NEUTRAL_ONLY.items():
+            value = data.get(name)
+            if not any(value == n and type(value) is type(n) for n in neutral):
+                raise ValueError(f"{name}: not supported by this engine, got {value!r}")
+        return data
 
     model: str | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
