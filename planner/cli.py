@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP API and dashboard over a directory of profiles")
     p.add_argument("--profiles", required=True, help="directory of profile JSON files")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--log-level", default="warning")
     p.add_argument("--metrics-url", help="run the correction daemon against this /metrics URL")

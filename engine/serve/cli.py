@@ -26,7 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="names clients may use (first: the name in responses and metrics); default: --model",
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 serves every interface, "
+        "with no authentication)",
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--weights", choices=("auto", "real", "random"), default="auto")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
