@@ -10,10 +10,12 @@ the same directory + ``os.replace``) so a sweep killed mid-write never leaves a 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -339,6 +341,55 @@ def save_profile(profile: Profile, path: str | os.PathLike[str]) -> None:
     atomic_write_text(path, dump_profile(profile))
 
 
+class ProfileMismatchError(ProfileError):
+    """Points measured for one model/engine/hardware would land in a profile made for another."""
+
+
+class ProfileWriteError(OSError):
+    """The profile could not be written (disk full, permissions); the file on disk is unchanged."""
+
+
+# What makes two sets of points comparable: the same model, engine, hardware, dtype and weights.
+_IDENTITY = {
+    "model": lambda m: m.model.name,
+    "model shape": lambda m: m.model.shape.model_dump(),
+    "backend": lambda m: m.backend,
+    "engine": lambda m: m.engine.name,
+    "hardware": lambda m: m.hardware.gpu_name,
+    "dtype": lambda m: m.dtype,
+    "weights": lambda m: m.weights,
+}
+
+
+def check_same_identity(existing: Metadata, new: Metadata, path: str | os.PathLike[str]) -> None:
+    """Refuse to mix points of different models/engines/hardware in one profile, naming both sides."""
+    diffs = [
+        f"{name} {get(existing)!r} (in the file) vs {get(new)!r} (this run)"
+        for name, get in _IDENTITY.items()
+        if get(existing) != get(new)
+    ]
+    if diffs:
+        raise ProfileMismatchError(
+            f"{path}: was measured for another setup: {'; '.join(diffs)}. "
+            "Write to a new --out file, or delete this one to start over."
+        )
+
+
+@contextlib.contextmanager
+def profile_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Exclusive advisory lock for a read-modify-write of ``path`` (held on a sidecar ``.lock`` file,
+    because the profile itself is replaced atomically and a lock on its old inode would protect nothing).
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.parent / f".{p.name}.lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def append_point(
     path: str | os.PathLike[str],
     item: DecodePoint | PrefillPoint | Acceptance,
@@ -346,15 +397,25 @@ def append_point(
 ) -> Profile:
     """Persist one finished point at once: load (or create from ``metadata``), upsert, write atomically.
 
-    Returns the profile as written. Creating a new file requires ``metadata``.
+    The read-modify-write holds ``profile_lock``, so concurrent writers (two sweeps resuming into one
+    profile) lose nothing. With ``metadata``, an existing file must describe the same setup
+    (``check_same_identity``). Returns the profile as written. Creating a new file requires ``metadata``.
     """
     p = Path(path)
-    if p.exists():
-        profile = load_profile(p)
-    elif metadata is not None:
-        profile = new_profile(metadata)
-    else:
-        raise ProfileError(f"{p}: does not exist and no metadata was given to create it")
-    profile.upsert(item)
-    save_profile(profile, p)
+    with profile_lock(p):
+        if p.exists():
+            profile = load_profile(p)
+            if metadata is not None:
+                check_same_identity(profile.metadata, metadata, p)
+        elif metadata is not None:
+            profile = new_profile(metadata)
+        else:
+            raise ProfileError(f"{p}: does not exist and no metadata was given to create it")
+        profile.upsert(item)
+        try:
+            save_profile(profile, p)
+        except OSError as exc:
+            raise ProfileWriteError(
+                exc.errno, f"cannot write {p}: {exc.strerror or exc}; the file on disk is unchanged"
+            ) from exc
     return profile

@@ -31,7 +31,8 @@ def _has_gpu() -> bool:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from profiler.sweep import command_line
+    from planner.profile import ProfileMismatchError, ProfileWriteError
+    from profiler.sweep import SweepError
 
     overrides = dict(
         model=a.model, backend=a.backend, tp=a.tp, method=a.method, k=a.k, concurrency=a.concurrency,
@@ -47,6 +48,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
             _check_model(cfg.model)
         elif cfg.backend == "hf" and not (Path(cfg.model) / "config.json").is_file():
             raise GridError(f"field 'model': backend 'hf' needs a Hugging Face directory, got {cfg.model!r}")
+        elif cfg.backend == "vllm":
+            _check_vllm(cfg.vllm_python)
     except GridError as exc:
         print(f"profiler sweep: {exc}", file=sys.stderr)
         return 2
@@ -57,20 +60,18 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     )
     print(f"sweep: {cfg.model} backend={cfg.backend} {len(points)} decode points -> {out}", file=sys.stderr)
     t0 = time.perf_counter()
-    command = command_line()
-    if cfg.backend in ("engine", "hf"):
-        from profiler.sweep import sweep_engine
-
-        profile = sweep_engine(cfg, out, resume=a.resume, command=command, progress=not a.no_progress)
-    elif cfg.backend == "http":
-        from profiler.remote import sweep_http
-
-        profile = sweep_http(cfg, out, resume=a.resume, command=command, progress=not a.no_progress)
-    elif cfg.backend == "vllm":
-        from profiler.remote import sweep_vllm
-
-        profile = sweep_vllm(cfg, out, resume=a.resume, command=command, progress=not a.no_progress)
-    else:
+    try:
+        profile = _run_sweep(cfg, out, a)
+    except ProfileMismatchError as exc:
+        print(f"profiler sweep: {exc}", file=sys.stderr)
+        return 2
+    except ProfileWriteError as exc:
+        print(f"profiler sweep: {exc.strerror}; rerun with --resume once there is room", file=sys.stderr)
+        return 1
+    except SweepError as exc:
+        print(f"profiler sweep: {exc}", file=sys.stderr)
+        return 1
+    if profile is None:
         print(f"profiler sweep: backend {cfg.backend!r} is not available for sweeps yet", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - t0
@@ -78,6 +79,14 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
     print(describe(profile))
     print(f"\nsweep finished in {elapsed:.1f} s; profile: {out}")
+    failed = [p for p in profile.decode if not p.ok]
+    if profile.decode and len(failed) == len(profile.decode):
+        first = min(failed, key=lambda p: p.key)
+        where = f"tp={first.tp} {first.method} k={first.k} c={first.concurrency} L={first.context_len}"
+        print(f"profiler sweep: every decode point failed; the first ({where}):", file=sys.stderr)
+        print(first.error, file=sys.stderr)
+        print("fix the cause and rerun without --resume (failed points count as finished)", file=sys.stderr)
+        return 1
     if not a.no_plots:
         from profiler.plots import plot_all
 
@@ -86,6 +95,45 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         print(f"plots: {', '.join(str(p) for p in paths)}")
     _print_plan(out, cfg.sla_itl_ms, cfg.acceptance)
     return 0
+
+
+def _run_sweep(cfg, out: Path, a: argparse.Namespace):
+    """The backend's sweep; None when the backend cannot sweep."""
+    from profiler.sweep import command_line
+
+    kwargs = dict(resume=a.resume, command=command_line(), progress=not a.no_progress)
+    if cfg.backend in ("engine", "hf"):
+        from profiler.sweep import sweep_engine
+
+        return sweep_engine(cfg, out, **kwargs)
+    if cfg.backend == "http":
+        from profiler.remote import sweep_http
+
+        return sweep_http(cfg, out, **kwargs)
+    if cfg.backend == "vllm":
+        from profiler.remote import sweep_vllm
+
+        return sweep_vllm(cfg, out, **kwargs)
+    return None
+
+
+def _check_vllm(python: str | None) -> None:
+    """Backend vllm: the interpreter that will run ``vllm serve`` must import vllm (said before any point)."""
+    import subprocess
+
+    from profiler.backends.vllm import default_python
+
+    exe = python or default_python()
+    try:
+        r = subprocess.run([exe, "-c", "import vllm"], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GridError(f"field 'vllm_python': cannot run {exe!r}: {exc}") from None
+    if r.returncode != 0:
+        cause = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise GridError(
+            f"backend 'vllm': {exe} cannot import vllm ({cause}); install vLLM there, or pass "
+            "--vllm-python / set SPECPLAN_VLLM_PYTHON to a python that has it"
+        )
 
 
 def _check_model(model: str) -> None:

@@ -26,7 +26,7 @@ from profiler.backends.vllm import VllmLaunch, default_python, running_server
 from profiler.grid import REPO, SweepConfig
 from profiler.prompts import prompts_of_length
 from profiler.shapes import model_shape
-from profiler.sweep import Progress, _error_point, finished_keys, run_points
+from profiler.sweep import Progress, _error_point, check_resume_target, finished_keys, run_points
 
 log = logging.getLogger("profiler")
 
@@ -95,6 +95,7 @@ def sweep_http(cfg: SweepConfig, out: Path, *, resume: bool, command: str, progr
         out.unlink()
     todo = [p for p in cfg.points() if p.key not in done]
     meta = remote_metadata(cfg, command, EngineInfo(name="http", version=url), "unknown")
+    check_resume_target(out, resume, meta)
     _ACCEPTANCE_SINK["out"] = out
     bar = Progress(len(todo), progress)
     try:
@@ -118,6 +119,7 @@ def sweep_vllm(cfg: SweepConfig, out: Path, *, resume: bool, command: str, progr
         out.unlink()
     todo = [p for p in cfg.points() if p.key not in done]
     meta = remote_metadata(cfg, command, EngineInfo(name="vllm", version=vllm_version(python)), "cpu")
+    check_resume_target(out, resume, meta)
     _ACCEPTANCE_SINK["out"] = out
     bar = Progress(len(todo), progress)
     logdir = out.parent / f"{out.stem}-vllm-logs"

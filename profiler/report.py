@@ -25,12 +25,21 @@ def decode_table(profile: Profile) -> str:
                 _f(p.tokens_per_step), _f(p.itl_ms.p50 if p.itl_ms else None),
                 _f(p.throughput_per_gpu, ".1f"), _f(p.kv_usage), _f(p.power_w, ".0f"),
             ])  # fmt: skip
-        else:
-            rows.append([p.tp, p.method, p.k, p.concurrency, p.context_len, "FAILED", (p.error or "")[:60]]
-                        + [""] * 6)  # fmt: skip
+        else:  # the reason goes below the table, so a long error does not widen every row
+            rows.append([p.tp, p.method, p.k, p.concurrency, p.context_len, "FAILED"] + [""] * 7)
     header = ["tp", "method", "k", "c", "ctx", "draft_ms", "verify_ms", "step_ms", "tok/step", "ITL p50",
               "tok/s/GPU", "kv", "W"]  # fmt: skip
-    return _table(rows, header)
+    return _table(rows, header) + _failures(profile)
+
+
+def _failures(profile: Profile, width: int = 160) -> str:
+    """One line per failed decode point: its coordinates and the first line of its error."""
+    lines = []
+    for p in sorted((p for p in profile.decode if not p.ok), key=lambda p: p.key):
+        first = (p.error or "").strip().splitlines()[0] if (p.error or "").strip() else "(no reason recorded)"
+        reason = first if len(first) <= width else first[: width - 3] + "..."
+        lines.append(f"  tp={p.tp} {p.method} k={p.k} c={p.concurrency} L={p.context_len}: {reason}")
+    return "\nfailed:\n" + "\n".join(lines) if lines else ""
 
 
 def prefill_table(profile: Profile) -> str:

@@ -29,17 +29,33 @@ from planner.profile import (
     ModelShape,
     Profile,
     append_point,
+    check_same_identity,
     load_profile,
     now_utc,
 )
 from profiler.grid import PointSpec, SweepConfig
 
 
-def _error_point(spec: PointSpec, exc: BaseException) -> DecodePoint:
+class SweepError(RuntimeError):
+    """The sweep as a whole failed (no configuration loaded); the message carries the first cause."""
+
+
+ERROR_CHARS = 4000  # a stored failure keeps its head and its tail (a server log's cause is at the end)
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message``, shortened in the middle when longer than ERROR_CHARS."""
     msg = f"{type(exc).__name__}: {exc}".strip()
+    if len(msg) <= ERROR_CHARS:
+        return msg
+    head, tail = ERROR_CHARS // 4, msg[-(ERROR_CHARS - ERROR_CHARS // 4) :]
+    return f"{msg[:head]}\n[... {len(msg) - ERROR_CHARS} characters left out ...]\n{tail}"
+
+
+def _error_point(spec: PointSpec, exc: BaseException) -> DecodePoint:
     return DecodePoint(
         tp=spec.tp, method=spec.method, k=spec.k, concurrency=spec.concurrency, context_len=spec.context_len,
-        error=msg[:500],
+        error=error_text(exc),
     )  # fmt: skip
 
 
@@ -48,6 +64,12 @@ def finished_keys(path: Path) -> set[tuple]:
     if not path.exists():
         return set()
     return {p.key for p in load_profile(path).decode}
+
+
+def check_resume_target(out: Path, resume: bool, metadata: Metadata) -> None:
+    """Refuse, before anything is measured, to resume into a profile of another model or setup."""
+    if resume and out.exists():
+        check_same_identity(load_profile(out).metadata, metadata, out)
 
 
 def engine_metadata(cfg: SweepConfig, info: dict[str, Any], command: str) -> Metadata:
@@ -151,13 +173,25 @@ def sweep_engine(
     else:
         backend = EngineBackend(cfg.model, dtype=cfg.dtype, draft_model=cfg.draft_model)
     meta: dict[str, Metadata] = {}
+    load_errors: list[str] = []
     bar = Progress(len(todo), progress)
     try:
+        # refuse a foreign profile before measuring anything; prefill may be all that is left to do
+        if resume and out.exists():
+            first = todo[0] if todo else next(iter(cfg.points()))
+            with contextlib.suppress(Exception):  # a configuration that cannot load fails its points below
+                backend.configure(first.tp, first.method, first.k)
+                meta["m"] = engine_metadata(cfg, backend.info, command)
+            if "m" in meta:
+                check_resume_target(out, resume, meta["m"])
+            else:
+                meta["m"] = load_profile(out).metadata
         for (tp, method, k), group in groupby(todo, key=lambda p: (p.tp, p.method, p.k)):
             group_points = list(group)
             try:
                 backend.configure(tp, method, k)
             except Exception as exc:  # noqa: BLE001 - a configuration that cannot load fails its points
+                load_errors.append(f"tp={tp} {method} k={k}: {error_text(exc)}")
                 for spec in group_points:
                     point = _error_point(spec, exc)
                     if out.exists() or meta:
@@ -180,7 +214,8 @@ def sweep_engine(
         bar.close()
         backend.close()
     if not out.exists():
-        raise RuntimeError("no point could be measured: the model did not load for any configuration")
+        first = load_errors[0] if load_errors else "nothing to measure"
+        raise SweepError(f"no point could be measured: no configuration loaded; the first failure: {first}")
     return load_profile(out)
 
 
@@ -200,7 +235,7 @@ def _prefill(cfg: SweepConfig, backend, out: Path, meta: dict, done_prefill: set
             try:
                 point = backend.measure_prefill(tp, n)
             except Exception as exc:  # noqa: BLE001
-                point = PrefillPoint(tp=tp, input_len=n, error=f"{type(exc).__name__}: {exc}"[:500])
+                point = PrefillPoint(tp=tp, input_len=n, error=error_text(exc))
             append_point(out, point, meta["m"])
 
 
