@@ -8,8 +8,10 @@ say what it could not observe instead of reading it as zero. Older vLLM names ar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 ITL = ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
@@ -102,6 +104,51 @@ def parse_metrics(text: str) -> MetricsSnapshot:
         if pos is not None and pos.isdigit():
             snap.accepted_per_pos[int(pos)] = snap.accepted_per_pos.get(int(pos), 0.0) + value
     return snap
+
+
+def has_series(snap: MetricsSnapshot) -> bool:
+    """False for a scrape with no vLLM series at all (an empty 200, another exporter): nothing to learn."""
+    return bool(snap.accepted_per_pos) or any(
+        getattr(snap, f.name) is not None for f in fields(snap) if f.name != "accepted_per_pos"
+    )
+
+
+def _bad_number(name: str, value: float | None) -> str | None:
+    if value is not None and (not math.isfinite(value) or value < 0):
+        return f"{name} is {value!r}"
+    return None
+
+
+def invalid_snapshot(snap: MetricsSnapshot) -> str | None:
+    """Why a scrape cannot be used (a NaN, infinite or negative counter or gauge), else None."""
+    values = [(f.name, getattr(snap, f.name)) for f in fields(snap) if f.name != "accepted_per_pos"]
+    values += [(f"accepted_per_pos[{p}]", v) for p, v in snap.accepted_per_pos.items()]
+    return next((why for why in (_bad_number(n, v) for n, v in values) if why), None)
+
+
+def invalid_window(w: Window) -> str | None:
+    """Why a window cannot be used (a non-finite or negative delta), else None."""
+    names = ("itl_sum", "itl_count", "ttft_count", "drafts", "accepted", "generation_tokens", "prompt_tokens",
+             "request_success", "running")  # fmt: skip
+    values = [(n, getattr(w, n)) for n in names]
+    values += [(f"accepted_per_pos[{p}]", v) for p, v in w.accepted_per_pos.items()]
+    return next((why for why in (_bad_number(n, v) for n, v in values) if why), None)
+
+
+async def fetch_bounded(client: httpx.AsyncClient, url: str, timeout_s: float, max_bytes: int) -> bytes:
+    """GET ``url``; raise ValueError once the body passes ``max_bytes`` (it is not read further)."""
+    async with client.stream("GET", url, timeout=timeout_s) as resp:
+        resp.raise_for_status()
+        declared = resp.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise ValueError(f"response of {int(declared)} bytes is over the {max_bytes}-byte limit")
+        chunks, size = [], 0
+        async for chunk in resp.aiter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ValueError(f"response is over the {max_bytes}-byte limit")
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def is_reset(prev: MetricsSnapshot, cur: MetricsSnapshot) -> bool:
