@@ -236,11 +236,22 @@ class Acceptance(_Strict):
 
 
 class Profile(_Strict):
-    schema_version: int = Field(ge=1, le=SCHEMA_VERSION)
+    schema_version: int = Field(ge=1, le=SCHEMA_VERSION, strict=True)
     metadata: Metadata
     decode: list[DecodePoint] = Field(default_factory=list)
     prefill: list[PrefillPoint] = Field(default_factory=list)
     acceptance: list[Acceptance] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_measurement_per_point(self) -> Profile:
+        """Two points at the same coordinates cannot be interpolated (upsert never writes them)."""
+        for name, items in (("decode", self.decode), ("prefill", self.prefill)):
+            first: dict[tuple, int] = {}
+            for i, item in enumerate(items):
+                j = first.setdefault(item.key, i)
+                if j != i:
+                    raise ValueError(f"{name}[{i}] repeats the coordinates {item.key} of {name}[{j}]")
+        return self
 
     def acceptance_for(self, method: str, k: int) -> Acceptance | None:
         for a in self.acceptance:
