@@ -113,6 +113,8 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """``api_key``: token required for writes (None: writes are open); ``read_only``: refuse writes."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes={max_body_bytes}: must be >= 1")
     store = ProfileStore(profiles_dir)
     metrics = ApiMetrics()
     responses = PlanResponseCache(lambda: store.revision)

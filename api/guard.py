@@ -55,8 +55,6 @@ class BodySizeLimit:
     """ASGI wrapper: answers 413 to a request whose body is (or declares to be) over ``max_bytes``."""
 
     def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-        if max_bytes < 1:
-            raise ValueError(f"max_body_bytes={max_bytes}: must be >= 1")
         self.app = app
         self.max_bytes = max_bytes
 
