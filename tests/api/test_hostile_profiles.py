@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from tests.support.hostile_profiles import CORPUS, SYN, as_json, hostile_documents
+from tests.support.hostile_profiles import CORPUS, SYN, as_json, follow_ups, hostile_documents
 
 DOCS = hostile_documents()
 # schema-valid but nothing to plan from, or out of bounds / malformed: refused at the door
@@ -32,21 +32,6 @@ FAST = {
     "context_len_1e30", "concurrency_2e7", "step_ms_infinity", "step_ms_max", "concurrency_max", "kv_zero",
 }  # fmt: skip
 CASES = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CORPUS)]
-
-
-def follow_ups(pid: str) -> list[str]:
-    """What a client asks about a profile: plans at the edges of every query bound, capacity, page."""
-    return [
-        f"/plan?itl_ms=30&profile={pid}",
-        f"/plan?itl_ms=30&request_rate=10&ttft_ms=500&profile={pid}",
-        f"/plan?itl_ms=0.001&request_rate=1e9&max_gpus=1&profile={pid}",
-        f"/plan?itl_ms=1e9&isl=10000000&osl=10000000&request_rate=1e9&profile={pid}",
-        f"/plan?itl_ms=30&acceptance=1&draft_coverage=1&isl=1&osl=1&profile={pid}",
-        f"/capacity?tp=1&context=0&profile={pid}",
-        f"/capacity?tp=1024&k=64&context=10000000&profile={pid}",
-        f"/profiles/{pid}",
-        f"/?itl_ms=30&isl=1000000&profile={pid}",
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -220,6 +220,21 @@ CORPUS: dict[str, Callable[[dict], object]] = {
 }
 
 
+def follow_ups(pid: str) -> list[str]:
+    """What a client asks about a profile: plans at the edges of every query bound, capacity, page."""
+    return [
+        f"/plan?itl_ms=30&profile={pid}",
+        f"/plan?itl_ms=30&request_rate=10&ttft_ms=500&profile={pid}",
+        f"/plan?itl_ms=0.001&request_rate=1e9&max_gpus=1&profile={pid}",
+        f"/plan?itl_ms=1e9&isl=10000000&osl=10000000&request_rate=1e9&profile={pid}",
+        f"/plan?itl_ms=30&acceptance=1&draft_coverage=1&isl=1&osl=1&profile={pid}",
+        f"/capacity?tp=1&context=0&profile={pid}",
+        f"/capacity?tp=1024&k=64&context=10000000&profile={pid}",
+        f"/profiles/{pid}",
+        f"/?itl_ms=30&isl=1000000&profile={pid}",
+    ]
+
+
 def hostile_documents() -> dict[str, object]:
     """Name -> document, each from a fresh copy of the synthetic profile."""
     base = json.loads(SYN.read_text())
