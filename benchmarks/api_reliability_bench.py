@@ -96,42 +96,58 @@ class Server:
             self.proc.kill()
 
 
+def _ask(c: httpx.Client, method: str, url: str, **kw) -> tuple[int | str, str]:
+    """Status and text; a dropped connection is an answer too ("no answer"), and a server failure."""
+    try:
+        r = c.request(method, url, **kw)
+    except httpx.TransportError as exc:
+        return "no answer", f"{type(exc).__name__}: {exc}"
+    return r.status_code, r.text
+
+
+def _server_error(code: int | str) -> bool:
+    return not isinstance(code, int) or code >= 500
+
+
 def run_hostile(work: Path) -> dict:
     docs = hostile_documents()
     profiles = work / "posted"
     profiles.mkdir()
     shutil.copy(SYN, profiles / "syn.json")
-    posts: Counter[int] = Counter()
-    reads: Counter[int] = Counter()
+    posts: Counter[int | str] = Counter()
+    reads: Counter[int | str] = Counter()
     failures: list[str] = []
     with Server(profiles) as srv, httpx.Client(base_url=srv.base, timeout=120) as c:
         for i, (name, doc) in enumerate(docs.items(), 1):
             print(f"[hostile {i}/{len(docs)}] POST {name}", flush=True)
-            r = c.post(
-                "/profiles", params={"id": name, "overwrite": "true"}, content=as_json(doc), headers=JSON
-            )
-            posts[r.status_code] += 1
-            if r.status_code >= 500:
-                failures.append(f"POST {name}: {r.status_code} {r.text[:200]}")
-            if r.status_code != 201:
+            params = {"id": name, "overwrite": "true"}
+            code, text = _ask(c, "POST", "/profiles", params=params, content=as_json(doc), headers=JSON)
+            posts[code] += 1
+            if _server_error(code):
+                failures.append(f"POST {name}: {code} {text[:200]}")
+            if code != 201:
                 continue
             for url in follow_ups(name):
-                got = c.get(url)
-                reads[got.status_code] += 1
-                if got.status_code >= 500:
-                    failures.append(f"GET {url}: {got.status_code} {got.text[:200]}")
+                code, text = _ask(c, "GET", url)
+                reads[code] += 1
+                if _server_error(code):
+                    failures.append(f"GET {url}: {code} {text[:200]}")
     on_disk = work / "on_disk"
     on_disk.mkdir()
     shutil.copy(SYN, on_disk / "syn.json")
     for name, doc in docs.items():
         (on_disk / f"{name}.json").write_text(as_json(doc))
     print("[hostile] restart over every document as a file", flush=True)
-    with Server(on_disk) as srv:
-        health = httpx.get(f"{srv.base}/healthz", timeout=30).json()
+    try:
+        with Server(on_disk) as srv:
+            health = httpx.get(f"{srv.base}/healthz", timeout=30).json()
+    except RuntimeError as exc:
+        failures.append(f"restart: {str(exc)[-300:]}")
+        health = {"profiles": 0, "profile_load_errors": {}}
     return {
         "documents": len(docs),
-        "post_status": dict(sorted(posts.items())),
-        "read_status": dict(sorted(reads.items())),
+        "post_status": {str(k): v for k, v in sorted(posts.items(), key=str)},
+        "read_status": {str(k): v for k, v in sorted(reads.items(), key=str)},
         "server_errors": len(failures),
         "failures": failures,
         "restart": {"served": health["profiles"], "skipped_with_reason": len(health["profile_load_errors"])},
