@@ -73,7 +73,8 @@ class ProfileStore:
         self.revision = 0
         self._cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held briefly: reads of the served set and the plan cache
+        self._write_lock = threading.Lock()  # one upload at a time, held across the disk write
         for path in sorted(self.dir.glob("*.json")):
             try:
                 self.planners[path.stem] = Planner(load_profile(path), path.stem)
@@ -87,7 +88,8 @@ class ProfileStore:
         return bool(_ID_RE.match(pid))
 
     def ids(self) -> list[str]:
-        return sorted(self.planners)
+        with self._lock:  # an upload may add an id meanwhile
+            return sorted(self.planners)
 
     def snapshot(self) -> tuple[dict[str, Planner], int]:
         """The profiles being served and their revision, read together."""
@@ -101,14 +103,15 @@ class ProfileStore:
         file and the served profile as they were.
         """
         planner = Planner(prof, pid)  # raises ValueError when it has nothing to plan from
-        with self._lock:
+        with self._write_lock:
             if pid in self.planners and not overwrite:
                 raise FileExistsError(pid)
             atomic_write_text(self.dir / f"{pid}.json", dump_profile(prof))
-            self.planners[pid] = planner
-            self.load_errors.pop(pid, None)
-            self.revision += 1
-            self._cache.clear()  # entries of older revisions are never read again
+            with self._lock:
+                self.planners[pid] = planner
+                self.load_errors.pop(pid, None)
+                self.revision += 1
+                self._cache.clear()  # entries of older revisions are never read again
         return planner
 
     def cached_plan(self, pid: str, revision: int, params: tuple, compute: Callable[[], bytes]) -> bytes:
