@@ -2,25 +2,30 @@
 
 Every user error is a 4xx naming the field: pydantic/FastAPI validation gives 422 with the query field in
 ``loc``; a plan input the planner rejects (``PlanInputError``) is turned into the same 422 shape; an
-unknown profile is 404. Plans are memoised per (profile, inputs) as ready JSON bytes, which is what keeps
-``GET /plan`` fast under load.
+unknown profile is 404. Plans are memoised per (profile revision, inputs) as ready JSON bytes, which is
+what keeps ``GET /plan`` fast under load; a new plan is computed on a worker thread, never on the event
+loop. Writes can be locked (``api.guard``); a full disk is a 507 that leaves every file as it was.
 """
 
 import asyncio
 import contextlib
+import errno
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, HTTPException, Query, Request
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from api.fastpath import PlanFastPath, PlanResponseCache
+from api.guard import DEFAULT_MAX_BODY_BYTES, BodySizeLimit, WriteGuard
 from api.metrics import ApiMetrics
 from api.store import ID_PATTERN, ProfileStore, ProfileSummary, summarize
 from kvbm import capacity
@@ -64,8 +69,36 @@ class CorrectionAnswer(BaseModel):
     profiles: dict[str, CorrectionState] = {}
 
 
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "the server has an API token and the request did not carry it"},
+    403: {"description": "the server is read-only"},
+    413: {"description": "request body over the server's limit"},
+    507: {"description": "no space left to write the profile (nothing was changed)"},
+}
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _json_safe(value: object) -> object:
+    """An echoed input JSON can carry: non-finite numbers as text, documents left out, text cut short."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + "..."
+    if isinstance(value, dict | list | tuple | set | bytes):
+        return None
+    return value
+
+
+def _error(loc: list, msg: str, type_: str, value: object) -> dict[str, Any]:
+    out: dict[str, Any] = {"loc": loc, "msg": msg, "type": type_}
+    safe = _json_safe(value)
+    if safe is not None:
+        out["input"] = safe
+    return out
+
+
 def _field_error(field: str, value: object, msg: str, where: str = "query") -> JSONResponse:
-    body = {"detail": [{"loc": [where, field], "msg": msg, "type": "value_error", "input": value}]}
+    body = {"detail": [_error([where, field], msg, "value_error", value)]}
     return JSONResponse(status_code=422, content=jsonable_encoder(body))
 
 
@@ -75,10 +108,17 @@ def create_app(
     daemon: DaemonConfig | None = None,
     daemon_profile: str | None = None,
     connector: str = "log",
+    api_key: str | None = None,
+    read_only: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
+    """``api_key``: token required for writes (None: writes are open); ``read_only``: refuse writes."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes={max_body_bytes}: must be >= 1")
     store = ProfileStore(profiles_dir)
     metrics = ApiMetrics()
-    responses = PlanResponseCache()
+    responses = PlanResponseCache(lambda: store.revision)
+    can_write = WriteGuard(api_key, read_only)
     holder: dict[str, CorrectionDaemon] = {}
 
     if daemon is not None:
@@ -118,23 +158,28 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         detail = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", ""),
-             "input": e.get("input")}
+            _error(list(e.get("loc", ())), e.get("msg", ""), e.get("type", ""), e.get("input"))
             for e in exc.errors()
-        ]  # fmt: skip
+        ]
         return JSONResponse(status_code=422, content=jsonable_encoder({"detail": detail}))
 
-    def planner_for(profile: str | None) -> tuple[str, Planner]:
-        ids = store.ids()
+    def planner_at(profile: str | None) -> tuple[str, Planner, int]:
+        """The profile's planner and the revision it belongs to (read together)."""
+        planners, revision = store.snapshot()
+        ids = sorted(planners)
         if profile is None:
             if len(ids) == 1:
-                return ids[0], store.planners[ids[0]]
+                return ids[0], planners[ids[0]], revision
             if not ids:
                 raise HTTPException(404, "no profiles are loaded; POST /profiles to add one")
             raise PlanInputError("profile", None, f"required when several profiles are loaded: {ids}")
-        if profile not in store.planners:
+        if profile not in planners:
             raise HTTPException(404, f"profile {profile!r} not found; loaded: {ids}")
-        return profile, store.planners[profile]
+        return profile, planners[profile], revision
+
+    def planner_for(profile: str | None) -> tuple[str, Planner]:
+        pid, planner, _ = planner_at(profile)
+        return pid, planner
 
     @app.get("/plan", response_model=PlanResult, responses={**ERRORS, 409: {"description": "no daemon"}})
     async def get_plan(
@@ -153,7 +198,7 @@ def create_app(
         corrected: Annotated[bool, Query(description="apply the live correction daemon's factor")] = False,
     ) -> Response:
         t0 = time.perf_counter()
-        pid, planner = planner_for(profile)
+        pid, planner, revision = planner_at(profile)
         kwargs = dict(
             itl_ms=itl_ms, ttft_ms=ttft_ms, isl=isl, osl=osl, request_rate=request_rate,
             max_gpus=max_gpus, acceptance=acceptance, draft_coverage=draft_coverage,
@@ -164,11 +209,20 @@ def create_app(
                 raise HTTPException(409, f"corrected=true: no correction daemon runs for profile {pid!r}")
             if acceptance is None:
                 kwargs["acceptance"] = d.live_override()
-            body = planner.plan(**kwargs, itl_correction=d.state.factor).model_dump_json().encode()
+            factor = d.state.factor
+            body = await run_in_threadpool(
+                lambda: planner.plan(**kwargs, itl_correction=factor).model_dump_json().encode()
+            )
         else:
             params = tuple(kwargs.values())
-            body = store.cached_plan(pid, params, lambda: planner.plan(**kwargs).model_dump_json().encode())
-            responses.put(request.scope["query_string"], body)
+            body = await run_in_threadpool(
+                store.cached_plan,
+                pid,
+                revision,
+                params,
+                lambda: planner.plan(**kwargs).model_dump_json().encode(),
+            )
+            responses.put(request.scope["query_string"], body, revision)
         metrics.plan_seconds.observe(time.perf_counter() - t0)
         return Response(content=body, media_type="application/json")
 
@@ -189,7 +243,9 @@ def create_app(
             400: {"description": "the body is not JSON"},
             409: {"description": "a profile with this id exists (pass overwrite=true)"},
             **ERRORS,
+            **WRITE_ERRORS,
         },
+        dependencies=[Depends(can_write)],
     )
     def post_profile(
         profile: Annotated[Profile, Body(description="a profile document (planner.profile schema)")],
@@ -203,6 +259,10 @@ def create_app(
         except ValueError as exc:  # schema-valid but nothing to plan from (e.g. no successful decode point)
             detail = [{"loc": ["body", "decode"], "msg": str(exc), "type": "value_error"}]
             raise HTTPException(422, detail) from None
+        except OSError as exc:  # the atomic write failed: the old file and the served profile are unchanged
+            reason = f"profile {id!r} not written: {exc.strerror or exc}; nothing was changed"
+            log.error("%s", reason)
+            raise HTTPException(507 if exc.errno in _NO_SPACE else 500, reason) from None
         responses.clear()  # cached answers may name or depend on the replaced profile set
         metrics.profiles.set(len(store.ids()))
         return summarize(id, profile)
@@ -269,4 +329,5 @@ def create_app(
 
     metrics.profiles.set(len(store.ids()))
     app.add_middleware(PlanFastPath, cache=responses, observe=metrics.plan_seconds.observe)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     return app

@@ -1,13 +1,15 @@
 """A response cache in front of the app for repeated ``GET /plan`` queries.
 
 Plans are pure functions of (profiles, query), so a 200 answer to a given raw query string can be
-replayed byte for byte until a profile changes. Serving it from a plain ASGI layer skips routing,
-dependency solving and validation, which dominate the cost of a cached plan; a query seen for the
-first time (or a corrected plan, which depends on live state) goes through the full app.
+replayed byte for byte until a profile changes (the profile revision moves on). Serving it from a
+plain ASGI layer skips routing, dependency solving and validation, which dominate the cost of a cached
+plan; a query seen for the first time (or a corrected plan, which depends on live state) goes through
+the full app.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -20,27 +22,55 @@ _HEADERS_JSON = [(b"content-type", b"application/json")]
 
 
 class PlanResponseCache:
-    """Raw query string -> JSON body of a 200 ``/plan`` answer (LRU, bounded)."""
+    """Raw query string -> JSON body of a 200 ``/plan`` answer (LRU, bounded by entries and bytes).
 
-    def __init__(self, size: int = 8192) -> None:
+    Each body is tagged with the profile revision it was computed at (read before the planner) and is
+    replayed only while that is still the current revision: an answer computed from a profile that was
+    replaced meanwhile is never served after the replacement's 201.
+    """
+
+    def __init__(
+        self, current_revision: Callable[[], int], size: int = 8192, max_bytes: int = 32 * 2**20
+    ) -> None:
+        self.current_revision = current_revision
         self.size = size
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
 
     def get(self, query: bytes) -> bytes | None:
-        body = self._items.get(query)
-        if body is not None:
+        with self._lock:
+            item = self._items.get(query)
+            if item is None:
+                return None
+            if item[0] != self.current_revision():
+                self._drop(query)
+                return None
             self._items.move_to_end(query)
             self.hits += 1
-        return body
+            return item[1]
 
-    def put(self, query: bytes, body: bytes) -> None:
-        self._items[query] = body
-        if len(self._items) > self.size:
-            self._items.popitem(last=False)
+    def put(self, query: bytes, body: bytes, revision: int) -> None:
+        with self._lock:
+            if revision != self.current_revision():
+                return
+            if query in self._items:
+                self._drop(query)
+            self._items[query] = (revision, body)
+            self.bytes += len(query) + len(body)
+            while self._items and (len(self._items) > self.size or self.bytes > self.max_bytes):
+                self._drop(next(iter(self._items)))
+
+    def _drop(self, query: bytes) -> None:
+        _, body = self._items.pop(query)
+        self.bytes -= len(query) + len(body)
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)

@@ -50,7 +50,7 @@ def _figure_svg(planner: Planner, itl_ms: float, isl: int | None, osl: int | Non
     title = f"{planner.profile.metadata.model.name}: decode context {inp.decode_context:g} tokens"
     if planner.profile.metadata.source == "synthetic":
         title += "  [SYNTHETIC profile]"
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)  # a model name is text: "$" must not start mathtext
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     buf = io.StringIO()

@@ -1,4 +1,9 @@
-"""Profiles a server answers from: loaded from a directory, planners built once, uploads atomic."""
+"""Profiles a server answers from: loaded from a directory, planners built once, uploads atomic.
+
+Every upload bumps ``revision``. A cached plan is stored under the revision it was computed at, read
+before the planner it was computed with, so a plan that was being computed while its profile was
+replaced is never served afterwards (it sits under an old revision that no reader asks for).
+"""
 
 from __future__ import annotations
 
@@ -65,37 +70,53 @@ class ProfileStore:
             raise ProfileError(f"{self.dir}: profiles directory does not exist")
         self.planners: dict[str, Planner] = {}
         self.load_errors: dict[str, str] = {}
+        self.revision = 0
         self._cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held briefly: reads of the served set and the plan cache
+        self._write_lock = threading.Lock()  # one upload at a time, held across the disk write
         for path in sorted(self.dir.glob("*.json")):
             try:
                 self.planners[path.stem] = Planner(load_profile(path), path.stem)
-            except (ProfileError, ValueError) as exc:
-                self.load_errors[path.stem] = str(exc)
-                log.warning("skipping %s", exc)
+            except Exception as exc:  # one bad file must not keep the others from being served
+                msg = str(exc) if isinstance(exc, ProfileError) else f"{path}: {type(exc).__name__}: {exc}"
+                self.load_errors[path.stem] = msg
+                log.warning("skipping %s", msg)
 
     @staticmethod
     def valid_id(pid: str) -> bool:
         return bool(_ID_RE.match(pid))
 
     def ids(self) -> list[str]:
-        return sorted(self.planners)
+        with self._lock:  # an upload may add an id meanwhile
+            return sorted(self.planners)
+
+    def snapshot(self) -> tuple[dict[str, Planner], int]:
+        """The profiles being served and their revision, read together."""
+        with self._lock:
+            return dict(self.planners), self.revision
 
     def add(self, pid: str, prof: Profile, *, overwrite: bool) -> Planner:
-        """Validate that the profile can be planned from, then write it atomically and serve it."""
+        """Validate that the profile can be planned from, then write it atomically and serve it.
+
+        The file is written before the profile is served, so an OSError (disk full) leaves both the
+        file and the served profile as they were.
+        """
         planner = Planner(prof, pid)  # raises ValueError when it has nothing to plan from
-        with self._lock:
+        with self._write_lock:
             if pid in self.planners and not overwrite:
                 raise FileExistsError(pid)
             atomic_write_text(self.dir / f"{pid}.json", dump_profile(prof))
-            self.planners[pid] = planner
-            self._cache = OrderedDict((k, v) for k, v in self._cache.items() if k[0] != pid)
+            with self._lock:
+                self.planners[pid] = planner
+                self.load_errors.pop(pid, None)
+                self.revision += 1
+                self._cache.clear()  # entries of older revisions are never read again
         return planner
 
-    def cached_plan(self, pid: str, params: tuple, compute: Callable[[], bytes]) -> bytes:
-        """Plans are pure functions of (profile, inputs): memoise the most recent ones."""
-        key = (pid, params)
+    def cached_plan(self, pid: str, revision: int, params: tuple, compute: Callable[[], bytes]) -> bytes:
+        """Plans are pure functions of (profile, inputs): memoise the most recent ones per revision."""
+        key = (revision, pid, params)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:

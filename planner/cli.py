@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from api.guard import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES
     from planner.daemon import DaemonConfig
 
     daemon_cfg = None
@@ -62,7 +64,22 @@ def cmd_serve(a: argparse.Namespace) -> int:
             smoothing=a.smoothing,
             **_sla_kwargs(a),
         )
-    app = create_app(a.profiles, daemon=daemon_cfg, daemon_profile=a.daemon_profile, connector=a.connector)
+    api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is None and not a.read_only and a.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("planner.serve").warning(
+            "serving on %s with writes open to every client: set %s (or --api-key) or --read-only",
+            a.host,
+            API_KEY_ENV,
+        )
+    app = create_app(
+        a.profiles,
+        daemon=daemon_cfg,
+        daemon_profile=a.daemon_profile,
+        connector=a.connector,
+        api_key=api_key,
+        read_only=a.read_only,
+        max_body_bytes=DEFAULT_MAX_BODY_BYTES if a.max_body_bytes is None else a.max_body_bytes,
+    )
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False)
     return 0
 
@@ -125,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--log-level", default="warning")
+    p.add_argument(
+        "--api-key",
+        help="token that POST /profiles must carry as 'Authorization: Bearer TOKEN' "
+        "(default: env SPECPLAN_API_KEY; unset: writes are open). Prefer the env var: "
+        "a command line is visible to every user of the host",
+    )
+    p.add_argument("--read-only", action="store_true", help="refuse every write (POST /profiles is a 403)")
+    p.add_argument(
+        "--max-body-bytes", type=int, help="largest request body accepted (default 16 MiB; 413 above)"
+    )
     p.add_argument("--metrics-url", help="run the correction daemon against this /metrics URL")
     p.add_argument("--daemon-profile", help="profile id the daemon corrects (default: the only one)")
     _sla_args(p, itl_required=False)

@@ -31,7 +31,7 @@ PERCENTILES: tuple[int, ...] = (50, 90, 99)
 class LatencyStats(BaseModel):
     """Mean and percentiles of a latency distribution, in milliseconds."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/Infinity are not JSON
 
     mean: float = Field(ge=0)
     p50: float = Field(ge=0)

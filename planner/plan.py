@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -220,26 +222,52 @@ def _spec_config_json(method: str, k: int, drafter: str | None) -> str:
     return json.dumps(cfg, separators=(",", ":"))
 
 
+MEMO_BYTES = 64 * 2**20  # per planner: a few hundred step curves of a wide measured range
+
+
+def _nbytes(value: object) -> int:
+    """Approximate memory of a memoised value: its arrays, plus a small constant for the rest."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, tuple):
+        return 64 + sum(_nbytes(v) for v in value)
+    return 256
+
+
 class Planner:
     """Plans for one profile; build once (splines are fitted here), call ``plan`` many times."""
 
-    def __init__(self, profile: Profile, name: str = "profile") -> None:
+    def __init__(self, profile: Profile, name: str = "profile", memo_bytes: int = MEMO_BYTES) -> None:
         self.profile = profile
         self.name = name
         self.surfaces = Surfaces(profile)
-        self._memo: dict[tuple, object] = {}  # step curves, TTFT and KV bounds per workload shape
+        # step curves, TTFT and KV bounds per workload shape: LRU bounded by bytes, shared by the
+        # threads a server plans on
+        self._memo: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
+        self._memo_limit = memo_bytes
+        self.memo_bytes = 0
+        self._memo_lock = threading.Lock()
         if not self.surfaces.decode:
             raise ValueError(f"{name}: profile has no successful decode point to plan from")
 
     # ------------------------------------------------------------------ helpers
     def _cached(self, key: tuple, compute):
-        """Memoise pure functions of the profile (bounded: a server sees few distinct isl/osl pairs)."""
-        hit = self._memo.get(key)
-        if hit is None:
-            if len(self._memo) > 8192:
-                self._memo.clear()
-            hit = self._memo[key] = compute()
-        return hit
+        """Memoise pure functions of the profile; evict the least recently used past ``memo_bytes``."""
+        with self._memo_lock:
+            hit = self._memo.get(key)
+            if hit is not None:
+                self._memo.move_to_end(key)
+                return hit[0]
+        value = compute()
+        size = _nbytes(value)
+        with self._memo_lock:
+            if key not in self._memo:
+                self._memo[key] = (value, size)
+                self.memo_bytes += size
+                while self.memo_bytes > self._memo_limit and len(self._memo) > 1:
+                    _, (_, freed) = self._memo.popitem(last=False)
+                    self.memo_bytes -= freed
+        return value
 
     def _curve(self, surf: DecodeSurface, ctx: float) -> tuple[np.ndarray, np.ndarray]:
         """Every integer concurrency of the measured range at ``ctx`` and its interpolated step time."""

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -30,43 +30,60 @@ SCHEMA_VERSION = 1
 Method = Literal["none", "ngram", "draft", "medusa", "eagle", "eagle3", "mtp"]
 Backend = Literal["engine", "http", "vllm", "hf"]
 
+# What a profile may declare. The planner evaluates every integer concurrency of a measured range and
+# the API serves posted profiles, so an absurd declared range is memory and time on the server: the
+# bounds sit far above any real deployment and far below what would hurt.
+MAX_TP = 1024
+MAX_K = 64
+MAX_CONCURRENCY = 65_536
+MAX_CONTEXT = 10_000_000
+MAX_KV_BLOCKS = 1_000_000_000
+MAX_BLOCK_SIZE = 65_536
+MAX_INT = 2**53 - 1  # the largest integer every JSON reader keeps exact
+MIN_MS, MAX_MS = 1e-6, 1e7  # 1 ns .. ~2.8 h: a step or TTFT outside is a unit or measurement error
+MAX_RATE = 1e12  # tokens/s, watts, joules: far above any hardware
+MAX_NAME = 200  # model/hardware/engine names end up in file names, commands and page titles
+_NAME = r"^[^\x00-\x1f\x7f]+$"  # no control characters (they break logs, headers and file paths)
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=_NAME)]
+
 
 class ProfileError(ValueError):
     """A profile file that cannot be used; the message names the file and the offending field."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity are not JSON: accepted, they would be written as null and lost on the next load
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelShape(_Strict):
     """Transformer shape: what step time depends on."""
 
-    layers: int = Field(gt=0)
-    hidden: int = Field(gt=0)
-    heads: int = Field(gt=0)
-    kv_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
-    vocab: int = Field(gt=0)
-    params: int = Field(gt=0, description="total parameter count")
+    layers: int = Field(gt=0, le=MAX_INT)
+    hidden: int = Field(gt=0, le=MAX_INT)
+    heads: int = Field(gt=0, le=MAX_INT)
+    kv_heads: int = Field(gt=0, le=MAX_INT)
+    head_dim: int = Field(gt=0, le=MAX_INT)
+    vocab: int = Field(gt=0, le=MAX_INT)
+    params: int = Field(gt=0, le=MAX_INT, description="total parameter count")
 
 
 class ModelInfo(_Strict):
-    name: str = Field(min_length=1)
+    name: Name
     shape: ModelShape
 
 
 class Hardware(_Strict):
     """Per-replica hardware: ``gpu_name`` is ``"cpu"`` for CPU runs (then memory is host memory)."""
 
-    gpu_name: str = Field(min_length=1)
-    gpu_count: int = Field(ge=1)
-    gpu_memory_gib: float | None = Field(default=None, gt=0)
+    gpu_name: Name
+    gpu_count: int = Field(ge=1, le=MAX_INT)
+    gpu_memory_gib: float | None = Field(default=None, gt=0, le=MAX_RATE)
 
 
 class EngineInfo(_Strict):
-    name: str = Field(min_length=1)
-    version: str = Field(min_length=1)
+    name: Name
+    version: Name
 
 
 class Metadata(_Strict):
@@ -74,14 +91,17 @@ class Metadata(_Strict):
     hardware: Hardware
     engine: EngineInfo
     backend: Backend
-    dtype: str = Field(min_length=1)
-    block_size: int = Field(gt=0)
+    dtype: Name
+    block_size: int = Field(gt=0, le=MAX_BLOCK_SIZE)
     kv_capacity_blocks_per_gpu: int = Field(
         ge=0,
+        le=MAX_KV_BLOCKS,
         description="KV blocks (all layers and KV heads) one GPU's memory holds next to the weights; "
         "a replica of tp GPUs holds tp times that unless kv_capacity_blocks_by_tp says otherwise",
     )
-    kv_capacity_blocks_by_tp: dict[int, int] | None = Field(
+    kv_capacity_blocks_by_tp: (
+        dict[Annotated[int, Field(ge=1, le=MAX_TP)], Annotated[int, Field(ge=0, le=MAX_KV_BLOCKS)]] | None
+    ) = Field(
         default=None, description="measured KV blocks per replica for a given tp (overrides tp x per-GPU)"
     )
     weights: Literal["real", "random", "none"] = Field(
@@ -100,21 +120,23 @@ class DecodePoint(_Strict):
     sweep skips it and the planner knows the region is infeasible rather than unmeasured.
     """
 
-    tp: int = Field(ge=1)
+    tp: int = Field(ge=1, le=MAX_TP)
     method: Method
-    k: int = Field(ge=0, description="num_speculative_tokens; 0 without speculation")
-    concurrency: int = Field(ge=1)
-    context_len: int = Field(ge=0)
-    draft_ms: float | None = Field(default=None, ge=0)
-    verify_ms: float | None = Field(default=None, ge=0)
-    step_ms: float | None = Field(default=None, gt=0)
-    tokens_per_step: float | None = Field(default=None, ge=1)
+    k: int = Field(ge=0, le=MAX_K, description="num_speculative_tokens; 0 without speculation")
+    concurrency: int = Field(ge=1, le=MAX_CONCURRENCY)
+    context_len: int = Field(ge=0, le=MAX_CONTEXT)
+    draft_ms: float | None = Field(default=None, ge=0, le=MAX_MS)
+    verify_ms: float | None = Field(default=None, ge=0, le=MAX_MS)
+    step_ms: float | None = Field(default=None, ge=MIN_MS, le=MAX_MS)
+    tokens_per_step: float | None = Field(default=None, ge=1, le=1 + MAX_K)
     itl_ms: LatencyStats | None = None
-    throughput_per_gpu: float | None = Field(default=None, ge=0, description="output tokens/s per GPU")
+    throughput_per_gpu: float | None = Field(
+        default=None, ge=0, le=MAX_RATE, description="output tokens/s per GPU"
+    )
     kv_usage: float | None = Field(default=None, ge=0, le=1)
-    samples: int = Field(default=0, ge=0)
-    power_w: float | None = Field(default=None, ge=0)
-    joules_per_token: float | None = Field(default=None, ge=0)
+    samples: int = Field(default=0, ge=0, le=MAX_INT)
+    power_w: float | None = Field(default=None, ge=0, le=MAX_RATE)
+    joules_per_token: float | None = Field(default=None, ge=0, le=MAX_RATE)
     error: str | None = None
 
     @model_validator(mode="after")
@@ -139,11 +161,11 @@ class DecodePoint(_Strict):
 class PrefillPoint(_Strict):
     """Prefill of one sequence of ``input_len`` tokens under tensor parallelism ``tp``."""
 
-    tp: int = Field(ge=1)
-    input_len: int = Field(ge=1)
-    ttft_ms: float | None = Field(default=None, gt=0)
-    prefill_tokens_per_s_per_gpu: float | None = Field(default=None, gt=0)
-    samples: int = Field(default=0, ge=0)
+    tp: int = Field(ge=1, le=MAX_TP)
+    input_len: int = Field(ge=1, le=MAX_CONTEXT)
+    ttft_ms: float | None = Field(default=None, ge=MIN_MS, le=MAX_MS)
+    prefill_tokens_per_s_per_gpu: float | None = Field(default=None, gt=0, le=MAX_RATE)
+    samples: int = Field(default=0, ge=0, le=MAX_INT)
     error: str | None = None
 
     @model_validator(mode="after")
@@ -181,11 +203,13 @@ class Acceptance(_Strict):
     """Acceptance of (method, k): draft coverage and per-position acceptance given a draft."""
 
     method: Method
-    k: int = Field(ge=1)
+    k: int = Field(ge=1, le=MAX_K)
     draft_coverage: float = Field(ge=0, le=1, description="share of decode steps that carried a draft")
     accepted_per_pos: list[float] = Field(description="share of drafts whose position i was accepted")
     source: AcceptanceSource
-    samples: int = Field(default=0, ge=0, description="decode steps (or drafts) behind the numbers")
+    samples: int = Field(
+        default=0, ge=0, le=MAX_INT, description="decode steps (or drafts) behind the numbers"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Acceptance:
@@ -214,11 +238,22 @@ class Acceptance(_Strict):
 
 
 class Profile(_Strict):
-    schema_version: int = Field(ge=1, le=SCHEMA_VERSION)
+    schema_version: int = Field(ge=1, le=SCHEMA_VERSION, strict=True)
     metadata: Metadata
     decode: list[DecodePoint] = Field(default_factory=list)
     prefill: list[PrefillPoint] = Field(default_factory=list)
     acceptance: list[Acceptance] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_measurement_per_point(self) -> Profile:
+        """Two points at the same coordinates cannot be interpolated (upsert never writes them)."""
+        for name, items in (("decode", self.decode), ("prefill", self.prefill)):
+            first: dict[tuple, int] = {}
+            for i, item in enumerate(items):
+                j = first.setdefault(item.key, i)
+                if j != i:
+                    raise ValueError(f"{name}[{i}] repeats the coordinates {item.key} of {name}[{j}]")
+        return self
 
     def acceptance_for(self, method: str, k: int) -> Acceptance | None:
         for a in self.acceptance:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from planner.profile import (
     load_profile,
     new_profile,
     now_utc,
+    parse_profile,
     save_profile,
 )
 
@@ -153,3 +155,65 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
         Acceptance(method="ngram", k=2, draft_coverage=1, accepted_per_pos=[0.5], source=given)
     with pytest.raises(ValueError, match="dataset and model"):
         AcceptanceSource(kind="measured")
+
+
+SYN = Path(__file__).resolve().parents[2] / "configs" / "profiles" / "synthetic-vicuna-7b-h100.json"
+
+
+def _set(doc: dict, path: tuple, value: object) -> dict:
+    node = doc
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("decode", 0, "step_ms"), float("inf"), "decode[0].step_ms"),
+        (("decode", 0, "step_ms"), float("nan"), "decode[0].step_ms"),
+        (("decode", 0, "itl_ms", "p99"), float("inf"), "decode[0].itl_ms.p99"),
+        (("prefill", 0, "ttft_ms"), float("-inf"), "prefill[0].ttft_ms"),
+        (("acceptance", 0, "draft_coverage"), float("nan"), "acceptance[0].draft_coverage"),
+        (("metadata", "hardware", "gpu_memory_gib"), float("inf"), "metadata.hardware.gpu_memory_gib"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_field(path: tuple, value: float, field: str) -> None:
+    """NaN/Infinity used to validate, then serialise as null: the profile was lost on the next load."""
+    doc = _set(json.loads(SYN.read_text()), path, value)
+    with pytest.raises(ProfileError, match=rf"field '{re.escape(field)}'"):
+        parse_profile(doc)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("decode", 0, "concurrency"), 20_000_000, "decode[0].concurrency"),
+        (("decode", 0, "concurrency"), 10**12, "decode[0].concurrency"),
+        (("decode", 0, "context_len"), 10**30, "decode[0].context_len"),
+        (("decode", 0, "step_ms"), 1e308, "decode[0].step_ms"),
+        (("decode", 0, "step_ms"), 5e-324, "decode[0].step_ms"),
+        (("decode", 0, "tp"), 10**6, "decode[0].tp"),
+        (("prefill", 0, "input_len"), 10**30, "prefill[0].input_len"),
+        (("prefill", 0, "ttft_ms"), 5e-324, "prefill[0].ttft_ms"),
+        (("metadata", "kv_capacity_blocks_by_tp"), {"1": -5}, "metadata.kv_capacity_blocks_by_tp.1"),
+        (("metadata", "kv_capacity_blocks_by_tp"), {"0": 5}, "metadata.kv_capacity_blocks_by_tp.0"),
+        (("metadata", "kv_capacity_blocks_per_gpu"), 10**30, "metadata.kv_capacity_blocks_per_gpu"),
+        (("metadata", "block_size"), 10**30, "metadata.block_size"),
+        (("metadata", "model", "name"), "m" * 256, "metadata.model.name"),
+        (("metadata", "model", "name"), "a\x00b", "metadata.model.name"),
+        (("metadata", "hardware", "gpu_name"), "h\nx", "metadata.hardware.gpu_name"),
+    ],
+)
+def test_out_of_bounds_declarations_are_refused_naming_the_field(
+    path: tuple, value: object, field: str
+) -> None:
+    doc = _set(json.loads(SYN.read_text()), path, value)
+    with pytest.raises(ProfileError, match=rf"field '{re.escape(field)}"):
+        parse_profile(doc)
+
+
+def test_bounds_admit_every_shipped_profile() -> None:
+    for path in sorted(SYN.parent.glob("*.json")):
+        load_profile(path)
