@@ -637,6 +637,9 @@ class Planner:
             raise PlanInputError("acceptance", acceptance, "must be within [0, 1]")
         if draft_coverage is not None and not 0.0 <= draft_coverage <= 1.0:
             raise PlanInputError("draft_coverage", draft_coverage, "must be within [0, 1]")
+        if prior_model is not None and prior_model not in load_priors().models:
+            known = ", ".join(sorted(load_priors().models))
+            raise PlanInputError("prior_model", prior_model, f"no literature prior for it; known: {known}")
         inp = self.resolve_inputs(itl_ms, ttft_ms, isl, osl, request_rate, max_gpus, itl_correction, workload)
         meta = self.profile.metadata
         common = {
