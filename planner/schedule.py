@@ -54,8 +54,9 @@ def k_schedule(
     curves: Mapping[int, KCurve], up_to: int, itl_sla: float | None, switch_gain: float = SWITCH_GAIN
 ) -> Schedule:
     """``[[first, last, k], ...]`` covering batch sizes 1..``up_to``. The previous band's k is kept
-    while it stays within ``switch_gain`` of the best ITL (and within the SLA when the best is), so
-    measurement noise does not split the schedule into many bands; a size no k can run keeps the
+    while it stays within ``switch_gain`` of the best ITL (and within the SLA when the best is, and no
+    slower than k = 0), so measurement noise does not split the schedule into many bands; a size no k
+    can run keeps the
     previous k (vLLM carries the last k forward the same way)."""
     ks: list[int] = []
     for c in range(1, up_to + 1):
@@ -63,7 +64,9 @@ def k_schedule(
         if k is not None and ks and ks[-1] in curves and ks[-1] != k:
             prev, best = curves[ks[-1]].itl_at(c), curves[k].itl_at(c)
             sla_ok = itl_sla is None or prev <= itl_sla or best > itl_sla
-            if np.isfinite(prev) and sla_ok and prev <= best * (1.0 + switch_gain):
+            plain = curves[0].itl_at(c) if 0 in curves else float("inf")
+            # never keep a speculating k that is slower than not speculating at all
+            if np.isfinite(prev) and sla_ok and prev <= best * (1.0 + switch_gain) and prev <= plain:
                 k = ks[-1]
         ks.append(k if k is not None else (ks[-1] if ks else 0))
     return bands(ks)
