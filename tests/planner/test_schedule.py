@@ -39,3 +39,8 @@ def test_small_gains_do_not_split_bands() -> None:
     # k=3 is better at c=2 by 1 %: noise, the band stays k=2; at c=4 it is 20 % better: switch
     assert k_schedule(curves, 4, None) == [[1, 3, 2], [4, 4, 3]]
     assert k_schedule(curves, 4, None, switch_gain=0.0) == [[1, 1, 2], [2, 2, 3], [3, 3, 2], [4, 4, 3]]
+
+
+def test_the_margin_never_keeps_a_k_slower_than_no_speculation() -> None:
+    curves = {0: curve([10.0, 10.0]), 2: curve([8.0, 10.1])}  # at c=2 k=2 is 1 % slower than k=0
+    assert k_schedule(curves, 2, None) == [[1, 1, 2], [2, 2, 0]]
