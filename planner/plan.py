@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from kvbm import capacity
 from planner.commands import engine_args, join, lookup_window, model_max_context, served_model, vllm_args
 from planner.metrics_def import tokens_per_step as _tokens_per_step
-from planner.priors import MIX, check_workload, load_priors, prior_acceptance, workloads
+from planner.priors import MIX, check_workload, load_priors, prior_acceptance, prior_drafter, workloads
 from planner.profile import Acceptance, AcceptanceSource, Profile
 from planner.schedule import GPU_NOTE, KCurve, Schedule, k_schedule
 from planner.surface import ConfigKey, DecodeSurface, Surfaces
@@ -505,6 +505,10 @@ class Planner:
         meta = self.profile.metadata
         acc = ev.acc
         drafter = acc.drafter or self._drafter(ch.method)
+        if drafter is None and ch.method not in ("none", "ngram"):
+            drafter = prior_drafter(meta.model.name, ch.method)
+            if drafter:
+                ch.flags.append(f"drafter {drafter}: the one the literature prior was published with")
         settings = acc.drafter_settings
         sched = ch.k_schedule
         k = max(band[2] for band in sched) if sched else ch.k

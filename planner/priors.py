@@ -92,6 +92,13 @@ def check_workload(workload: str | None) -> str:
     return workload
 
 
+def prior_drafter(model: str, method: str) -> str | None:
+    """The drafter the published figure for (model, method) used, if any."""
+    mprior = load_priors().models.get(model)
+    mp = mprior.methods.get(method) if mprior else None
+    return mp.drafter if mp else None
+
+
 def prior_acceptance(
     model: str, method: str, k: int, workload: str | None = None, prior_model: str | None = None
 ) -> Acceptance | str:
