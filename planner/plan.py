@@ -7,6 +7,11 @@ concurrency is feasible when its ITL meets the SLA and the KV pool holds that ma
 peak context ``isl + osl`` with ``k`` lookahead slots each (``kvbm.capacity``); TTFT (prefill of ``isl``)
 must meet ``ttft_ms`` when given. The answer is the feasible configuration with the highest decode
 throughput per GPU, at the concurrency that maximises it.
+
+Acceptance comes from live counters > a given value > the profile's measurement for the workload > the
+literature prior (``resolve_acceptance``), and its source is part of every answer. A context beyond the
+model's maximum is infeasible rather than extrapolated; an infeasible answer names its binding limit and
+carries no serve command. A speculative choice also gets the best k per batch size (planner.schedule).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import numpy as np
 
 Schedule = list[list[int]]
 GPU_NOTE = (
-    "with a k schedule vLLM downgrades full CUDA graphs to piecewise on GPUs (and ignores the schedule "
-    "under data parallelism)"
+    "with a k schedule vLLM 0.32 downgrades full CUDA graphs to piecewise on GPUs (its log says so; "
+    "VLLM_USE_V2_MODEL_RUNNER=1 keeps full graphs) and ignores the schedule under data parallelism"
 )
 
 
