@@ -154,3 +154,23 @@ def test_feasible_headline_names_what_bounds_concurrency(gpu: Planner) -> None:
 def test_unknown_prior_model_is_a_named_input_error(gpu: Planner) -> None:
     with pytest.raises(PlanInputError, match="prior_model"):
         gpu.plan(30.0, prior_model="gpt-9")
+
+
+def test_a_vllm_profile_gets_a_vllm_command_and_an_unrecorded_window_is_flagged(gpu: Planner) -> None:
+    prof = gpu.profile.model_copy(deep=True)
+    prof.metadata.backend = "vllm"
+    prof.acceptance = [
+        Acceptance(
+            method="ngram", k=k, draft_coverage=0.6, accepted_per_pos=[0.5] * k,
+            source=AcceptanceSource(kind="measured", dataset="spec_bench", model="vicuna-7b"),
+        )
+        for k in range(1, 6)
+    ]  # fmt: skip
+    res = Planner(prof, "v").plan(30.0, isl=512, osl=256, alternatives=20)
+    ng = next(ch for ch in [res.choice, *res.alternatives] if ch.method == "ngram")
+    assert ng.serve_backend == "vllm" and ng.serve_command == ng.vllm_serve_command
+    assert ng.serve_command.startswith("vllm serve lmsys/vicuna-7b-v1.3 ")
+    assert not any("translation" in f for f in ng.flags)
+    assert any("records no lookup window" in f for f in ng.flags)
+    spec = json.loads(ng.vllm_serve_args[ng.vllm_serve_args.index("--speculative-config") + 1])
+    assert (spec["prompt_lookup_min"], spec["prompt_lookup_max"]) == (1, 4)  # stated, not left to vLLM
