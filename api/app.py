@@ -196,12 +196,20 @@ def create_app(
         draft_coverage: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
         profile: Annotated[str | None, Query(max_length=100)] = None,
         corrected: Annotated[bool, Query(description="apply the live correction daemon's factor")] = False,
+        workload: Annotated[
+            str | None,
+            Query(max_length=40, description="Spec-Bench category of the acceptance (default: mix)"),
+        ] = None,
+        prior_model: Annotated[
+            str | None, Query(max_length=100, description="apply this model's literature prior, labelled")
+        ] = None,
     ) -> Response:
         t0 = time.perf_counter()
         pid, planner, revision = planner_at(profile)
         kwargs = dict(
             itl_ms=itl_ms, ttft_ms=ttft_ms, isl=isl, osl=osl, request_rate=request_rate,
             max_gpus=max_gpus, acceptance=acceptance, draft_coverage=draft_coverage,
+            workload=workload, prior_model=prior_model,
         )  # fmt: skip
         if corrected:
             d = holder.get(pid)

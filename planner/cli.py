@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from planner.plan import PlanInputError, Planner
+from planner.priors import workloads
 from planner.profile import ProfileError, load_profile, save_profile
 
 
@@ -39,7 +40,13 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from planner.render import render_plan
 
     planner = _load_planner(a.profile)
-    res = planner.plan(**_sla_kwargs(a), acceptance=a.acceptance, draft_coverage=a.draft_coverage)
+    res = planner.plan(
+        **_sla_kwargs(a),
+        acceptance=a.acceptance,
+        draft_coverage=a.draft_coverage,
+        workload=a.workload,
+        prior_model=a.prior_model,
+    )
     print(res.model_dump_json(indent=2) if a.json else render_plan(res))
     return 0 if res.feasible else 3
 
@@ -134,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     _sla_args(p)
     p.add_argument("--acceptance", type=float, help="per-position acceptance rate alpha (given)")
     p.add_argument("--draft-coverage", type=float, help="share of steps with a draft (with --acceptance)")
+    p.add_argument(
+        "--workload",
+        choices=workloads(),
+        help="Spec-Bench category the acceptance is for (default: mix, the categories weighted as the "
+        "shipped prompt set)",
+    )
+    p.add_argument(
+        "--prior-model",
+        help="apply this model's literature prior to the profile's model (labelled as such; default: "
+        "only the profile's own model has a prior)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(fn=cmd_plan)
 

@@ -7,27 +7,32 @@ concurrency is feasible when its ITL meets the SLA and the KV pool holds that ma
 peak context ``isl + osl`` with ``k`` lookahead slots each (``kvbm.capacity``); TTFT (prefill of ``isl``)
 must meet ``ttft_ms`` when given. The answer is the feasible configuration with the highest decode
 throughput per GPU, at the concurrency that maximises it.
+
+Acceptance comes from live counters > a given value > the profile's measurement for the workload > the
+literature prior (``resolve_acceptance``), and its source is part of every answer. A context beyond the
+model's maximum is infeasible rather than extrapolated; an infeasible answer names its binding limit and
+carries no serve command. A speculative choice also gets the best k per batch size (planner.schedule).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shlex
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, Field
 
 from kvbm import capacity
+from planner.commands import engine_args, join, lookup_window, model_max_context, served_model, vllm_args
 from planner.metrics_def import tokens_per_step as _tokens_per_step
+from planner.priors import MIX, check_workload, load_priors, prior_acceptance, prior_drafter, workloads
 from planner.profile import Acceptance, AcceptanceSource, Profile
+from planner.schedule import GPU_NOTE, KCurve, Schedule, k_schedule
 from planner.surface import ConfigKey, DecodeSurface, Surfaces
 
 DEFAULT_OSL = 256
@@ -59,6 +64,7 @@ class Inputs(BaseModel):
     decode_context: float = Field(description="mean context during decode: isl + osl / 2")
     peak_context: int = Field(description="context at the last token: isl + osl (KV bound)")
     itl_correction: float = 1.0
+    workload: str = Field(default="mix", description="Spec-Bench category the acceptance is for; mix = all")
     assumptions: list[str] = Field(default_factory=list)
 
 
@@ -112,10 +118,23 @@ class Choice(BaseModel):
     predicted: Prediction
     kv: KvBound
     acceptance_source: str | None = None
+    acceptance_kind: str | None = Field(default=None, description="live, given, measured or prior")
     replicas: Replicas | None = None
     speculation_breakeven: Breakeven | None = None
-    vllm_serve_args: list[str]
-    vllm_serve_command: str
+    k_schedule: list[list[int]] | None = Field(
+        default=None,
+        description="best k per batch-size band [first, last, k] (vLLM "
+        "num_speculative_tokens_per_batch_size, engine serve --spec-schedule); null when one k is best "
+        "at every concurrency",
+    )
+    serve_command: str | None = Field(
+        default=None, description="command for the backend that was profiled; null for an infeasible plan"
+    )
+    serve_backend: str | None = Field(default=None, description="'engine' or 'vllm': what serve_command runs")
+    vllm_serve_args: list[str] = Field(default_factory=list)
+    vllm_serve_command: str | None = Field(
+        default=None, description="vLLM command (a translation for an engine profile); null when infeasible"
+    )
     flags: list[str] = Field(default_factory=list, description="extrapolation and range warnings")
 
 
@@ -124,7 +143,24 @@ class Rejected(BaseModel):
     method: str
     k: int
     reason: str
+    limit: str = Field(default="sla", description="acceptance, kv, max_gpus, ttft, sla or context")
+    meets_itl: bool = Field(default=False, description="ITL SLA met: another limit excluded it")
     best_itl_ms: float | None = None
+
+
+class MethodSummary(BaseModel):
+    """Why a speculative method won, lost or was excluded: the text answer's 'speculation:' section."""
+
+    method: str
+    status: str = Field(description="chosen, lost or excluded")
+    tp: int | None = None
+    k: int | None = None
+    max_concurrency: int | None = None
+    itl_ms: float | None = None
+    throughput_per_gpu: float | None = None
+    acceptance_source: str | None = None
+    reason: str
+    k_schedule: list[list[int]] | None = None
 
 
 class PlanResult(BaseModel):
@@ -139,6 +175,12 @@ class PlanResult(BaseModel):
     alternatives: list[Choice] = Field(default_factory=list, description="next best feasible configs")
     lowest_achievable_itl_ms: float | None = None
     rejected: list[Rejected] = Field(default_factory=list)
+    binding: str | None = Field(
+        default=None,
+        description="what bounds the answer: sla, kv, measured_range, throughput (feasible: what stopped "
+        "concurrency); sla, ttft, max_gpus, kv, context or acceptance (infeasible: what excluded it)",
+    )
+    speculation: list[MethodSummary] = Field(default_factory=list)
     message: str
 
 
@@ -153,73 +195,130 @@ class _Eval:
     itl: np.ndarray
     thr: np.ndarray
     tps: float
-    acc_source: str | None
+    acc: ResolvedAcceptance
     c_kv: int
     kv: KvBound
     ttft: float | None
     flags: list[str]
 
 
+class ResolvedAcceptance(NamedTuple):
+    """Acceptance a plan used for (method, k): tokens per step, its printed source, and the drafter
+    settings it was measured or published with (the emitted serve command states exactly these)."""
+
+    tokens_per_step: float
+    source: str
+    draft_coverage: float | None = None
+    kind: str = "none"
+    drafter: str | None = None
+    drafter_settings: dict[str, str | int | float] | None = None
+
+
+def _from_entry(acc: Acceptance, k: int) -> ResolvedAcceptance:
+    """(method, k) from an entry of the same k, or from the first k positions of a larger k."""
+    src = _describe_source(acc.source)
+    if acc.k == k:
+        tps = acc.tokens_per_step
+    else:
+        tps = _tokens_per_step(acc.draft_coverage, acc.accepted_per_pos[:k])
+        src = f"{src} (first {k} positions of k={acc.k})"
+    settings = acc.drafter_settings
+    drafter = acc.source.drafter or (str(settings["model"]) if settings and "model" in settings else None)
+    return ResolvedAcceptance(tps, src, acc.draft_coverage, acc.source.kind, drafter, settings)
+
+
+def _pick(candidates: list[Acceptance], k: int) -> ResolvedAcceptance | None:
+    for acc in candidates:  # the exact k first, then derived from the smallest larger k
+        if acc.k == k:
+            return _from_entry(acc, k)
+    for acc in sorted(candidates, key=lambda a: a.k):
+        if acc.k > k:
+            return _from_entry(acc, k)
+    return None
+
+
+def _measured_for_workload(entries: list[Acceptance], k: int, workload: str) -> ResolvedAcceptance | None:
+    """A measured acceptance for ``workload``; the mix falls back to the weighted mean of the categories
+    measured (weights of the shipped prompt set) when no whole-mix entry exists."""
+    if workload != MIX:
+        hit = _pick([a for a in entries if a.workload == workload], k)
+        whole = None if hit else _pick([a for a in entries if a.workload is None], k)
+        return hit or (
+            whole._replace(source=f"{whole.source} (whole mix: {workload} not measured)") if whole else None
+        )
+    whole = _pick([a for a in entries if a.workload is None], k)
+    if whole is not None:
+        return whole
+    weights = load_priors().workload_weights
+    parts = [(w, r) for w in weights if (r := _pick([a for a in entries if a.workload == w], k)) is not None]
+    if not parts:
+        return None
+    total = sum(weights[w] for w, _ in parts)
+    tps = sum(weights[w] * r.tokens_per_step for w, r in parts) / total
+    cov = sum(weights[w] * (r.draft_coverage or 0.0) for w, r in parts) / total
+    first = parts[0][1]
+    names = ", ".join(w for w, _ in parts)
+    src = f"{first.source.split(' (first')[0]}; mix of {names} weighted as the prompt set"
+    return first._replace(tokens_per_step=tps, draft_coverage=cov, source=src)
+
+
 def resolve_acceptance(
-    profile: Profile, method: str, k: int, override: AcceptanceOverride, coverage: float | None
-) -> tuple[float, str] | str:
-    """Tokens per step and its source for (method, k), or a reason why there is none."""
+    profile: Profile,
+    method: str,
+    k: int,
+    override: AcceptanceOverride,
+    coverage: float | None,
+    *,
+    workload: str | None = None,
+    prior_model: str | None = None,
+) -> ResolvedAcceptance | str:
+    """Tokens per step, coverage and source for (method, k), or the reason there is none.
+
+    Precedence: live (the daemon's override) > given (``acceptance=``) > measured (the profile's entries
+    for ``workload``, emitted with the drafter settings they were measured with; else a real-weights
+    sweep's own decode points) > literature prior (planner.priors, for the profile's model)."""
     if method == "none":
-        return 1.0, "none"
+        return ResolvedAcceptance(1.0, "none")
+    wl = check_workload(workload)
     if isinstance(override, float | int) and not isinstance(override, bool):
         cov = 1.0 if coverage is None else coverage
         per_pos = [float(override) ** (i + 1) for i in range(k)]
-        return _tokens_per_step(cov, per_pos), f"given: alpha={override} coverage={cov}"
-    candidates: list[Acceptance] = []
+        return ResolvedAcceptance(
+            _tokens_per_step(cov, per_pos), f"given: alpha={override} coverage={cov}", cov, "given"
+        )
     if isinstance(override, Mapping):
-        candidates += [a for (m, _), a in override.items() if m == method]
-    candidates += [a for a in profile.acceptance if a.method == method]
-    for acc in candidates:  # overrides first, then the exact k, then derived from a larger k
-        if acc.k == k:
-            return acc.tokens_per_step, _describe_source(acc.source)
-    for acc in sorted(candidates, key=lambda a: a.k):
-        if acc.k > k:
-            tps = _tokens_per_step(acc.draft_coverage, acc.accepted_per_pos[:k])
-            return tps, f"{_describe_source(acc.source)} (first {k} positions of k={acc.k})"
+        live = [a for a in override.values() if a.method == method]
+        for kind in ("live", "given", "measured", "prior"):
+            hit = _pick([a for a in live if a.source.kind == kind], k)
+            if hit is not None:
+                return hit
+    measured = [a for a in profile.acceptance if a.method == method]
+    hit = _measured_for_workload([a for a in measured if a.source.kind != "prior"], k, wl)
+    if hit is not None:
+        return hit
     if profile.metadata.weights == "real":  # a sweep with real weights measured tokens per step itself
-        measured = [p for p in profile.decode if p.ok and p.method == method and p.k == k and p.samples > 0]
-        if measured:
-            steps = sum(p.samples for p in measured)
-            tps = sum(p.tokens_per_step * p.samples for p in measured) / steps  # type: ignore[operator]
-            return tps, f"measured in the sweep's decode points ({len(measured)} points, real weights)"
-    return f"no acceptance for method={method} k={k}: pass acceptance= or measure it"
+        points = [p for p in profile.decode if p.ok and p.method == method and p.k == k and p.samples > 0]
+        if points:
+            steps = sum(p.samples for p in points)
+            tps = sum(p.tokens_per_step * p.samples for p in points) / steps  # type: ignore[operator]
+            src = f"measured in the sweep's decode points ({len(points)} points, real weights)"
+            return ResolvedAcceptance(tps, src, None, "measured")
+    hit = _measured_for_workload([a for a in measured if a.source.kind == "prior"], k, wl)
+    if hit is not None:
+        return hit
+    prior = prior_acceptance(profile.metadata.model.name, method, k, wl, prior_model)
+    if isinstance(prior, str):
+        return f"no acceptance for method={method} k={k}: pass acceptance= or measure it ({prior})"
+    return _from_entry(prior, k)
 
 
 def _describe_source(src: AcceptanceSource) -> str:
+    if src.kind == "prior":
+        return f"literature prior ({src.citation}): {src.detail}"
     parts = [src.kind] + [f"{n}={v}" for n in ("dataset", "model", "drafter") if (v := getattr(src, n))]
     if src.detail:
         parts.append(src.detail)
     return ", ".join(parts)
-
-
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
-
-
-@lru_cache(maxsize=64)
-def served_model(name: str) -> str:
-    """The model to pass to ``vllm serve``: a preset's Hugging Face id (configs/models/), else the name."""
-    cfg = MODEL_CONFIGS / f"{name}.yaml"
-    if "/" in name or not cfg.is_file():
-        return name
-    try:
-        hf_id = (yaml.safe_load(cfg.read_text()) or {}).get("model", {}).get("hf_id")
-    except (OSError, yaml.YAMLError, AttributeError):
-        return name
-    return hf_id if isinstance(hf_id, str) and hf_id else name
-
-
-def _spec_config_json(method: str, k: int, drafter: str | None) -> str:
-    cfg: dict[str, object] = {"method": method, "num_speculative_tokens": k}
-    if method == "ngram":
-        cfg.update(prompt_lookup_max=4, prompt_lookup_min=1)
-    elif drafter:
-        cfg["model"] = drafter
-    return json.dumps(cfg, separators=(",", ":"))
 
 
 MEMO_BYTES = 64 * 2**20  # per planner: a few hundred step curves of a wide measured range
@@ -304,7 +403,12 @@ class Planner:
         request_rate: float | None,
         max_gpus: int | None,
         itl_correction: float,
+        workload: str | None = None,
     ) -> Inputs:
+        try:
+            wl = check_workload(workload)
+        except ValueError:
+            raise PlanInputError("workload", workload, f"not one of {', '.join(workloads())}") from None
         for field, value, lo in (
             ("itl_ms", itl_ms, 0.0),
             ("ttft_ms", ttft_ms, 0.0),
@@ -319,10 +423,16 @@ class Planner:
         notes = []
         if isl is None:
             isl = max(1, int(self.surfaces.median_context) - (osl or DEFAULT_OSL) // 2)
-            notes.append(f"isl not given: {isl} (median measured context minus osl/2)")
+            limit = model_max_context(self.profile.metadata.model.name)
+            capped = limit is not None and isl + (osl or DEFAULT_OSL) > limit
+            isl = max(1, limit - (osl or DEFAULT_OSL)) if capped else isl  # type: ignore[operator]
+            how = "the model's maximum context minus osl" if capped else "median measured context minus osl/2"
+            notes.append(f"isl not given: {isl} ({how})")
         if osl is None:
             osl = DEFAULT_OSL
             notes.append(f"osl not given: {DEFAULT_OSL}")
+        if workload is None:
+            notes.append("workload not given: mix (Spec-Bench categories weighted as the shipped prompt set)")
         if itl_correction != 1.0:
             notes.append(f"step times multiplied by the live correction factor {itl_correction:.3f}")
         return Inputs(
@@ -335,17 +445,25 @@ class Planner:
             decode_context=isl + osl / 2,
             peak_context=isl + osl,
             itl_correction=itl_correction,
+            workload=wl,
             assumptions=notes,
         )
 
     def _evaluate(
-        self, surf: DecodeSurface, inp: Inputs, override: AcceptanceOverride, coverage: float | None
+        self,
+        surf: DecodeSurface,
+        inp: Inputs,
+        override: AcceptanceOverride,
+        coverage: float | None,
+        prior_model: str | None = None,
     ) -> _Eval | str:
         tp, method, k = surf.key
-        acc = resolve_acceptance(self.profile, method, k, override, coverage)
+        acc = resolve_acceptance(
+            self.profile, method, k, override, coverage, workload=inp.workload, prior_model=prior_model
+        )
         if isinstance(acc, str):
             return acc
-        tps, src = acc
+        tps = acc.tokens_per_step
         ctx = inp.decode_context
         flags: list[str] = []
         if not surf.context_range.contains(ctx):
@@ -367,9 +485,11 @@ class Planner:
                     f"isl {inp.isl} outside measured prefill input lengths [{pre.input_range.lo:g}, "
                     f"{pre.input_range.hi:g}] for tp={tp}: TTFT extrapolated"
                 )
-        return _Eval(surf.key, c, step, itl, thr, tps, src, kv.max_concurrency, kv, ttft, flags)
+        return _Eval(surf.key, c, step, itl, thr, tps, acc, kv.max_concurrency, kv, ttft, flags)
 
-    def _choice(self, ev: _Eval, idx: int, inp: Inputs, limited_by: str) -> Choice:
+    def _choice(
+        self, ev: _Eval, idx: int, inp: Inputs, limited_by: str, evals: dict[ConfigKey, _Eval] | None = None
+    ) -> Choice:
         tp, method, k = ev.key
         c = int(ev.c[idx])
         pred = Prediction(
@@ -385,14 +505,7 @@ class Planner:
                 f"concurrency {c} is the largest measured at this context; the SLA and KV would "
                 "admit more (not extrapolated: measure higher concurrency)"
             )
-        args = ["--tensor-parallel-size", str(tp), "--max-num-seqs", str(c)]
-        if method != "none":
-            args += ["--speculative-config", _spec_config_json(method, k, self._drafter(method))]
-            if method != "ngram" and not self._drafter(method):
-                flags.append(f'no drafter recorded for {method}: add "model" to --speculative-config')
-        args += ["--max-model-len", str(inp.peak_context)]
-        model = served_model(self.profile.metadata.model.name)
-        return Choice(
+        ch = Choice(
             tp=tp,
             method=method,
             k=k,
@@ -400,11 +513,69 @@ class Planner:
             limited_by=limited_by,
             predicted=pred,
             kv=ev.kv,
-            acceptance_source=None if method == "none" else ev.acc_source,
-            vllm_serve_args=args,
-            vllm_serve_command=shlex.join(["vllm", "serve", model, *args]),
+            acceptance_source=None if method == "none" else ev.acc.source,
+            acceptance_kind=None if method == "none" else ev.acc.kind,
             flags=flags,
         )
+        if evals is not None and method != "none":
+            sched = self.schedule(tp, method, c, inp, evals)
+            ch.k_schedule = sched if len({band[2] for band in sched}) > 1 else None
+        return ch
+
+    def schedule(
+        self, tp: int, method: str, up_to: int, inp: Inputs, evals: dict[ConfigKey, _Eval]
+    ) -> Schedule:
+        """Best k of ``method`` (or 0: no speculation) per batch size 1..``up_to`` at ``tp``."""
+        curves = {
+            key[2]: KCurve(ev.c, ev.itl, ev.c_kv)
+            for key, ev in evals.items()
+            if key[0] == tp and key[1] in (method, "none")
+        }
+        return k_schedule(curves, up_to, inp.itl_ms)
+
+    def _attach_commands(self, ch: Choice, ev: _Eval, inp: Inputs) -> None:
+        """Serve commands for a feasible choice: for the profiled backend, plus a vLLM translation."""
+        meta = self.profile.metadata
+        acc = ev.acc
+        drafter = acc.drafter or self._drafter(ch.method)
+        if drafter is None and ch.method not in ("none", "ngram"):
+            drafter = prior_drafter(meta.model.name, ch.method)
+            if drafter:
+                ch.flags.append(f"drafter {drafter}: the one the literature prior was published with")
+        settings = acc.drafter_settings
+        sched = ch.k_schedule
+        k = max(band[2] for band in sched) if sched else ch.k
+        if ch.method == "ngram" and not lookup_window(settings)[1]:
+            ch.flags.append(
+                "the acceptance records no lookup window: the command states the engine's defaults "
+                "prompt_lookup_min=1 prompt_lookup_max=4 explicitly; measure with the window you serve"
+            )
+        if ch.method not in ("none", "ngram") and not drafter:
+            ch.flags.append(f'no drafter recorded for {ch.method}: name it ("model" in --speculative-config)')
+        if sched:
+            ch.flags.append(
+                f"k schedule {json.dumps(sched, separators=(',', ':'))}: num_speculative_tokens={k} is its "
+                f"largest k; {GPU_NOTE}"
+            )
+        args = vllm_args(ch.tp, ch.max_concurrency, inp.peak_context, ch.method, k, drafter, settings, sched)
+        ch.vllm_serve_args = args
+        ch.vllm_serve_command = join(["vllm", "serve", served_model(meta.model.name), *args])
+        if meta.backend == "engine":
+            model = getattr(meta, "served_model", None) or meta.model.name
+            ch.serve_backend = "engine"
+            ch.serve_command = join(
+                engine_args(
+                    model, ch.tp, ch.max_concurrency, inp.peak_context, ch.method, k, drafter, settings, sched
+                )
+            )
+            ch.flags.append("vllm_serve_command is a translation: the step times were measured on the engine")
+        else:
+            ch.serve_backend = "vllm"
+            ch.serve_command = ch.vllm_serve_command
+            if meta.backend != "vllm":
+                ch.flags.append(
+                    f"profiled with the {meta.backend} backend: the vLLM command is a translation"
+                )
 
     def _replicas(self, tp: int, concurrency: int, itl_ms: float, inp: Inputs) -> Replicas | None:
         if inp.request_rate is None:
@@ -456,11 +627,11 @@ class Planner:
         best = min(specs, key=lambda e: float(np.nanmin(e.itl)))
         return self.breakeven(ch.tp, best.key[1], best.key[2], evals)
 
-    def evaluations(self, inp: Inputs) -> dict[ConfigKey, _Eval]:
-        """Every config that has acceptance, evaluated over its measured concurrency range."""
+    def evaluations(self, inp: Inputs, prior_model: str | None = None) -> dict[ConfigKey, _Eval]:
+        """Every config that has acceptance (for ``inp.workload``), evaluated over its measured range."""
         out = {}
         for key, surf in self.surfaces.decode.items():
-            ev = self._evaluate(surf, inp, None, None)
+            ev = self._evaluate(surf, inp, None, None, prior_model)
             if not isinstance(ev, str):
                 out[key] = ev
         return out
@@ -468,6 +639,17 @@ class Planner:
     def curves(self, inp: Inputs) -> dict[ConfigKey, tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
         """(concurrency, ITL ms, throughput/GPU, KV max concurrency) per config with acceptance."""
         return {key: (ev.c, ev.itl, ev.thr, ev.c_kv) for key, ev in self.evaluations(inp).items()}
+
+    def _context_limit(self, inp: Inputs) -> str | None:
+        """Why ``isl + osl`` cannot run on this model (beyond its maximum position), or None."""
+        name = self.profile.metadata.model.name
+        limit = model_max_context(name)
+        if limit is not None and inp.peak_context > limit:
+            return (
+                f"context isl+osl={inp.peak_context} exceeds {name}'s maximum of {limit} tokens "
+                f"(configs/models/{name}.yaml max_position_embeddings): not extrapolated"
+            )
+        return None
 
     # ------------------------------------------------------------------ entry point
     def plan(
@@ -483,6 +665,8 @@ class Planner:
         draft_coverage: float | None = None,
         itl_correction: float = 1.0,
         alternatives: int = 3,
+        workload: str | None = None,
+        prior_model: str | None = None,
     ) -> PlanResult:
         """The feasible config with the highest throughput per GPU; see the module docstring."""
         is_number = isinstance(acceptance, float | int) and not isinstance(acceptance, bool)
@@ -490,16 +674,37 @@ class Planner:
             raise PlanInputError("acceptance", acceptance, "must be within [0, 1]")
         if draft_coverage is not None and not 0.0 <= draft_coverage <= 1.0:
             raise PlanInputError("draft_coverage", draft_coverage, "must be within [0, 1]")
-        inp = self.resolve_inputs(itl_ms, ttft_ms, isl, osl, request_rate, max_gpus, itl_correction)
+        if prior_model is not None and prior_model not in load_priors().models:
+            known = ", ".join(sorted(load_priors().models))
+            raise PlanInputError("prior_model", prior_model, f"no literature prior for it; known: {known}")
+        inp = self.resolve_inputs(itl_ms, ttft_ms, isl, osl, request_rate, max_gpus, itl_correction, workload)
+        meta = self.profile.metadata
+        common = {
+            "profile": self.name,
+            "source": meta.source,
+            "warning": SYNTHETIC_WARNING if meta.source == "synthetic" else None,
+            "model": meta.model.name,
+            "hardware": f"{meta.hardware.gpu_name} x{meta.hardware.gpu_count}",
+            "inputs": inp,
+        }
+        too_long = self._context_limit(inp)
+        if too_long is not None:
+            return PlanResult(
+                feasible=False,
+                choice=None,
+                binding="context",
+                message=f"infeasible (context): {too_long}",
+                **common,
+            )
         evals: dict[ConfigKey, _Eval] = {}
         rejected: list[Rejected] = []
         lowest: tuple[float, _Eval, int] | None = None
         feasible: list[tuple[float, _Eval, int, str, Replicas | None]] = []
         for key, surf in self.surfaces.decode.items():
             tp, method, k = key
-            ev = self._evaluate(surf, inp, acceptance, draft_coverage)
+            ev = self._evaluate(surf, inp, acceptance, draft_coverage, prior_model)
             if isinstance(ev, str):
-                rejected.append(Rejected(tp=tp, method=method, k=k, reason=ev))
+                rejected.append(Rejected(tp=tp, method=method, k=k, reason=ev, limit="acceptance"))
                 continue
             evals[key] = ev
             fits_kv = ev.c <= ev.c_kv
@@ -507,7 +712,7 @@ class Planner:
             if not valid.any():
                 rejected.append(
                     Rejected(
-                        tp=tp, method=method, k=k,
+                        tp=tp, method=method, k=k, limit="kv",
                         reason=f"KV holds {ev.c_kv} sequences at context {inp.peak_context} with k={k}, "
                         f"below the smallest measured concurrency {int(ev.c[0])}",
                     )
@@ -517,18 +722,32 @@ class Planner:
             best_itl = float(ev.itl[i_min])
             if (max_gpus is None or tp <= max_gpus) and (lowest is None or best_itl < lowest[0]):
                 lowest = (best_itl, ev, i_min)
-            reason = None
-            if max_gpus is not None and tp > max_gpus:
-                reason = f"tp={tp} exceeds max_gpus={max_gpus}"
-            elif inp.ttft_ms is not None and ev.ttft is not None and ev.ttft > inp.ttft_ms:
-                reason = f"TTFT {ev.ttft:.1f} ms at isl={inp.isl} exceeds ttft_ms={inp.ttft_ms:g}"
-            elif inp.ttft_ms is not None and ev.ttft is None:
-                reason = f"no prefill measured for tp={tp}: cannot check ttft_ms"
             ok = valid & (ev.itl <= inp.itl_ms)
-            if reason is None and not ok.any():
+            meets = bool(ok.any())
+            reason, limit = None, "sla"
+            if max_gpus is not None and tp > max_gpus:
+                reason, limit = f"tp={tp} exceeds max_gpus={max_gpus}", "max_gpus"
+            elif inp.ttft_ms is not None and ev.ttft is not None and ev.ttft > inp.ttft_ms:
+                reason, limit = (
+                    f"TTFT {ev.ttft:.1f} ms at isl={inp.isl} exceeds ttft_ms={inp.ttft_ms:g}",
+                    "ttft",
+                )
+            elif inp.ttft_ms is not None and ev.ttft is None:
+                reason, limit = f"no prefill measured for tp={tp}: cannot check ttft_ms", "ttft"
+            if reason is None and not meets:
                 reason = f"lowest ITL {best_itl:.2f} ms exceeds itl_ms={inp.itl_ms:g}"
             if reason is not None:
-                rejected.append(Rejected(tp=tp, method=method, k=k, reason=reason, best_itl_ms=best_itl))
+                rejected.append(
+                    Rejected(
+                        tp=tp,
+                        method=method,
+                        k=k,
+                        reason=reason,
+                        limit=limit,
+                        meets_itl=meets,
+                        best_itl_ms=best_itl,
+                    )
+                )
                 continue
             thr = np.where(ok, ev.thr, -np.inf)
             idx = int(np.flatnonzero(thr == thr.max())[-1])
@@ -545,7 +764,7 @@ class Planner:
             if max_gpus is not None and reps is not None and reps.gpus_total > max_gpus:
                 rejected.append(
                     Rejected(
-                        tp=tp, method=method, k=k, best_itl_ms=best_itl,
+                        tp=tp, method=method, k=k, best_itl_ms=best_itl, limit="max_gpus", meets_itl=True,
                         reason=f"request_rate={inp.request_rate:g} needs {reps.gpus_total} GPUs "
                         f"> max_gpus={max_gpus}",
                     )
@@ -555,49 +774,134 @@ class Planner:
         feasible.sort(key=lambda f: (-f[0], f[1].key[0], f[1].key[2]))
         choices = []
         for _, ev, idx, limited, reps in feasible[: 1 + alternatives]:
-            ch = self._choice(ev, idx, inp, limited)
+            ch = self._choice(ev, idx, inp, limited, evals)
             ch.replicas = reps
+            self._attach_commands(ch, ev, inp)
             choices.append(ch)
-        meta = self.profile.metadata
-        common = {
-            "profile": self.name,
-            "source": meta.source,
-            "warning": SYNTHETIC_WARNING if meta.source == "synthetic" else None,
-            "model": meta.model.name,
-            "hardware": f"{meta.hardware.gpu_name} x{meta.hardware.gpu_count}",
-            "inputs": inp,
-            "rejected": rejected,
-        }
+        common["rejected"] = rejected
+        lowest_itl = lowest[0] if lowest else None
         if choices:
             best = choices[0]
             best.speculation_breakeven = self._breakeven_for(best, evals)
+            summary = self._speculation(best, feasible, rejected, evals, inp)
             return PlanResult(
                 feasible=True,
                 choice=best,
                 alternatives=choices[1:],
-                lowest_achievable_itl_ms=lowest[0] if lowest else None,
+                lowest_achievable_itl_ms=lowest_itl,
+                binding=best.limited_by,
+                speculation=summary,
                 message=(
                     f"tp={best.tp} {best.method} k={best.k} at up to {best.max_concurrency} concurrent "
                     f"sequences per replica: ITL {best.predicted.itl_ms:.2f} ms, "
-                    f"{best.predicted.throughput_per_gpu:.0f} tok/s/GPU"
+                    f"{best.predicted.throughput_per_gpu:.0f} tok/s/GPU "
+                    f"(concurrency bound: {LIMIT_LABELS.get(best.limited_by, best.limited_by)})"
                 ),
                 **common,
             )
         choice = None
         if lowest is not None:
             _, ev, i_min = lowest
-            choice = self._choice(ev, i_min, inp, "sla")
+            choice = self._choice(ev, i_min, inp, "sla")  # shown for reference: no command, no replicas
             choice.speculation_breakeven = self._breakeven_for(choice, evals)
-            choice.replicas = self._replicas(choice.tp, choice.max_concurrency, choice.predicted.itl_ms, inp)
+        binding, message = self._why_infeasible(rejected, inp, lowest)
         return PlanResult(
             feasible=False,
             choice=choice,
-            lowest_achievable_itl_ms=lowest[0] if lowest else None,
-            message=(
-                f"infeasible: the lowest achievable ITL is {lowest[0]:.2f} ms "
-                f"(tp={choice.tp} {choice.method} k={choice.k} at concurrency {choice.max_concurrency})"
-                if lowest and choice
-                else "infeasible: no configuration of this profile can run the requested context"
-            ),
+            lowest_achievable_itl_ms=lowest_itl,
+            binding=binding,
+            speculation=self._speculation(None, feasible, rejected, evals, inp),
+            message=message,
             **common,
         )
+
+    def _why_infeasible(
+        self, rejected: list[Rejected], inp: Inputs, lowest: tuple[float, _Eval, int] | None
+    ) -> tuple[str, str]:
+        """The binding limit of an infeasible plan and a headline that names it."""
+        blocked = [r for r in rejected if r.meets_itl]
+        if blocked:  # the ITL SLA can be met: another limit excluded every config that meets it
+            first = min(blocked, key=lambda r: r.best_itl_ms or math.inf)
+            return first.limit, (
+                f"infeasible ({LIMIT_LABELS[first.limit]}): {len(blocked)} configuration(s) meet "
+                f"ITL <= {inp.itl_ms:g} ms, but {first.reason} (tp={first.tp} {first.method} k={first.k})"
+            )
+        if lowest is not None:
+            best_itl, ev, i_min = lowest
+            tp, method, k = ev.key
+            return "sla", (
+                f"infeasible (ITL SLA): the lowest achievable ITL is {best_itl:.2f} ms "
+                f"(tp={tp} {method} k={k} at concurrency {int(ev.c[i_min])}) > itl_ms={inp.itl_ms:g}"
+            )
+        limits = {r.limit for r in rejected}
+        if limits == {"acceptance"}:
+            return "acceptance", f"infeasible (acceptance): {rejected[0].reason}"
+        if "kv" in limits:
+            kv = next(r for r in rejected if r.limit == "kv")
+            return "kv", f"infeasible (KV): {kv.reason}"
+        first = rejected[0] if rejected else None
+        return (first.limit if first else "sla"), (
+            f"infeasible ({LIMIT_LABELS.get(first.limit, first.limit)}): {first.reason}"
+            if first
+            else "infeasible: no configuration of this profile can run the requested context"
+        )
+
+    def _speculation(
+        self,
+        best: Choice | None,
+        feasible: list[tuple[float, _Eval, int, str, Replicas | None]],
+        rejected: list[Rejected],
+        evals: dict[ConfigKey, _Eval],
+        inp: Inputs,
+    ) -> list[MethodSummary]:
+        """Per speculative method in the profile: its best config and why it won, lost or was excluded."""
+        out = []
+        methods = sorted({key[1] for key in self.surfaces.decode} - {"none"})
+        for method in methods:
+            mine = [f for f in feasible if f[1].key[1] == method]
+            if mine:
+                thr, ev, idx, _, _ = mine[0]  # feasible is sorted best first
+                tp, _, k = ev.key
+                sched = self.schedule(tp, method, int(ev.c[idx]), inp, evals)
+                common = dict(
+                    method=method, tp=tp, k=k, max_concurrency=int(ev.c[idx]), itl_ms=float(ev.itl[idx]),
+                    throughput_per_gpu=thr, acceptance_source=ev.acc.source,
+                    k_schedule=sched if len({b[2] for b in sched}) > 1 else None,
+                )  # fmt: skip
+                if best is not None and (best.tp, best.method, best.k) == ev.key:
+                    out.append(MethodSummary(status="chosen", reason="highest throughput per GPU", **common))
+                else:
+                    assert best is not None
+                    reason = (
+                        f"lost to {best.method} k={best.k} (tp={best.tp}): {thr:.0f} vs "
+                        f"{best.predicted.throughput_per_gpu:.0f} tok/s/GPU within the SLA"
+                    )
+                    out.append(MethodSummary(status="lost", reason=reason, **common))
+                continue
+            rej = [r for r in rejected if r.method == method]
+            if not rej:
+                continue
+            scored = [r for r in rej if r.best_itl_ms is not None]
+            top = min(scored, key=lambda r: r.best_itl_ms) if scored else rej[0]  # type: ignore[arg-type,return-value]
+            ev = evals.get((top.tp, method, top.k))
+            ks = sorted({r.k for r in rej})
+            out.append(
+                MethodSummary(
+                    method=method, status="excluded", tp=top.tp, k=top.k, itl_ms=top.best_itl_ms,
+                    acceptance_source=ev.acc.source if ev else None,
+                    reason=f"k={ks[0]}..{ks[-1]} excluded; best k={top.k}: {top.reason}",
+                )
+            )  # fmt: skip
+        return out
+
+
+LIMIT_LABELS = {
+    "sla": "ITL SLA",
+    "ttft": "TTFT",
+    "max_gpus": "max_gpus",
+    "kv": "KV",
+    "context": "context",
+    "acceptance": "acceptance",
+    "measured_range": "largest measured concurrency",
+    "throughput": "throughput peak",
+}

@@ -186,16 +186,19 @@ class PrefillPoint(_Strict):
 class AcceptanceSource(_Strict):
     """Where an acceptance number came from; a measured one names its dataset and model."""
 
-    kind: Literal["measured", "live", "given"]
+    kind: Literal["measured", "live", "given", "prior"]
     dataset: str | None = None
     model: str | None = None
     drafter: str | None = None
     detail: str | None = None
+    citation: str | None = Field(default=None, description="published source of a 'prior' acceptance")
 
     @model_validator(mode="after")
     def _measured_names_inputs(self) -> AcceptanceSource:
         if self.kind == "measured" and (not self.dataset or not self.model):
             raise ValueError("a measured acceptance source needs dataset and model")
+        if self.kind == "prior" and not self.citation:
+            raise ValueError("a prior acceptance source needs its citation")
         return self
 
 
@@ -209,6 +212,10 @@ class Acceptance(_Strict):
     source: AcceptanceSource
     samples: int = Field(
         default=0, ge=0, le=MAX_INT, description="decode steps (or drafts) behind the numbers"
+    )
+    workload: str | None = Field(default=None, description="Spec-Bench category; None = the whole mix")
+    drafter_settings: dict[str, str | int | float] | None = Field(
+        default=None, description="drafter settings the acceptance was measured with (lookup window, drafter)"
     )
 
     @model_validator(mode="after")

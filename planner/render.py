@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from planner.plan import Choice, PlanResult
+from planner.plan import Choice, MethodSummary, PlanResult
 
 
 def _row(label: str, ch: Choice) -> list[str]:
@@ -39,11 +39,14 @@ def render_plan(res: PlanResult) -> str:
     out.append(f"profile {res.profile} ({res.source}): {res.model} on {res.hardware}")
     i = res.inputs
     sla = f"ITL <= {i.itl_ms:g} ms" + (f", TTFT <= {i.ttft_ms:g} ms" if i.ttft_ms else "")
-    out.append(f"SLA {sla}; isl={i.isl} osl={i.osl} (decode context {i.decode_context:g})")
+    out.append(
+        f"SLA {sla}; isl={i.isl} osl={i.osl} (decode context {i.decode_context:g}); workload {i.workload}"
+    )
     for note in i.assumptions:
         out.append(f"  assumed: {note}")
     out.append(("FEASIBLE: " if res.feasible else "INFEASIBLE: ") + res.message)
     if res.choice is None:
+        out += _speculation(res.speculation)
         return "\n".join(out)
     header = ["", "tp", "method", "k", "max_conc", "limited_by", "ITL_ms", "TTFT_ms", "tok/step", "tok/s/GPU"]
     rows = [_row("choice" if res.feasible else "lowest ITL", res.choice)]
@@ -56,6 +59,7 @@ def render_plan(res: PlanResult) -> str:
     )
     if ch.acceptance_source:
         out.append(f"acceptance: {ch.acceptance_source}")
+    out += _speculation(res.speculation)
     if ch.speculation_breakeven is not None:
         b = ch.speculation_breakeven
         where = (
@@ -77,5 +81,31 @@ def render_plan(res: PlanResult) -> str:
         )
     for f in ch.flags:
         out.append(f"note: {f}")
-    out.append(f"serve: {ch.vllm_serve_command}")
+    if not res.feasible or ch.serve_command is None:
+        out.append("serve: none (the plan is infeasible)")
+        return "\n".join(out)
+    out.append(f"serve: {ch.serve_command}")
+    if ch.serve_backend == "engine" and ch.vllm_serve_command:
+        out.append(f"vllm (translation): {ch.vllm_serve_command}")
     return "\n".join(out)
+
+
+def _speculation(items: list[MethodSummary]) -> list[str]:
+    """One line per speculative method: its best config and why it won, lost or was excluded."""
+    if not items:
+        return []
+    out = ["speculation:"]
+    for m in items:
+        where = f" tp={m.tp} k={m.k}" if m.k is not None else ""
+        at = f" at c={m.max_concurrency}" if m.max_concurrency is not None else ""
+        perf = (
+            f": ITL {m.itl_ms:.2f} ms, {m.throughput_per_gpu:.0f} tok/s/GPU"
+            if m.throughput_per_gpu is not None and m.itl_ms is not None
+            else ""
+        )
+        out.append(f"  {m.method} {m.status}{where}{at}{perf}; {m.reason}")
+        if m.k_schedule:
+            out.append(f"    k schedule per batch size [first, last, k]: {m.k_schedule}")
+        if m.acceptance_source:
+            out.append(f"    acceptance source: {m.acceptance_source}")
+    return out

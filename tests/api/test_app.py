@@ -166,3 +166,14 @@ def test_response_cache_replays_bytes_and_is_cleared_by_uploads(client: TestClie
     # with two profiles the same query is now ambiguous: a stale cached 200 would be wrong
     r = client.get("/plan?itl_ms=30")
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "profile"]
+
+
+def test_plan_takes_a_workload(client: TestClient) -> None:
+    params = {"itl_ms": 20, "isl": 512, "osl": 256}
+    mix = client.get("/plan", params=params).json()
+    summ = client.get("/plan", params={**params, "workload": "summarization"}).json()
+    assert mix["inputs"]["workload"] == "mix" and summ["inputs"]["workload"] == "summarization"
+    want = Planner(load_profile(SYN), "syn").plan(20, isl=512, osl=256, workload="summarization")
+    assert summ["speculation"] == json.loads(want.model_dump_json())["speculation"]
+    bad = client.get("/plan", params={**params, "workload": "poetry"})
+    assert bad.status_code == 422 and "workload" in bad.text and "poetry" in bad.text

@@ -24,7 +24,7 @@ def test_plan_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("WARNING: profile source is 'synthetic'")
     assert f"FEASIBLE: {want.message}" in out
     assert "choice" in out and out.count("alt ") == 3
-    assert f"serve: {want.choice.vllm_serve_command}" in out
+    assert f"serve: {want.choice.serve_command}" in out
     assert f"for 20 req/s: decode {want.choice.replicas.decode_replicas} replica(s)" in out
 
 

@@ -102,7 +102,7 @@ def test_kv_capacity_with_lookahead_bounds_concurrency(planner: Planner) -> None
 
 
 def test_context_outside_measured_range_is_flagged(planner: Planner) -> None:
-    res = planner.plan(60.0, isl=1900, osl=200)  # decode context 2000 > largest measured 1536
+    res = planner.plan(60.0, isl=1800, osl=200)  # decode context 1900 > largest measured 1536
     flags = [f for ch in [res.choice, *res.alternatives] for f in ch.flags]
     assert any("outside measured" in f and "extrapolated" in f for f in flags)
     inside = planner.plan(60.0, isl=512, osl=256)
@@ -155,7 +155,10 @@ def test_acceptance_override_and_vllm_args(planner: Planner) -> None:
             assert "given" in ch.acceptance_source
             args = ch.vllm_serve_args
             spec = json.loads(args[args.index("--speculative-config") + 1])
-            assert spec["num_speculative_tokens"] == ch.k and spec["method"] == ch.method
+            sched = ch.k_schedule
+            assert spec["num_speculative_tokens"] == (max(b[2] for b in sched) if sched else ch.k)
+            assert spec.get("num_speculative_tokens_per_batch_size") == sched
+            assert spec["method"] == {"draft": "draft_model"}.get(ch.method, ch.method)
         assert ch.vllm_serve_args[:4] == ["--tensor-parallel-size", str(ch.tp), "--max-num-seqs",
                                           str(ch.max_concurrency)]  # fmt: skip
         # the preset name resolves to its Hugging Face id from configs/models/vicuna-7b.yaml
@@ -173,6 +176,7 @@ def test_acceptance_derived_from_larger_k_and_missing_acceptance() -> None:
     prof.acceptance = [a for a in prof.acceptance if a.method == "ngram"]
     big = synthetic_profile(M, configs=(("ngram", 4),), tps=(1,)).acceptance[0]
     prof.acceptance = [big]  # only k=4 known: k=2 uses its first two positions
+    prof.metadata.model.name = "model-without-prior"  # else the literature prior fills draft in
     pl = Planner(prof, "p")
     res = pl.plan(30.0, isl=512, osl=256)
     ng = next(ch for ch in [res.choice, *res.alternatives] if ch.method == "ngram")
@@ -211,6 +215,7 @@ def test_correction_factor_scales_predictions(planner: Planner) -> None:
 def test_real_weight_sweeps_fall_back_to_measured_tokens_per_step() -> None:
     prof = synthetic_profile(M, configs=(("none", 0), ("ngram", 2)), tps=(1,))
     prof.acceptance = []
+    prof.metadata.model.name = "model-without-prior"
     assert any("no acceptance" in r.reason for r in Planner(prof, "p").plan(30.0).rejected)
     prof.metadata.weights = "real"  # tokens per step in the decode points now come from a real model
     for i, p in enumerate(prof.decode):
