@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
+from api.default_profile import DefaultProfile, host_gpu_names, pick_default
 from api.fastpath import PlanFastPath, PlanResponseCache
 from api.metrics import ApiMetrics
 from api.store import ID_PATTERN, ProfileStore, ProfileSummary, summarize
@@ -56,6 +57,8 @@ class Health(BaseModel):
     profiles: int
     profile_load_errors: dict[str, str]
     correction: str
+    default_profile: str | None = None
+    default_profile_reason: str | None = None
 
 
 class CorrectionAnswer(BaseModel):
@@ -75,8 +78,19 @@ def create_app(
     daemon: DaemonConfig | None = None,
     daemon_profile: str | None = None,
     connector: str = "log",
+    default_profile: str | None = None,
 ) -> FastAPI:
     store = ProfileStore(profiles_dir)
+    if default_profile is not None and default_profile not in store.planners:
+        raise ValueError(
+            f"default_profile={default_profile!r}: name one of the loaded profiles {store.ids()}"
+        )
+    host_gpus = host_gpu_names()
+
+    def default() -> DefaultProfile | None:
+        profiles = {pid: pl.profile for pid, pl in store.planners.items()}
+        return pick_default(profiles, host_gpus, default_profile)
+
     metrics = ApiMetrics()
     responses = PlanResponseCache()
     holder: dict[str, CorrectionDaemon] = {}
@@ -106,10 +120,13 @@ def create_app(
         version="0.1.0",
         description="SLA-driven capacity planning for LLM decoding with speculative decoding.",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN: blank offline; /docs is served below
+        redoc_url=None,
     )
     app.state.store = store
     app.state.daemons = holder
     app.state.metrics = metrics
+    app.state.default_profile = default
 
     @app.exception_handler(PlanInputError)
     async def _plan_input(_: Request, exc: PlanInputError) -> JSONResponse:
@@ -127,11 +144,14 @@ def create_app(
     def planner_for(profile: str | None) -> tuple[str, Planner]:
         ids = store.ids()
         if profile is None:
-            if len(ids) == 1:
-                return ids[0], store.planners[ids[0]]
             if not ids:
                 raise HTTPException(404, "no profiles are loaded; POST /profiles to add one")
-            raise PlanInputError("profile", None, f"required when several profiles are loaded: {ids}")
+            chosen = default()
+            if chosen is None:
+                raise PlanInputError(
+                    "profile", None, f"required: no measured profile to default to among {ids}"
+                )
+            return chosen.id, store.planners[chosen.id]
         if profile not in store.planners:
             raise HTTPException(404, f"profile {profile!r} not found; loaded: {ids}")
         return profile, store.planners[profile]
@@ -149,7 +169,9 @@ def create_app(
             float | None, Query(ge=0, le=1, allow_inf_nan=False, description="given per-position rate")
         ] = None,
         draft_coverage: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
-        profile: Annotated[str | None, Query(max_length=100)] = None,
+        profile: Annotated[
+            str | None, Query(max_length=100, description="profile id (default: see GET /healthz)")
+        ] = None,
         corrected: Annotated[bool, Query(description="apply the live correction daemon's factor")] = False,
     ) -> Response:
         t0 = time.perf_counter()
@@ -236,7 +258,10 @@ def create_app(
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
         stale = [pid for pid, d in holder.items() if d.state.stale]
+        chosen = default()
         return Health(
+            default_profile=chosen.id if chosen else None,
+            default_profile_reason=chosen.reason if chosen else None,
             status="ok",
             profiles=len(store.ids()),
             profile_load_errors=store.load_errors,
@@ -253,19 +278,33 @@ def create_app(
         metrics.update_daemons(holder)
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        from api.docs_page import render_docs
+
+        return HTMLResponse(render_docs(app.openapi()))
+
     @app.get("/", response_class=HTMLResponse, responses=ERRORS)
     def dashboard(
         itl_ms: Annotated[float, Query(**Pos)] = 30.0,
         isl: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
         osl: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+        acceptance: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
+        draft_coverage: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
         profile: Annotated[str | None, Query(max_length=100)] = None,
     ) -> HTMLResponse:
-        from api.page import render_page
+        from api.page import PageQuery, render_page
 
         if not store.ids():
             return HTMLResponse("<h1>specplan planner</h1><p>No profiles loaded.</p>")
-        pid, planner = planner_for(profile)
-        return HTMLResponse(render_page(pid, planner, store.ids(), itl_ms=itl_ms, isl=isl, osl=osl))
+        pid, _ = planner_for(profile)
+        chosen = default()
+        query = PageQuery(itl_ms, isl, osl, acceptance, draft_coverage)
+        page = render_page(
+            pid, dict(store.planners), query,
+            default=chosen.id if chosen else None, default_reason=chosen.reason if chosen else None,
+        )  # fmt: skip
+        return HTMLResponse(page)
 
     metrics.profiles.set(len(store.ids()))
     app.add_middleware(PlanFastPath, cache=responses, observe=metrics.plan_seconds.observe)

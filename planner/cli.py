@@ -62,7 +62,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
             smoothing=a.smoothing,
             **_sla_kwargs(a),
         )
-    app = create_app(a.profiles, daemon=daemon_cfg, daemon_profile=a.daemon_profile, connector=a.connector)
+    app = create_app(
+        a.profiles,
+        daemon=daemon_cfg,
+        daemon_profile=a.daemon_profile,
+        connector=a.connector,
+        default_profile=a.default_profile,
+    )
+    store = app.state.store
+    chosen = app.state.default_profile()
+    print(f"planner serve: loaded {len(store.ids())} profiles from {a.profiles}: {', '.join(store.ids())}")
+    for pid, err in store.load_errors.items():
+        print(f"planner serve: skipped {pid}: {err}")
+    if chosen is not None:
+        print(f"planner serve: default profile {chosen.id} ({chosen.reason})")
+    print(
+        f"planner serve: listening on http://{a.host}:{a.port} (dashboard /, API reference /docs)", flush=True
+    )
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False)
     return 0
 
@@ -127,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning")
     p.add_argument("--metrics-url", help="run the correction daemon against this /metrics URL")
     p.add_argument("--daemon-profile", help="profile id the daemon corrects (default: the only one)")
+    p.add_argument(
+        "--default-profile",
+        help="profile id that answers queries naming none (default: the only one, else the newest measured "
+        "profile for this host's GPU, else the newest measured one; never a synthetic one)",
+    )
     _sla_args(p, itl_required=False)
     _daemon_args(p)
     p.set_defaults(fn=cmd_serve)

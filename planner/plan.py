@@ -428,18 +428,23 @@ class Planner:
         best = min(specs, key=lambda e: float(np.nanmin(e.itl)))
         return self.breakeven(ch.tp, best.key[1], best.key[2], evals)
 
-    def evaluations(self, inp: Inputs) -> dict[ConfigKey, _Eval]:
+    def evaluations(
+        self, inp: Inputs, acceptance: AcceptanceOverride = None, draft_coverage: float | None = None
+    ) -> dict[ConfigKey, _Eval]:
         """Every config that has acceptance, evaluated over its measured concurrency range."""
         out = {}
         for key, surf in self.surfaces.decode.items():
-            ev = self._evaluate(surf, inp, None, None)
+            ev = self._evaluate(surf, inp, acceptance, draft_coverage)
             if not isinstance(ev, str):
                 out[key] = ev
         return out
 
-    def curves(self, inp: Inputs) -> dict[ConfigKey, tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    def curves(
+        self, inp: Inputs, acceptance: AcceptanceOverride = None, draft_coverage: float | None = None
+    ) -> dict[ConfigKey, tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
         """(concurrency, ITL ms, throughput/GPU, KV max concurrency) per config with acceptance."""
-        return {key: (ev.c, ev.itl, ev.thr, ev.c_kv) for key, ev in self.evaluations(inp).items()}
+        evals = self.evaluations(inp, acceptance, draft_coverage)
+        return {key: (ev.c, ev.itl, ev.thr, ev.c_kv) for key, ev in evals.items()}
 
     # ------------------------------------------------------------------ entry point
     def plan(

@@ -60,3 +60,10 @@ def test_serve_answers_plans_and_reports_a_dead_metrics_endpoint(server: str) ->
     corrected = httpx.get(f"{server}/plan", params={"itl_ms": 30, "corrected": "true"}).json()
     assert corrected["inputs"]["itl_correction"] == 1.0 and corrected["choice"] == plan["choice"]
     assert httpx.get(f"{server}/healthz").json()["correction"] == "stale: syn"
+
+
+def test_serve_prints_its_url_profiles_and_default(server: str, tmp_path: Path) -> None:
+    out = (tmp_path / "serve.log").read_text()
+    assert "planner serve: loaded 1 profiles from" in out and ": syn" in out
+    assert "default profile syn (the only loaded profile)" in out
+    assert f"listening on {server} (dashboard /, API reference /docs)" in out
