@@ -17,12 +17,12 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, Field
 
+import configs
 from kvbm import capacity
 from planner.metrics_def import tokens_per_step as _tokens_per_step
 from planner.profile import Acceptance, AcceptanceSource, Profile
@@ -195,7 +195,7 @@ def _describe_source(src: AcceptanceSource) -> str:
     return ", ".join(parts)
 
 
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+MODEL_CONFIGS = configs.MODELS
 
 
 @lru_cache(maxsize=64)
