@@ -1,4 +1,4 @@
-"""Model shapes for remote profiles: the torch-free count equals the engine's for every preset and HF config."""
+"""Model shapes for remote profiles: the torch-free count equals the engine's for presets and HF configs."""
 
 from __future__ import annotations
 
