@@ -81,8 +81,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     if not a.no_plots:
         from profiler.plots import plot_all
 
-        acc = _given_acceptance(profile, cfg.acceptance)
-        paths = plot_all(profile, out.parent / f"{out.stem}-plots", acc)
+        paths = plot_all(profile, out.parent / f"{out.stem}-plots", cfg.acceptance, cfg.sla_itl_ms, out.stem)
         print(f"plots: {', '.join(str(p) for p in paths)}")
     _print_plan(out, cfg.sla_itl_ms, cfg.acceptance)
     return 0
@@ -98,15 +97,6 @@ def _check_model(model: str) -> None:
         resolve_model(model)
     except Exception as exc:  # noqa: BLE001 - engine errors name the model and the presets
         raise GridError(f"field 'model': {exc}") from None
-
-
-def _given_acceptance(profile, alpha: float | None) -> dict[tuple[str, int], float] | None:
-    if alpha is None or profile.metadata.weights == "real":
-        return None
-    from planner.metrics_def import tokens_per_step
-
-    keys = {(p.method, p.k) for p in profile.decode if p.method != "none"}
-    return {(m, k): tokens_per_step(1.0, [alpha ** (i + 1) for i in range(k)]) for m, k in keys}
 
 
 def _print_plan(out: Path, itl_ms: float, acceptance: float | None) -> None:
@@ -150,7 +140,7 @@ def cmd_plot(a: argparse.Namespace) -> int:
     except ProfileError as exc:
         print(f"profiler plot: {exc}", file=sys.stderr)
         return 2
-    for p in plot_all(profile, Path(a.out), _given_acceptance(profile, a.acceptance)):
+    for p in plot_all(profile, Path(a.out), a.acceptance, a.itl_ms, Path(a.profile).stem):
         print(p)
     return 0
 
@@ -201,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("profile")
     pl.add_argument("--out", default="plots")
     pl.add_argument("--acceptance", type=float, help="per-position acceptance for random-weight profiles")
+    pl.add_argument("--itl-ms", type=float, default=25.0, help="ITL SLA drawn and planned for")
     pl.set_defaults(fn=cmd_plot)
 
     v = sub.add_parser("validate", help="closed-loop load at off-grid points vs the profile's prediction")
