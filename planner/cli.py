@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from planner.cli_help import use_everywhere
 from planner.plan import PlanInputError, Planner
 from planner.profile import ProfileError, load_profile, save_profile
 
@@ -116,16 +117,28 @@ def cmd_synthetic(a: argparse.Namespace) -> int:
 
 
 def _daemon_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--interval", type=float, default=10.0, help="seconds between scrapes")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between scrapes of --metrics-url")
     p.add_argument("--tp", type=int, help="running config (default: the plan's choice)")
     p.add_argument("--method", help="running speculative method (default: the plan's choice)")
     p.add_argument("--k", type=int, help="running num_speculative_tokens (default: the plan's choice)")
-    p.add_argument("--smoothing", type=float, default=0.3, help="EMA weight of the newest window")
-    p.add_argument("--connector", default="log", help="log | file:PATH | http(s)://callback")
+    p.add_argument(
+        "--smoothing",
+        type=float,
+        default=0.3,
+        help="EMA weight of the newest window in the correction factor",
+    )
+    p.add_argument(
+        "--connector", default="log", help="where decisions go: log | file:PATH | http(s)://callback"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="planner", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="planner",
+        description="Plan tensor-parallel size, speculative method, k, concurrency and replicas under an "
+        "ITL SLA from a measured profile (plan); serve plans over HTTP with a dashboard (serve); keep a plan "
+        "honest against a live engine's metrics (daemon); write the analytic example profile (synthetic).",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("plan", help="choose tp, method, k, concurrency and replicas under an SLA")
@@ -138,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP API and dashboard over a directory of profiles")
     p.add_argument("--profiles", required=True, help="directory of profile JSON files")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (debug, info, warning, error)")
     p.add_argument("--metrics-url", help="run the correction daemon against this /metrics URL")
     p.add_argument("--daemon-profile", help="profile id the daemon corrects (default: the only one)")
     p.add_argument(
@@ -153,18 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("daemon", help="correction-factor daemon against a live /metrics endpoint")
-    p.add_argument("--profile", required=True)
-    p.add_argument("--metrics-url", required=True)
+    p.add_argument("--profile", required=True, help="profile JSON file to plan from and correct")
+    p.add_argument(
+        "--metrics-url",
+        required=True,
+        help="Prometheus /metrics URL of the running engine (vLLM or engine serve)",
+    )
     p.add_argument("--max-ticks", type=int, help="stop after this many scrapes (default: run forever)")
     _sla_args(p)
     _daemon_args(p)
     p.set_defaults(fn=cmd_daemon)
 
     p = sub.add_parser("synthetic", help="write the documented analytic profile (source: synthetic)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="profile JSON file to write")
     p.add_argument("--command", help="command string to record (default: this command line)")
     p.set_defaults(fn=cmd_synthetic)
-    return ap
+    return use_everywhere(ap)
 
 
 def main(argv: list[str] | None = None) -> int:
