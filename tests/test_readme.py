@@ -1,6 +1,6 @@
 """Every code block of README.md runs, in a form that fits a CPU machine, and shows what the README says.
 
-- ``python`` blocks run as a script; a ``print(...)  # VALUE`` comment is the expected output line.
+- ``python`` blocks run as a script; a ``print(...)  # VALUE: why`` comment is the expected output line.
 - ``bash`` blocks run line by line; ``console`` blocks run their ``$`` lines and the lines after a command
   are its expected output (``...`` elides). ``profiler``, ``planner`` and ``engine`` run as
   ``python -m <package>.cli`` from this checkout; a ``serve`` command starts in the background on a free
@@ -165,10 +165,7 @@ class Runner:
         while time.monotonic() < deadline:
             assert proc.poll() is None, Path(log.name).read_text()
             try:
-                if (
-                    httpx.get(base + ("/healthz" if cmd.startswith("planner") else "/health")).status_code
-                    == 200
-                ):
+                if httpx.get(health).status_code == 200:
                     return 0, Path(log.name).read_text()
             except httpx.TransportError:
                 time.sleep(0.3)
@@ -248,7 +245,9 @@ def test_python_block(block: Block, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    expected = [line.split("#")[-1].strip() for line in block.text.splitlines() if line.startswith("print(")]
+    # ``print(x)  # VALUE: explanation``: VALUE is the line printed
+    shown = [line.split("#")[-1] for line in block.text.splitlines() if line.startswith("print(")]
+    expected = [c.split(":")[0].strip() for c in shown]
     assert proc.stdout.splitlines() == [e for e in expected if e], proc.stdout
 
 
