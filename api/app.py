@@ -18,7 +18,7 @@ from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator, Field
 
 from api.default_profile import DefaultProfile, host_gpu_names, pick_default
 from api.fastpath import PlanFastPath, PlanResponseCache
@@ -31,6 +31,8 @@ from planner.profile import Profile
 
 log = logging.getLogger("api")
 
+# The dashboard's form sends its empty fields as empty strings: an empty field means "not given".
+Blank = BeforeValidator(lambda v: None if v == "" else v)
 # A positive, finite query number (FastAPI passes these straight to pydantic).
 Pos: dict[str, Any] = dict(gt=0, le=1e9, allow_inf_nan=False)
 
@@ -286,10 +288,10 @@ def create_app(
     @app.get("/", response_class=HTMLResponse, responses=ERRORS)
     def dashboard(
         itl_ms: Annotated[float, Query(**Pos)] = 30.0,
-        isl: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
-        osl: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
-        acceptance: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
-        draft_coverage: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
+        isl: Annotated[Annotated[int, Field(ge=1, le=1_000_000)] | None, Blank, Query()] = None,
+        osl: Annotated[Annotated[int, Field(ge=1, le=1_000_000)] | None, Blank, Query()] = None,
+        acceptance: Annotated[Annotated[float, Field(ge=0, le=1)] | None, Blank, Query()] = None,
+        draft_coverage: Annotated[Annotated[float, Field(ge=0, le=1)] | None, Blank, Query()] = None,
         profile: Annotated[str | None, Query(max_length=100)] = None,
     ) -> HTMLResponse:
         from api.page import PageQuery, render_page

@@ -215,3 +215,13 @@ def test_docs_render_offline_from_the_schema(client: TestClient) -> None:
         assert f"GET {path}" in r.text
     assert "itl_ms" in r.text and "ITL SLA (ms)" in r.text
     assert client.get("/redoc").status_code == 404
+
+
+def test_dashboard_form_with_empty_fields_plans_and_bad_fields_are_named(client: TestClient) -> None:
+    form = {"profile": "syn", "itl_ms": "15", "isl": "", "osl": "", "acceptance": "", "draft_coverage": ""}
+    r = client.get("/", params=form)
+    assert r.status_code == 200 and "chosen: tp=" in r.text
+    r = client.get("/", params=form | {"acceptance": "0.7", "isl": "512"})
+    assert r.status_code == 200 and "acceptance given: alpha=0.7" in r.text
+    r = client.get("/", params=form | {"isl": "abc"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "isl"]
