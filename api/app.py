@@ -21,14 +21,14 @@ from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.concurrency import run_in_threadpool
 
+from api.default_profile import DefaultProfile, host_gpu_names, pick_default
 from api.fastpath import PlanFastPath, PlanResponseCache
 from api.guard import DEFAULT_MAX_BODY_BYTES, BodySizeLimit, WriteGuard
 from api.metrics import ApiMetrics
 from api.store import ID_PATTERN, ProfileStore, ProfileSummary, summarize
-from kvbm import capacity
 from planner.daemon import CorrectionDaemon, DaemonConfig, make_connector
 from planner.daemon.runner import CorrectionState
 from planner.plan import PlanInputError, Planner, PlanResult
@@ -36,6 +36,8 @@ from planner.profile import Profile
 
 log = logging.getLogger("api")
 
+# The dashboard's form sends its empty fields as empty strings: an empty field means "not given".
+Blank = BeforeValidator(lambda v: None if v == "" else v)
 # A positive, finite query number (FastAPI passes these straight to pydantic).
 Pos: dict[str, Any] = dict(gt=0, le=1e9, allow_inf_nan=False)
 
@@ -61,6 +63,8 @@ class Health(BaseModel):
     profiles: int
     profile_load_errors: dict[str, str]
     correction: str
+    default_profile: str | None = None
+    default_profile_reason: str | None = None
 
 
 class CorrectionAnswer(BaseModel):
@@ -111,11 +115,22 @@ def create_app(
     api_key: str | None = None,
     read_only: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    default_profile: str | None = None,
 ) -> FastAPI:
     """``api_key``: token required for writes (None: writes are open); ``read_only``: refuse writes."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes={max_body_bytes}: must be >= 1")
     store = ProfileStore(profiles_dir)
+    if default_profile is not None and default_profile not in store.planners:
+        raise ValueError(
+            f"default_profile={default_profile!r}: name one of the loaded profiles {store.ids()}"
+        )
+    host_gpus = host_gpu_names()
+
+    def default() -> DefaultProfile | None:
+        profiles = {pid: pl.profile for pid, pl in store.planners.items()}
+        return pick_default(profiles, host_gpus, default_profile)
+
     metrics = ApiMetrics()
     responses = PlanResponseCache(lambda: store.revision)
     can_write = WriteGuard(api_key, read_only)
@@ -146,10 +161,13 @@ def create_app(
         version="0.1.0",
         description="SLA-driven capacity planning for LLM decoding with speculative decoding.",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN: blank offline; /docs is served below
+        redoc_url=None,
     )
     app.state.store = store
     app.state.daemons = holder
     app.state.metrics = metrics
+    app.state.default_profile = default
 
     @app.exception_handler(PlanInputError)
     async def _plan_input(_: Request, exc: PlanInputError) -> JSONResponse:
@@ -168,11 +186,14 @@ def create_app(
         planners, revision = store.snapshot()
         ids = sorted(planners)
         if profile is None:
-            if len(ids) == 1:
-                return ids[0], planners[ids[0]], revision
             if not ids:
                 raise HTTPException(404, "no profiles are loaded; POST /profiles to add one")
-            raise PlanInputError("profile", None, f"required when several profiles are loaded: {ids}")
+            chosen = default()
+            if chosen is None:
+                raise PlanInputError(
+                    "profile", None, f"required: no measured profile to default to among {ids}"
+                )
+            return chosen.id, planners[chosen.id], revision
         if profile not in planners:
             raise HTTPException(404, f"profile {profile!r} not found; loaded: {ids}")
         return profile, planners[profile], revision
@@ -194,7 +215,9 @@ def create_app(
             float | None, Query(ge=0, le=1, allow_inf_nan=False, description="given per-position rate")
         ] = None,
         draft_coverage: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
-        profile: Annotated[str | None, Query(max_length=100)] = None,
+        profile: Annotated[
+            str | None, Query(max_length=100, description="profile id (default: see GET /healthz)")
+        ] = None,
         corrected: Annotated[bool, Query(description="apply the live correction daemon's factor")] = False,
         workload: Annotated[
             str | None,
@@ -291,7 +314,7 @@ def create_app(
             context=context,
             block_size=kv.block_size,
             blocks_per_replica=kv.blocks_per_replica,
-            blocks_per_sequence=capacity.blocks_per_sequence(context, k, kv.block_size),
+            blocks_per_sequence=kv.blocks_per_sequence,
             max_concurrency=kv.max_concurrency,
         )
 
@@ -304,7 +327,10 @@ def create_app(
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
         stale = [pid for pid, d in holder.items() if d.state.stale]
+        chosen = default()
         return Health(
+            default_profile=chosen.id if chosen else None,
+            default_profile_reason=chosen.reason if chosen else None,
             status="ok",
             profiles=len(store.ids()),
             profile_load_errors=store.load_errors,
@@ -321,19 +347,34 @@ def create_app(
         metrics.update_daemons(holder)
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        from api.docs_page import render_docs
+
+        return HTMLResponse(render_docs(app.openapi()))
+
     @app.get("/", response_class=HTMLResponse, responses=ERRORS)
     def dashboard(
         itl_ms: Annotated[float, Query(**Pos)] = 30.0,
-        isl: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
-        osl: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+        isl: Annotated[Annotated[int, Field(ge=1, le=1_000_000)] | None, Blank, Query()] = None,
+        osl: Annotated[Annotated[int, Field(ge=1, le=1_000_000)] | None, Blank, Query()] = None,
+        acceptance: Annotated[Annotated[float, Field(ge=0, le=1)] | None, Blank, Query()] = None,
+        draft_coverage: Annotated[Annotated[float, Field(ge=0, le=1)] | None, Blank, Query()] = None,
         profile: Annotated[str | None, Query(max_length=100)] = None,
+        workload: Annotated[str | None, Blank, Query(max_length=40)] = None,
     ) -> HTMLResponse:
-        from api.page import render_page
+        from api.page import PageQuery, render_page
 
         if not store.ids():
             return HTMLResponse("<h1>specplan planner</h1><p>No profiles loaded.</p>")
-        pid, planner = planner_for(profile)
-        return HTMLResponse(render_page(pid, planner, store.ids(), itl_ms=itl_ms, isl=isl, osl=osl))
+        pid, _ = planner_for(profile)
+        chosen = default()
+        query = PageQuery(itl_ms, isl, osl, acceptance, draft_coverage, workload)
+        page = render_page(
+            pid, dict(store.planners), query,
+            default=chosen.id if chosen else None, default_reason=chosen.reason if chosen else None,
+        )  # fmt: skip
+        return HTMLResponse(page)
 
     metrics.profiles.set(len(store.ids()))
     app.add_middleware(PlanFastPath, cache=responses, observe=metrics.plan_seconds.observe)

@@ -27,8 +27,9 @@ sys.path.insert(0, str(REPO))
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.spec import SpecConfig, SpecStats  # noqa: E402
+from profiler.prompts import SPEC_BENCH  # noqa: E402
 
-DATA = REPO / ".." / "shared" / "data" / "spec_bench_question.jsonl"
+DATA = SPEC_BENCH
 MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
 CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 

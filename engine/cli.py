@@ -7,6 +7,7 @@ import argparse
 import statistics
 import sys
 
+from engine.cli_help import use_everywhere
 from engine.errors import CapacityError, EngineError
 from engine.spec.flags import add_spec_arguments, spec_config
 
@@ -23,23 +24,33 @@ def _int_list(text: str) -> list[int]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset name, HF directory or .gguf file")
-    p.add_argument("--weights", choices=("auto", "real", "random"), default="auto")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    p.add_argument(
+        "--weights",
+        choices=("auto", "real", "random"),
+        default="auto",
+        help="real: the preset's shipped weights (error if none); random: seeded random weights at the "
+        "model's shape (true timing, meaningless text); auto: real when available",
+    )
+    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (auto: the model's)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (one process per GPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="engine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="engine",
+        description="The embedded engine: generate text from a model, time its decode steps (bench), or "
+        "serve it over an OpenAI-compatible HTTP API with Prometheus metrics (serve).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
     _common(gen)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
     add_spec_arguments(gen)
     gen.add_argument("--stats", action="store_true", help="print timing and speculation counters")
@@ -48,14 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bench)
     bench.add_argument("--batch", type=_int_list, default=[1, 8, 32], help="concurrencies, e.g. 1,8,32")
     bench.add_argument("--context", type=_int_list, default=[512], help="context lengths, e.g. 512,2048")
-    bench.add_argument("--method", choices=("none", "ngram", "draft", "medusa"), default="none")
-    bench.add_argument("--k", type=int, default=0)
-    bench.add_argument("--steps", type=int, default=20)
-    bench.add_argument("--warmup", type=int, default=3)
-    bench.add_argument("--num-blocks", type=int, default=None)
-    bench.add_argument("--block-size", type=int, default=16)
-    bench.add_argument("--max-context", type=int, default=None)
-    bench.add_argument("--no-cuda-graphs", action="store_true")
+    bench.add_argument(
+        "--method", choices=("none", "ngram", "draft", "medusa"), default="none", help="speculative method"
+    )
+    bench.add_argument(
+        "--k", type=int, default=0, help="draft tokens verified per step (0 with --method none)"
+    )
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per point")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps before timing each point")
+    bench.add_argument(
+        "--num-blocks", type=int, default=None, help="KV-cache blocks (default: what the largest point needs)"
+    )
+    bench.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    bench.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="longest context to prepare for (default: max --context)",
+    )
+    bench.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on GPUs")
     bench.add_argument("--prefill", type=_int_list, default=None, help="also time prefill at these lengths")
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with /metrics")
@@ -65,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve.set_defaults(serve_error=str(exc))
     else:
         add_arguments(serve)
-    return parser
+    return use_everywhere(parser)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

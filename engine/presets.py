@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+import configs
 from engine.config import ModelConfig
 from engine.errors import ConfigError
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+PRESET_DIR = configs.MODELS
 
 WEIGHT_KINDS = ("auto", "real", "random")
 
@@ -38,7 +37,7 @@ class ModelSource:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return configs.preset_names()
 
 
 def _package_file(package: str, filename: str) -> Path | None:
@@ -55,12 +54,11 @@ def _package_file(package: str, filename: str) -> Path | None:
 
 
 def load_preset_dict(name: str) -> dict[str, Any]:
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
+    data = configs.load_preset(name)
+    if data is None:
         raise ConfigError(f"model {name!r}: no such preset (presets: {', '.join(list_presets())})")
-    data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or "model" not in data:
-        raise ConfigError(f"preset file {path}: expected a mapping with a 'model' key")
+        raise ConfigError(f"preset file {configs.preset_file(name)}: expected a mapping with a 'model' key")
     return data
 
 

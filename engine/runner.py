@@ -20,6 +20,7 @@ import torch.distributed as dist
 from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.errors import CapacityError, ConfigError
+from engine.memory import check_weights_fit
 from engine.model.comm import enable_symm_mem, release_symm_mem
 from engine.model.loader import build_model, resolve_device, resolve_dtype
 from engine.presets import ModelSource, resolve_model
@@ -80,6 +81,7 @@ class ModelRunner:
             )
         self.max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
+        check_weights_fit(self.config, self.dtype, self.device, tp_size)  # a clear error, not an OOM kill
         self.model = build_model(
             source,
             dtype=self.dtype,

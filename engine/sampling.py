@@ -1,8 +1,8 @@
 """Sampling parameters and the sampler: greedy, or temperature + top-p with a per-request
 ``torch.Generator`` so a seeded request draws the same tokens whatever else shares its batch.
 
-The probability transform is ``engine.spec.verify.filtered_probs``, the one speculative rejection
-sampling uses, so sampling with and without speculation targets the same distribution.
+``filtered_probs`` is the probability transform; speculative rejection sampling (``engine.spec.verify``)
+imports it from here, so sampling with and without speculation targets the same distribution.
 """
 
 from __future__ import annotations
@@ -69,6 +69,21 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return gen
 
 
+def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """Sampling distribution of ``logits`` ``[..., V]``: softmax at ``temperature`` restricted to the
+    smallest top-p nucleus (the token that crosses ``top_p`` is kept), renormalised. float32."""
+    if temperature <= 0:
+        raise ValueError(f"filtered_probs: temperature must be > 0, got {temperature}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
 def sample(
     logits: torch.Tensor,
     temperatures: Sequence[float],
@@ -80,8 +95,6 @@ def sample(
     out = logits.argmax(dim=-1).tolist()
     sampled = [i for i, t in enumerate(temperatures) if t > 0]
     if sampled:
-        from engine.spec.verify import filtered_probs
-
         for i in sampled:
             probs = filtered_probs(logits[i], temperatures[i], top_ps[i])
             out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())

@@ -11,6 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from planner.cli_help import use_everywhere
 from planner.plan import PlanInputError, Planner
 from planner.priors import workloads
 from planner.profile import ProfileError, load_profile, save_profile
@@ -86,6 +87,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
         api_key=api_key,
         read_only=a.read_only,
         max_body_bytes=DEFAULT_MAX_BODY_BYTES if a.max_body_bytes is None else a.max_body_bytes,
+        default_profile=a.default_profile,
+    )
+    store = app.state.store
+    chosen = app.state.default_profile()
+    print(f"planner serve: loaded {len(store.ids())} profiles from {a.profiles}: {', '.join(store.ids())}")
+    for pid, err in store.load_errors.items():
+        print(f"planner serve: skipped {pid}: {err}")
+    if chosen is not None:
+        print(f"planner serve: default profile {chosen.id} ({chosen.reason})")
+    print(
+        f"planner serve: listening on http://{a.host}:{a.port} (dashboard /, API reference /docs)", flush=True
     )
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False)
     return 0
@@ -124,16 +136,28 @@ def cmd_synthetic(a: argparse.Namespace) -> int:
 
 
 def _daemon_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--interval", type=float, default=10.0, help="seconds between scrapes")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between scrapes of --metrics-url")
     p.add_argument("--tp", type=int, help="running config (default: the plan's choice)")
     p.add_argument("--method", help="running speculative method (default: the plan's choice)")
     p.add_argument("--k", type=int, help="running num_speculative_tokens (default: the plan's choice)")
-    p.add_argument("--smoothing", type=float, default=0.3, help="EMA weight of the newest window")
-    p.add_argument("--connector", default="log", help="log | file:PATH | http(s)://callback")
+    p.add_argument(
+        "--smoothing",
+        type=float,
+        default=0.3,
+        help="EMA weight of the newest window in the correction factor",
+    )
+    p.add_argument(
+        "--connector", default="log", help="where decisions go: log | file:PATH | http(s)://callback"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="planner", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="planner",
+        description="Plan tensor-parallel size, speculative method, k, concurrency and replicas under an "
+        "ITL SLA from a measured profile (plan); serve plans over HTTP with a dashboard (serve); keep a plan "
+        "honest against a live engine's metrics (daemon); write the analytic example profile (synthetic).",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("plan", help="choose tp, method, k, concurrency and replicas under an SLA")
@@ -158,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP API and dashboard over a directory of profiles")
     p.add_argument("--profiles", required=True, help="directory of profile JSON files")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (debug, info, warning, error)")
     p.add_argument(
         "--api-key",
         help="token that POST /profiles must carry as 'Authorization: Bearer TOKEN' "
@@ -172,23 +196,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics-url", help="run the correction daemon against this /metrics URL")
     p.add_argument("--daemon-profile", help="profile id the daemon corrects (default: the only one)")
+    p.add_argument(
+        "--default-profile",
+        help="profile id that answers queries naming none (default: the only one, else the newest measured "
+        "profile for this host's GPU, else the newest measured one; never a synthetic one)",
+    )
     _sla_args(p, itl_required=False)
     _daemon_args(p)
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("daemon", help="correction-factor daemon against a live /metrics endpoint")
-    p.add_argument("--profile", required=True)
-    p.add_argument("--metrics-url", required=True)
+    p.add_argument("--profile", required=True, help="profile JSON file to plan from and correct")
+    p.add_argument(
+        "--metrics-url",
+        required=True,
+        help="Prometheus /metrics URL of the running engine (vLLM or engine serve)",
+    )
     p.add_argument("--max-ticks", type=int, help="stop after this many scrapes (default: run forever)")
     _sla_args(p)
     _daemon_args(p)
     p.set_defaults(fn=cmd_daemon)
 
     p = sub.add_parser("synthetic", help="write the documented analytic profile (source: synthetic)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="profile JSON file to write")
     p.add_argument("--command", help="command string to record (default: this command line)")
     p.set_defaults(fn=cmd_synthetic)
-    return ap
+    return use_everywhere(ap)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import shlex
 from functools import lru_cache
-from pathlib import Path
 
 import yaml
 
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+import configs
+
 ENGINE_LOOKUP_DEFAULTS = {"prompt_lookup_min": 1, "prompt_lookup_max": 4}  # engine/spec/flags.py
 Schedule = list[list[int]]
 VLLM_METHOD = {"draft": "draft_model"}  # vLLM 0.32's SpeculativeConfig.method for a draft model
@@ -23,11 +23,8 @@ VLLM_METHOD = {"draft": "draft_model"}  # vLLM 0.32's SpeculativeConfig.method f
 
 @lru_cache(maxsize=64)
 def _model_config(name: str) -> dict:
-    cfg = MODEL_CONFIGS / f"{name}.yaml"
-    if "/" in name or not cfg.is_file():
-        return {}
     try:
-        model = (yaml.safe_load(cfg.read_text()) or {}).get("model", {})
+        model = (configs.load_preset(name) or {}).get("model", {})
     except (OSError, yaml.YAMLError, AttributeError):
         return {}
     return model if isinstance(model, dict) else {}

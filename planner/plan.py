@@ -627,18 +627,27 @@ class Planner:
         best = min(specs, key=lambda e: float(np.nanmin(e.itl)))
         return self.breakeven(ch.tp, best.key[1], best.key[2], evals)
 
-    def evaluations(self, inp: Inputs, prior_model: str | None = None) -> dict[ConfigKey, _Eval]:
+    def evaluations(
+        self,
+        inp: Inputs,
+        acceptance: AcceptanceOverride = None,
+        draft_coverage: float | None = None,
+        prior_model: str | None = None,
+    ) -> dict[ConfigKey, _Eval]:
         """Every config that has acceptance (for ``inp.workload``), evaluated over its measured range."""
         out = {}
         for key, surf in self.surfaces.decode.items():
-            ev = self._evaluate(surf, inp, None, None, prior_model)
+            ev = self._evaluate(surf, inp, acceptance, draft_coverage, prior_model)
             if not isinstance(ev, str):
                 out[key] = ev
         return out
 
-    def curves(self, inp: Inputs) -> dict[ConfigKey, tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    def curves(
+        self, inp: Inputs, acceptance: AcceptanceOverride = None, draft_coverage: float | None = None
+    ) -> dict[ConfigKey, tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
         """(concurrency, ITL ms, throughput/GPU, KV max concurrency) per config with acceptance."""
-        return {key: (ev.c, ev.itl, ev.thr, ev.c_kv) for key, ev in self.evaluations(inp).items()}
+        evals = self.evaluations(inp, acceptance, draft_coverage)
+        return {key: (ev.c, ev.itl, ev.thr, ev.c_kv) for key, ev in evals.items()}
 
     def _context_limit(self, inp: Inputs) -> str | None:
         """Why ``isl + osl`` cannot run on this model (beyond its maximum position), or None."""

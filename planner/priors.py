@@ -21,9 +21,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import brentq
 
+import configs
 from planner.profile import Acceptance, AcceptanceSource
 
-PRIORS_FILE = Path(__file__).resolve().parents[1] / "configs" / "priors" / "acceptance.yaml"
+PRIORS_FILE = configs.config_path("priors", "acceptance.yaml")
 MIX = "mix"  # the default workload: the mean over categories, weighted as the shipped prompt set is
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from planner.cli_help import use_everywhere
 from profiler.grid import GridError, load_config, quick
 
 
@@ -90,8 +91,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     if not a.no_plots:
         from profiler.plots import plot_all
 
-        acc = _given_acceptance(profile, cfg.acceptance)
-        paths = plot_all(profile, out.parent / f"{out.stem}-plots", acc)
+        paths = plot_all(profile, out.parent / f"{out.stem}-plots", cfg.acceptance, cfg.sla_itl_ms, out.stem)
         print(f"plots: {', '.join(str(p) for p in paths)}")
     _print_plan(out, cfg.sla_itl_ms, cfg.acceptance)
     return 0
@@ -148,15 +148,6 @@ def _check_model(model: str) -> None:
         raise GridError(f"field 'model': {exc}") from None
 
 
-def _given_acceptance(profile, alpha: float | None) -> dict[tuple[str, int], float] | None:
-    if alpha is None or profile.metadata.weights == "real":
-        return None
-    from planner.metrics_def import tokens_per_step
-
-    keys = {(p.method, p.k) for p in profile.decode if p.method != "none"}
-    return {(m, k): tokens_per_step(1.0, [alpha ** (i + 1) for i in range(k)]) for m, k in keys}
-
-
 def _print_plan(out: Path, itl_ms: float, acceptance: float | None) -> None:
     """The recommended plan for the default SLA (planner imported lazily: it is optional here)."""
     try:
@@ -198,7 +189,7 @@ def cmd_plot(a: argparse.Namespace) -> int:
     except ProfileError as exc:
         print(f"profiler plot: {exc}", file=sys.stderr)
         return 2
-    for p in plot_all(profile, Path(a.out), _given_acceptance(profile, a.acceptance)):
+    for p in plot_all(profile, Path(a.out), a.acceptance, a.itl_ms, Path(a.profile).stem):
         print(p)
     return 0
 
@@ -216,60 +207,88 @@ def cmd_acceptance(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="profiler", description="Measure decode/prefill/acceptance surfaces.")
+    p = argparse.ArgumentParser(
+        prog="profiler",
+        description="Measure decode, prefill and acceptance surfaces into a profile (sweep, acceptance), "
+        "and read one back (show, plot, validate).",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sweep", help="measure a grid and write a profile")
-    s.add_argument("--model")
-    s.add_argument("--backend", choices=["engine", "http", "vllm", "hf"])
-    s.add_argument("--tp", type=_ints)
-    s.add_argument("--method", type=_strs)
-    s.add_argument("--k", type=_ints)
-    s.add_argument("--concurrency", type=_ints)
-    s.add_argument("--context", type=_ints)
-    s.add_argument("--steps", type=int)
-    s.add_argument("--config", type=Path, help="a sweep YAML (configs/sweeps/); flags override it")
+    s.add_argument("--model", help="preset name, HF directory or .gguf file (default: the grid's model)")
+    s.add_argument(
+        "--backend",
+        choices=["engine", "http", "vllm", "hf"],
+        help="engine: in-process step timing; http: any OpenAI-compatible server; vllm: launches vllm serve "
+        "per config; hf: Hugging Face generate (default: the grid's, engine)",
+    )
+    s.add_argument("--tp", type=_ints, help="tensor-parallel sizes, e.g. 1,2 (default: the grid's)")
+    s.add_argument(
+        "--method", type=_strs, help="speculative methods: none,ngram,draft,medusa (default: the grid's)"
+    )
+    s.add_argument("--k", type=_ints, help="num_speculative_tokens values, e.g. 0,2,4 (default: the grid's)")
+    s.add_argument("--concurrency", type=_ints, help="concurrencies, e.g. 1,4,16 (default: the grid's)")
+    s.add_argument(
+        "--context", type=_ints, help="context lengths in tokens, e.g. 512,2048 (default: the grid's)"
+    )
+    s.add_argument("--steps", type=int, help="timed decode steps per point (default: the grid's)")
+    s.add_argument(
+        "--config",
+        type=Path,
+        help="a sweep YAML (like configs/sweeps/default.yaml); flags override it (default: that file's gpu "
+        "or cpu section, by the machine)",
+    )
     s.add_argument("--out", default="runs", help="directory (or .json path) for the profile")
     s.add_argument("--resume", action="store_true", help="skip points already in the output profile")
     s.add_argument("--quick", action="store_true", help="thin the grid to its corners")
     s.add_argument("--url", help="http backend: base URL of an OpenAI-compatible server")
     s.add_argument("--served-model", help="http backend: model name for requests (default: /v1/models)")
-    s.add_argument("--vllm-python", help="vllm backend: python of the venv with vllm")
-    s.add_argument("--draft-model", help="drafter for method 'draft'")
-    s.add_argument("--max-tokens", type=int, help="http/vllm: output tokens per request")
-    s.add_argument("--itl-ms", type=float, help="SLA for the closing plan")
-    s.add_argument("--no-plots", action="store_true")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument(
+        "--vllm-python",
+        help="vllm backend: python of the venv with vllm (default: $SPECPLAN_VLLM_PYTHON, V/)",
+    )
+    s.add_argument("--draft-model", help="drafter for method 'draft' (default: the grid's)")
+    s.add_argument(
+        "--max-tokens", type=int, help="http/vllm: output tokens per request (default: the grid's)"
+    )
+    s.add_argument("--itl-ms", type=float, help="SLA for the closing plan and plots (default: the grid's)")
+    s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.set_defaults(fn=cmd_sweep)
 
     sh = sub.add_parser("show", help="print a profile's tables")
-    sh.add_argument("profile")
+    sh.add_argument("profile", help="profile JSON file")
     sh.set_defaults(fn=cmd_show)
 
     pl = sub.add_parser("plot", help="write PNG plots of a profile")
-    pl.add_argument("profile")
-    pl.add_argument("--out", default="plots")
+    pl.add_argument("profile", help="profile JSON file")
+    pl.add_argument("--out", default="plots", help="directory for the PNGs")
     pl.add_argument("--acceptance", type=float, help="per-position acceptance for random-weight profiles")
+    pl.add_argument("--itl-ms", type=float, default=25.0, help="ITL SLA drawn and planned for")
     pl.set_defaults(fn=cmd_plot)
 
     v = sub.add_parser("validate", help="closed-loop load at off-grid points vs the profile's prediction")
-    v.add_argument("profile")
-    v.add_argument("--points", type=int, default=4)
+    v.add_argument("profile", help="profile JSON file whose predictions are checked")
+    v.add_argument("--points", type=int, default=4, help="off-grid points to run")
     v.add_argument("--model", help="model to run (default: the profile's)")
-    v.add_argument("--requests-per-seq", type=int, default=2)
-    v.add_argument("--max-tokens", type=int, default=64)
+    v.add_argument("--requests-per-seq", type=int, default=2, help="requests each concurrent slot sends")
+    v.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     v.set_defaults(fn=cmd_validate)
 
     ac = sub.add_parser("acceptance", help="measure per-position acceptance on a prompt set (real weights)")
-    ac.add_argument("--model", required=True)
-    ac.add_argument("--method", default="ngram")
-    ac.add_argument("--k", default="1..8", help="e.g. 1..8 or 2,4")
-    ac.add_argument("--dataset", type=Path)
+    ac.add_argument("--model", required=True, help="model with real weights: preset, HF directory or .gguf")
+    ac.add_argument("--method", default="ngram", help="speculative method: ngram, draft or medusa")
+    ac.add_argument("--k", default="1..8", help="num_speculative_tokens values, e.g. 1..8 or 2,4")
+    ac.add_argument(
+        "--dataset",
+        type=Path,
+        help="Spec-Bench-format JSONL (default: the shipped profiler/data/spec_bench_question.jsonl)",
+    )
     ac.add_argument("--limit", type=int, default=16, help="prompts to use (per category, spread evenly)")
-    ac.add_argument("--max-tokens", type=int, default=64)
-    ac.add_argument("--draft-model")
+    ac.add_argument("--max-tokens", type=int, default=64, help="output tokens per prompt")
+    ac.add_argument("--draft-model", help="drafter for method 'draft' (default: truncated target)")
     ac.add_argument("--out", type=Path, help="profile to add the acceptance entries to")
     ac.set_defaults(fn=cmd_acceptance)
-    return p
+    return use_everywhere(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+import configs
+
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "sweeps" / "default.yaml"
+DEFAULT_CONFIG = configs.DEFAULT_SWEEP
 METHODS = ("none", "ngram", "draft", "medusa")
 BACKENDS = ("engine", "http", "vllm", "hf")
 

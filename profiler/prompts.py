@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC_BENCH = REPO / ".." / "shared" / "data" / "spec_bench_question.jsonl"
+# Shipped with the package (profiler/data/NOTICE.md: Apache-2.0, Spec-Bench, Xia et al. 2024).
+SPEC_BENCH = Path(str(files("profiler").joinpath("data", "spec_bench_question.jsonl")))
 CHARS_PER_TOKEN = 4  # English BPE average; the server's usage reports the true prompt length
 
 

@@ -28,8 +28,8 @@ def decode_table(profile: Profile) -> str:
         else:  # the reason goes below the table, so a long error does not widen every row
             rows.append([p.tp, p.method, p.k, p.concurrency, p.context_len, "FAILED"] + [""] * 7)
     header = ["tp", "method", "k", "c", "ctx", "draft_ms", "verify_ms", "step_ms", "tok/step", "ITL p50",
-              "tok/s/GPU", "kv", "W"]  # fmt: skip
-    return _table(rows, header) + _failures(profile)
+              "tok/s/GPU", "kv use", "GPU W"]  # fmt: skip
+    return _table(rows, header) + "\n" + DECODE_LEGEND + _failures(profile)
 
 
 def _failures(profile: Profile, width: int = 160) -> str:
@@ -40,6 +40,21 @@ def _failures(profile: Profile, width: int = 160) -> str:
         reason = first if len(first) <= width else first[: width - 3] + "..."
         lines.append(f"  tp={p.tp} {p.method} k={p.k} c={p.concurrency} L={p.context_len}: {reason}")
     return "\nfailed:\n" + "\n".join(lines) if lines else ""
+
+
+DECODE_LEGEND = (
+    "c: concurrent sequences; ctx: context tokens; ITL p50 in ms; kv use: share of the KV-cache pool the\n"
+    "point held; GPU W: mean power of the GPUs during the point (NVML; - when not measured, e.g. on CPU)"
+)
+
+
+def params_text(n: int) -> str:
+    """A parameter count a reader can compare: 6.74B, 135M, 2.1M, 820K."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.3g}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    return str(n)
 
 
 def prefill_table(profile: Profile) -> str:
@@ -58,7 +73,7 @@ def acceptance_table(profile: Profile) -> str:
 def describe(profile: Profile) -> str:
     m = profile.metadata
     head = (
-        f"model {m.model.name} ({m.model.shape.params / 1e6:.0f}M params, weights {m.weights}) on "
+        f"model {m.model.name} ({params_text(m.model.shape.params)} params, weights {m.weights}) on "
         f"{m.hardware.gpu_name} x{m.hardware.gpu_count}, {m.engine.name} {m.engine.version}, "
         f"backend {m.backend}, dtype {m.dtype}\ncommand: {m.command}"
     )

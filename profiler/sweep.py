@@ -171,7 +171,9 @@ def sweep_engine(
 
         backend = HFBackend(cfg.model, dtype=cfg.dtype, draft_model=cfg.draft_model)
     else:
-        backend = EngineBackend(cfg.model, dtype=cfg.dtype, draft_model=cfg.draft_model)
+        backend = EngineBackend(
+            cfg.model, dtype=cfg.dtype, draft_model=cfg.draft_model, max_num_seqs=max(cfg.concurrency)
+        )
     meta: dict[str, Metadata] = {}
     load_errors: list[str] = []
     bar = Progress(len(todo), progress)

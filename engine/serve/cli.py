@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import time
 
 import uvicorn
 
@@ -32,9 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 serves every interface, "
         "with no authentication)",
     )
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--weights", choices=("auto", "real", "random"), default="auto")
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "real", "random"),
+        default="auto",
+        help="real: the preset's shipped weights; random: seeded random weights (meaningless text); "
+        "auto: real when available",
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (auto: the model's)"
+    )
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument(
         "--max-num-seqs", type=int, default=64, help="most requests running at once; more wait"
@@ -42,14 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-gpu-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)"
     )
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument(
         "--max-model-len", type=int, default=None, help="context length (default: the model's)"
     )
-    parser.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, help="tensor-parallel size"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
     add_spec_arguments(parser)
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="server log level"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -62,6 +75,12 @@ def main(args: argparse.Namespace) -> int:
     from engine.serve.app import app_for_engine
     from engine.serve.launcher import bind_socket
 
+    log.info(
+        "loading %s (weights %s, dtype %s, device %s, tp %d%s) ...",
+        args.model, args.weights, args.dtype, args.device or "auto", args.tp,
+        f", spec {args.spec} k={args.k}" if args.spec != "none" else "",
+    )  # fmt: skip
+    t0 = time.perf_counter()
     try:
         spec = spec_config(args, "engine serve")
         engine = LLMEngine(
@@ -80,6 +99,7 @@ def main(args: argparse.Namespace) -> int:
     except EngineError as exc:
         log.error("cannot start: %s", exc)
         return 2
+    log.info("loaded %s in %.1f s", args.model, time.perf_counter() - t0)
     names = tuple(args.served_model_name or (args.model,))
     app = app_for_engine(engine, names[0], aliases=names[1:], num_spec_tokens=spec.k if spec else 0)
     sock = bind_socket(args.host, args.port)
@@ -90,8 +110,17 @@ def main(args: argparse.Namespace) -> int:
         args.port,
     )
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
+
+    async def serve_and_announce() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            log.info("ready: http://%s:%d/v1 (model %s)", args.host, args.port, names[0])
+        await task
+
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        asyncio.run(serve_and_announce())
     except KeyboardInterrupt:
         pass
     finally:

@@ -25,12 +25,18 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="draft tokens per step (Medusa: heads); required with --spec",
     )
-    parser.add_argument("--prompt-lookup-min", type=int, default=1)
-    parser.add_argument("--prompt-lookup-max", type=int, default=4)
+    parser.add_argument(
+        "--prompt-lookup-min", type=int, default=1, help="ngram: shortest suffix matched in the context"
+    )
+    parser.add_argument(
+        "--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix matched in the context"
+    )
     parser.add_argument(
         "--draft-model", default=None, help="drafter for --spec draft (default: truncated target)"
     )
-    parser.add_argument("--draft-layers", type=int, default=None)
+    parser.add_argument(
+        "--draft-layers", type=int, default=None, help="draft: layers of a truncated-target drafter"
+    )
     parser.add_argument("--medusa-heads", default=None, help="Medusa heads file for --spec medusa")
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.sampling import filtered_probs
+
 
 @dataclass
 class VerifyResult:
@@ -37,21 +39,6 @@ class VerifyResult:
 
     num_accepted: list[int]
     tokens: list[list[int]]
-
-
-def filtered_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """Sampling distribution of ``logits`` ``[..., V]``: softmax at ``temperature`` restricted to the
-    smallest top-p nucleus (the token that crosses ``top_p`` is kept), renormalised. float32."""
-    if temperature <= 0:
-        raise ValueError(f"filtered_probs: temperature must be > 0, got {temperature}")
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
 
 
 def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -27,9 +27,11 @@ class EngineBackend:
         draft_model: str | None = None,
         seed: int = 0,
         max_context: int | None = None,
+        max_num_seqs: int | None = None,
     ):
         self.model, self.dtype, self.draft_model, self.seed = model, dtype, draft_model, seed
         self.max_context = max_context
+        self.max_num_seqs = max_num_seqs  # the grid's largest concurrency: sizes the CPU KV pool to it
         self.sp: Any = None
         self._key: tuple[int, str, int] | None = None
 
@@ -42,6 +44,8 @@ class EngineBackend:
         kwargs: dict[str, Any] = dict(dtype=self.dtype, tp=tp, method=method, k=k, seed=self.seed)
         if self.max_context is not None:
             kwargs["max_context"] = self.max_context
+        if self.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.max_num_seqs
         if method == "draft" and self.draft_model:
             kwargs["spec_options"] = {"draft_model": self.draft_model}
         self.sp = StepProfiler(self.model, **kwargs)

@@ -131,7 +131,8 @@ def test_correction_health_and_metrics(client: TestClient) -> None:
     assert client.get("/correction").json()["enabled"] is False
     assert client.get("/plan?itl_ms=30&corrected=true").status_code == 409
     assert client.get("/healthz").json() == {
-        "status": "ok", "profiles": 1, "profile_load_errors": {}, "correction": "off"
+        "status": "ok", "profiles": 1, "profile_load_errors": {}, "correction": "off",
+        "default_profile": "syn", "default_profile_reason": "the only loaded profile",
     }  # fmt: skip
     client.get("/plan?itl_ms=25")
     text = client.get("/metrics").text
@@ -177,3 +178,69 @@ def test_plan_takes_a_workload(client: TestClient) -> None:
     assert summ["speculation"] == json.loads(want.model_dump_json())["speculation"]
     bad = client.get("/plan", params={**params, "workload": "poetry"})
     assert bad.status_code == 422 and "workload" in bad.text and "poetry" in bad.text
+
+
+def _measured_copy(tmp: Path, name: str, gpu: str, created: str) -> None:
+    doc = json.loads(SYN.read_text())
+    doc["metadata"].update(source="measured", created_at=created)
+    doc["metadata"]["hardware"]["gpu_name"] = gpu
+    (tmp / f"{name}.json").write_text(json.dumps(doc))
+
+
+def test_several_profiles_default_to_the_newest_measured_never_synthetic(
+    profiles_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPECPLAN_HOST_GPU", "")
+    _measured_copy(profiles_dir, "old", "NVIDIA H100", "2026-01-01T00:00:00Z")
+    _measured_copy(profiles_dir, "new", "NVIDIA H200", "2026-02-01T00:00:00Z")
+    with TestClient(create_app(profiles_dir)) as c:
+        r = c.get("/plan?itl_ms=30")
+        assert r.status_code == 200 and r.json()["profile"] == "new"
+        assert c.get("/capacity?tp=1&context=2048").json()["profile"] == "new"
+        health = c.get("/healthz").json()
+        assert health["default_profile"] == "new" and "newest measured" in health["default_profile_reason"]
+        page = c.get("/")
+        assert page.status_code == 200 and '<option value="new" selected>' in page.text
+        assert "[default]" in page.text and '<option value="syn">' in page.text
+
+
+def test_default_prefers_this_hosts_gpu_then_the_configured_one(
+    profiles_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPECPLAN_HOST_GPU", "NVIDIA H100")
+    _measured_copy(profiles_dir, "old", "NVIDIA H100", "2026-01-01T00:00:00Z")
+    _measured_copy(profiles_dir, "new", "NVIDIA H200", "2026-02-01T00:00:00Z")
+    with TestClient(create_app(profiles_dir)) as c:
+        assert c.get("/plan?itl_ms=30").json()["profile"] == "old"
+        assert "host's GPU" in c.get("/healthz").json()["default_profile_reason"]
+    with TestClient(create_app(profiles_dir, default_profile="syn")) as c:
+        assert c.get("/plan?itl_ms=30").json()["profile"] == "syn"
+    with pytest.raises(ValueError, match="default_profile='nope'"):
+        create_app(profiles_dir, default_profile="nope")
+
+
+def test_docs_render_offline_from_the_schema(client: TestClient) -> None:
+    r = client.get("/docs")
+    assert r.status_code == 200 and "<script" not in r.text and "cdn" not in r.text.lower()
+    for path in ("/plan", "/capacity", "/profiles/{profile_id}"):
+        assert f"GET {path}" in r.text
+    assert "itl_ms" in r.text and "ITL SLA (ms)" in r.text
+    assert client.get("/redoc").status_code == 404
+
+
+def test_dashboard_form_with_empty_fields_plans_and_bad_fields_are_named(client: TestClient) -> None:
+    form = {"profile": "syn", "itl_ms": "15", "isl": "", "osl": "", "acceptance": "", "draft_coverage": ""}
+    r = client.get("/", params=form)
+    assert r.status_code == 200 and "chosen: tp=" in r.text
+    r = client.get("/", params=form | {"acceptance": "0.7", "isl": "512"})
+    assert r.status_code == 200 and "acceptance given: alpha=0.7" in r.text
+    r = client.get("/", params=form | {"isl": "abc"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "isl"]
+
+
+def test_dashboard_plans_for_the_chosen_workload(client: TestClient) -> None:
+    r = client.get("/", params={"profile": "syn", "itl_ms": "20", "workload": "summarization"})
+    assert r.status_code == 200 and '<option value="summarization" selected>' in r.text
+    assert "workload summarization" in r.text
+    bad = client.get("/", params={"profile": "syn", "itl_ms": "20", "workload": "poetry"})
+    assert bad.status_code == 422 and "poetry" in bad.text

@@ -127,3 +127,10 @@ def test_serve_refuses_a_body_limit_below_one_byte(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and "max_body_bytes=0" in out.stderr
+
+
+def test_serve_prints_its_url_profiles_and_default(server: str, tmp_path: Path) -> None:
+    out = (tmp_path / "serve.log").read_text()
+    assert "planner serve: loaded 1 profiles from" in out and ": syn" in out
+    assert "default profile syn (the only loaded profile)" in out
+    assert f"listening on {server} (dashboard /, API reference /docs)" in out

@@ -4,11 +4,10 @@ reference model loaded from the very same (dequantized GGUF) tensors."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-SPEC_BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "spec_bench_question.jsonl"
+from profiler.prompts import SPEC_BENCH
 
 
 def spec_bench_prompts(n: int, *, max_chars: int = 800) -> list[str]:

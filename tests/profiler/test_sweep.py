@@ -100,7 +100,7 @@ def test_cli_sweep_on_tiny_engine_writes_profile_and_plan(
     assert {p.input_len for p in prof.prefill} == {64, 256}
     text = capsys.readouterr().out
     assert "recommended plan for ITL <=" in text and "decode points: 4 ok" in text
-    assert (tmp_path / "tiny-plots" / "itl_vs_throughput.png").stat().st_size > 1000
+    assert (tmp_path / "tiny-plots" / "pareto_none.png").stat().st_size > 1000
     # resume: nothing left to measure, the profile is unchanged
     before = out.read_text()
     assert main([*args, "--resume", "--no-plots"]) == 0
@@ -130,7 +130,7 @@ def test_show_and_plot_read_a_profile(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "decode points: 4 ok, 0 failed" in capsys.readouterr().out
     assert main(["plot", str(out), "--out", str(tmp_path / "plots"), "--acceptance", "0.5"]) == 0
     names = {p.name for p in (tmp_path / "plots").iterdir()}
-    assert names == {"itl_vs_throughput.png", "speedup_ngram_tp1_L64.png"}
+    assert names == {"pareto_none.png", "pareto_ngram.png", "speedup_ngram_tp1_L64.png"}
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     assert main(["show", str(bad)]) == 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -20,8 +19,9 @@ from engine.runner import ModelRunner  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.spec import SpecConfig  # noqa: E402
 from engine.spec.medusa import default_tree  # noqa: E402
+from profiler.prompts import SPEC_BENCH  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "spec_bench_question.jsonl"
+DATA = SPEC_BENCH
 MODEL = "smollm2-135m"
 NEW_TOKENS = 32
 MAX_PROMPT = 200
