@@ -39,7 +39,7 @@ def _error_point(spec: PointSpec, exc: BaseException) -> DecodePoint:
     msg = f"{type(exc).__name__}: {exc}".strip()
     return DecodePoint(
         tp=spec.tp, method=spec.method, k=spec.k, concurrency=spec.concurrency, context_len=spec.context_len,
-        error=msg[:500],
+        error=msg[:500], draft_coverage=spec.coverage,
     )  # fmt: skip
 
 
@@ -137,7 +137,7 @@ def sweep_engine(
     cfg: SweepConfig, out: Path, *, resume: bool, command: str, progress: bool = True
 ) -> Profile:
     """The in-process backend: one StepProfiler per (tp, method, k); prefill points per tp."""
-    from profiler.backends.engine import EngineBackend
+    from profiler.backends.engine import EngineBackend, Repeats
     from profiler.power import PowerSampler
 
     done = finished_keys(out) if resume else set()
@@ -149,7 +149,12 @@ def sweep_engine(
 
         backend = HFBackend(cfg.model, dtype=cfg.dtype, draft_model=cfg.draft_model)
     else:
-        backend = EngineBackend(cfg.model, dtype=cfg.dtype, draft_model=cfg.draft_model)
+        backend = EngineBackend(
+            cfg.model,
+            dtype=cfg.dtype,
+            draft_model=cfg.draft_model,
+            repeats=Repeats(cfg.min_repeats, cfg.max_repeats, cfg.repeat_tol),
+        )
     meta: dict[str, Metadata] = {}
     bar = Progress(len(todo), progress)
     try:
