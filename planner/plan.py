@@ -188,6 +188,25 @@ def resolve_acceptance(
     return f"no acceptance for method={method} k={k}: pass acceptance= or measure it"
 
 
+def _draft_coverage(
+    profile: Profile, method: str, k: int, override: AcceptanceOverride, coverage: float | None
+) -> float | None:
+    """The workload's draft coverage, where step time is read: given, else that of the acceptance the
+    plan uses for ``method`` (None: not known, the step as measured with every sequence drafting)."""
+    if method == "none":
+        return None
+    if coverage is not None:
+        return coverage
+    if isinstance(override, float | int):  # a given alpha assumes every step drafts (coverage 1)
+        return None
+    candidates: list[Acceptance] = []
+    if isinstance(override, Mapping):
+        candidates += [a for (m, _), a in override.items() if m == method]
+    candidates += [a for a in profile.acceptance if a.method == method]
+    best = min(candidates, key=lambda a: (a.k != k, a.k < k, a.k), default=None)  # exact k, then larger
+    return None if best is None else best.draft_coverage
+
+
 def _describe_source(src: AcceptanceSource) -> str:
     parts = [src.kind] + [f"{n}={v}" for n in ("dataset", "model", "drafter") if (v := getattr(src, n))]
     if src.detail:
@@ -241,15 +260,18 @@ class Planner:
             hit = self._memo[key] = compute()
         return hit
 
-    def _curve(self, surf: DecodeSurface, ctx: float) -> tuple[np.ndarray, np.ndarray]:
-        """Every integer concurrency of the measured range at ``ctx`` and its interpolated step time."""
+    def _curve(
+        self, surf: DecodeSurface, ctx: float, coverage: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every integer concurrency of the measured range at ``ctx`` and its interpolated step time at
+        the workload's draft ``coverage`` (None: as measured with every sequence drafting)."""
 
         def compute() -> tuple[np.ndarray, np.ndarray]:
             lo, hi = surf.concurrency_bounds(ctx)
             c = np.arange(lo, hi + 1, dtype=float)
-            return c, surf.step_ms(c, ctx)
+            return c, surf.step_ms(c, ctx, coverage)
 
-        return self._cached(("curve", surf.key, ctx), compute)
+        return self._cached(("curve", surf.key, ctx, coverage), compute)
 
     def _drafter(self, method: str) -> str | None:
         for a in self.profile.acceptance:
@@ -325,7 +347,7 @@ class Planner:
                 f"decode context {ctx:g} outside measured [{surf.context_range.lo:g}, "
                 f"{surf.context_range.hi:g}]: step time extrapolated linearly in context"
             )
-        c, step = self._curve(surf, ctx)
+        c, step = self._curve(surf, ctx, _draft_coverage(self.profile, method, k, override, coverage))
         step = step * inp.itl_correction
         itl = step / tps
         thr = c * tps / (step / 1000.0) / tp
@@ -352,6 +374,10 @@ class Planner:
             ttft_ms=ev.ttft,
         )
         flags = list(ev.flags)
+        flags += [
+            f"relies on a doubtful point ({f})"
+            for f in self.surfaces.decode[ev.key].flags_near(c, inp.decode_context)
+        ]
         if limited_by == "measured_range":
             flags.append(
                 f"concurrency {c} is the largest measured at this context; the SLA and KV would "
