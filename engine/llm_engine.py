@@ -130,7 +130,8 @@ class LLMEngine:
             self._spec_stats.max_positions = self.proposer.tree.num_heads
         # a step where every sequence verifies its full draft (or tree) replays a CUDA graph like a
         # plain decode step; mixed widths run eagerly (a TPExecutor tells every rank)
-        self.runner.enable_verify_graphs(1 + spec.num_lookahead_tokens, tree=spec.is_tree)
+        for width in spec.verify_widths:
+            self.runner.enable_verify_graphs(width, tree=spec.is_tree)
 
     # -- public state ------------------------------------------------------------------------------
     @property
@@ -399,10 +400,11 @@ class LLMEngine:
         cands = self.scheduler.decode_candidates()
         if not cands:
             return {}
+        k = self.spec.k_for_batch(len(self.scheduler.running))
         ks = []
         for r in cands:
             room = min(r.params.max_tokens - len(r.output_token_ids), self.max_model_len - r.num_tokens) - 1
-            ks.append(max(0, min(self.spec.k, room)) if r.params.speculate else 0)
+            ks.append(max(0, min(k, room)) if r.params.speculate else 0)
         seqs = [
             SpecSequence(r.request_id, r.all_token_ids, r.params.temperature, r.params.top_p, r.generator)
             for r in cands
