@@ -7,8 +7,8 @@ depends on shapes, not values). Then the engine steps as it would serving: propo
 forward, sample or verify, kvbm commit, proposer update, output; a ``PhaseClock`` records each phase.
 
 Speculative points are measured at a given draft coverage: ``round(coverage * c)`` sequences carry a
-draft of exactly ``k`` tokens (the proposer's own drafts, padded with their last token where prompt
-lookup finds nothing on random tokens: acceptance from such a run means nothing, timing does), the
+draft of exactly ``k`` tokens (the proposer's own drafts; prompt lookup's are padded with their last
+token where it finds nothing on random tokens: acceptance from such a run means nothing, timing does), the
 others speculate=False and verify only their one token, as a sequence without a draft does in serving.
 
 Every step appends at least one token, so contexts start half the planned number of steps below ``L``
@@ -136,7 +136,9 @@ class StepProfiler:
             enable_prefix_caching=False,  # random contexts share nothing; no hashing cost either
             cuda_graphs=cuda_graphs,
         )
-        if spec is not None and not spec.is_tree:
+        if spec is not None and spec.method == "ngram":
+            # only prompt lookup comes up short on random tokens; a draft model drafts k (and its KV
+            # bookkeeping must not see padding), a Medusa tree is full once its heads have state
             self.engine.proposer = _PaddedDrafts(self.engine.proposer)
         self.source = self.engine.source
         self.runner = self.engine.runner

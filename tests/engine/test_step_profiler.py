@@ -95,10 +95,13 @@ def test_profiling_times_the_serving_step(method, monkeypatch):
     profiler.close()
 
 
-@pytest.mark.parametrize("coverage", [0.0, 0.5, 1.0])
-def test_speculative_point_verifies_k_drafts_at_the_coverage(coverage):
+@pytest.mark.parametrize(
+    ("method", "coverage"), [("ngram", 0.0), ("ngram", 0.5), ("ngram", 1.0), ("draft", 0.5)]
+)
+def test_speculative_point_verifies_k_drafts_at_the_coverage(method, coverage):
     k = 3
-    profiler = StepProfiler("tiny", device="cpu", num_blocks=300, method="ngram", k=k)
+    opts = {"draft_layers": 1} if method == "draft" else None
+    profiler = StepProfiler("tiny", device="cpu", num_blocks=300, method=method, k=k, spec_options=opts)
     widths = []
     prepare = profiler.runner.prepare
 
