@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from planner.profile import Profile
+from planner.profile import DecodePoint, Profile
 
 
 def _plt():
@@ -46,14 +46,26 @@ def _tps_source(profile: Profile, method: str, acceptance) -> str:
     return "tok/step = 1 (random weights, no acceptance: step-time ratio only)"
 
 
+def _full_coverage(points: list[DecodePoint]) -> list[DecodePoint]:
+    """Per (tp, method, k, c, L), the point at the highest draft coverage measured (every sequence
+    drafting): tokens per step from an acceptance belong with that step time."""
+    best: dict[tuple, float] = {}
+    for p in points:
+        best[p.key[:5]] = max(p.coverage, best.get(p.key[:5], 0.0))
+    return [p for p in points if p.coverage == best[p.key[:5]]]
+
+
 def _itl_vs_thr(profile: Profile, out: Path, acceptance) -> Path | None:
     plt = _plt()
+    from planner.surface import point_flags
+
     groups = defaultdict(list)
-    for p in profile.decode:
-        if p.ok:
-            groups[(p.tp, p.method, p.k, p.context_len)].append(p)
+    for p in _full_coverage([p for p in profile.decode if p.ok]):
+        groups[(p.tp, p.method, p.k, p.context_len)].append(p)
     if not groups:
         return None
+    flags = point_flags(profile.decode)
+    flagged: list[tuple[float, float]] = []
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for (tp, method, k, ctx), pts in sorted(groups.items()):
         pts.sort(key=lambda p: p.concurrency)
@@ -61,6 +73,10 @@ def _itl_vs_thr(profile: Profile, out: Path, acceptance) -> Path | None:
         itl = [p.step_ms / t for p, t in zip(pts, tps, strict=True)]
         thr = [p.concurrency * t / (p.step_ms / 1000) / tp for p, t in zip(pts, tps, strict=True)]
         ax.plot(thr, itl, marker="o", ms=3, label=f"tp{tp} {method} k={k} L={ctx}")
+        flagged += [(x, y) for p, x, y in zip(pts, thr, itl, strict=True) if p.key in flags]
+    if flagged:
+        ax.scatter(*zip(*flagged, strict=True), marker="x", s=40, c="red", zorder=5,
+                   label="flagged: unstable or non-monotonic")  # fmt: skip
     ax.set_xlabel("output tokens/s per GPU")
     ax.set_ylabel("ITL (ms)")
     ax.set_xscale("log")
@@ -83,6 +99,7 @@ def _heatmaps(profile: Profile, out: Path, acceptance) -> list[Path]:
     combos = sorted({(p.tp, p.method, p.context_len) for p in profile.decode if p.ok and p.method != "none"})
     for tp, method, ctx in combos:
         pts = [p for p in profile.decode if p.ok and (p.tp, p.method, p.context_len) == (tp, method, ctx)]
+        pts = _full_coverage(pts)
         ks = sorted({p.k for p in pts})
         cs = sorted({p.concurrency for p in pts})
         grid = [[float("nan")] * len(cs) for _ in ks]
