@@ -11,23 +11,37 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 import kvbm
-from engine.errors import ConfigError, RequestError
+from engine.errors import CapacityError, ConfigError, RequestError
 from engine.presets import resolve_model
 from engine.request import Request, RequestOutput, Status
-from engine.runner import ModelRunner, SeqBatchEntry
+from engine.runner import ModelRunner, Runner, SeqBatchEntry
 from engine.sampling import SamplingParams, make_generator, sample
 from engine.scheduler import ScheduledSeq, Scheduler
 from engine.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
+    from engine.phases import PhaseClock
     from engine.spec import SpecConfig, SpecStats
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+@dataclass
+class _Batch:
+    """One step's flattened forward: inputs, the logits rows asked for, and which sequences complete."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: Any
+    rows: list[int]
+    row_index: torch.Tensor
+    kinds: list[tuple[ScheduledSeq, int, int]]  # (seq, first logits row, n rows) of completing seqs
 
 
 class LLMEngine:
@@ -81,11 +95,12 @@ class LLMEngine:
         self.spec = spec
         self.proposer: Any = None
         self._spec_stats: SpecStats | None = None
+        self.clock: PhaseClock | None = None  # set by the step profiler: per-phase step times
         if spec is not None:
             self._init_spec(spec)
 
     # -- construction helpers ----------------------------------------------------------------------
-    def _make_runner(self, tp: int, kwargs: dict[str, Any]) -> Any:
+    def _make_runner(self, tp: int, kwargs: dict[str, Any]) -> Runner:
         if tp == 1:
             return ModelRunner(self.source, **kwargs)
         try:
@@ -113,6 +128,10 @@ class LLMEngine:
         self._spec_stats = SpecStats()
         if spec.is_tree:  # accepted_per_pos counts tree depths, not node slots
             self._spec_stats.max_positions = self.proposer.tree.num_heads
+        # a step where every sequence verifies its full draft (or tree) replays a CUDA graph like a
+        # plain decode step; mixed widths run eagerly (a TPExecutor tells every rank)
+        for width in spec.verify_widths:
+            self.runner.enable_verify_graphs(width, tree=spec.is_tree)
 
     # -- public state ------------------------------------------------------------------------------
     @property
@@ -144,9 +163,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop tensor-parallel workers and drop the KV cache."""
-        close = getattr(self.runner, "close", None)
-        if close is not None:
-            close()
+        self.runner.close()
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(
@@ -181,6 +198,33 @@ class LLMEngine:
         self._num_added += 1
         self._requests[request_id] = req
         self.scheduler.add(req)
+
+    def add_running_decode(self, request_id: str, token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Profiling setup without a prefill: a running request whose first ``len(token_ids) - 1``
+        tokens hold KV already (whatever the cache holds there: step time depends on shapes, not
+        values) and whose last token is its first output, so the next ``step()`` decodes it (or
+        verifies its draft) at context ``len(token_ids)``, exactly as a served request's step."""
+        if len(token_ids) < 2:
+            raise RequestError(f"add_running_decode: {request_id!r} needs >= 2 tokens, got {len(token_ids)}")
+        if request_id in self._requests:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        if len(self.scheduler.running) >= self.scheduler.max_num_seqs:
+            raise CapacityError(f"add_running_decode: max_num_seqs={self.scheduler.max_num_seqs} already run")
+        params.validate()
+        prompt = self._check_prompt(list(token_ids[:-1]))
+        n = len(prompt)
+        kv = self.kv_manager
+        if kv.allocate(request_id, n, token_ids=prompt) is None:
+            raise CapacityError(f"add_running_decode: no KV room for {request_id!r} ({n} tokens)")
+        kv.commit(request_id, n - kv.num_computed_tokens(request_id))
+        gen = None if params.greedy else make_generator(self.seed + len(self._requests), self.runner.device)
+        req = Request(request_id, prompt, params, time.monotonic(), generator=gen)
+        req.output_token_ids.append(int(token_ids[-1]))
+        req.token_times.append(time.monotonic())
+        req.num_computed = n
+        req.status = Status.RUNNING
+        self._requests[request_id] = req
+        self.scheduler.running.append(req)
 
     def _check_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
         if isinstance(prompt_token_ids, str | bytes) or not isinstance(prompt_token_ids, Sequence):
@@ -222,14 +266,57 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; outputs for requests that got tokens or finished."""
-        drafts = self._propose() if self.proposer is not None else {}
+        """Run one engine step; outputs for requests that got tokens or finished.
+
+        The one step pipeline of every method (serving, the offline ``LLM`` and the step profiler all
+        run it): propose drafts, schedule, prepare the flattened batch, forward, sample or verify,
+        commit to kvbm, update the proposer, emit outputs. ``self.clock`` (a PhaseClock, set by the
+        profiler) gets a mark after each phase."""
+        clock = self.clock
+        if clock is not None:
+            clock.start()
+        drafts: dict[str, list[int]] = {}
+        if self.proposer is not None:
+            drafts = self._propose()
+            if clock is not None:
+                clock.mark("propose")
         scheduled, preempted = self.scheduler.schedule(drafts)
         if self.proposer is not None:
             for req in preempted:
                 self.proposer.free(req.request_id)
+        if clock is not None:
+            clock.mark("schedule")
         if not scheduled:
             return []
+        batch = self._prepare(scheduled)
+        if clock is not None:
+            clock.mark("prepare")
+        hidden = logits = None
+        t0 = time.perf_counter()
+        out = self.runner.execute(batch.input_ids, batch.positions, batch.meta, batch.row_index)
+        if batch.rows:
+            hidden, logits = out
+        if clock is not None:
+            clock.mark("forward")
+        new_tokens = self._sample_or_verify(batch.kinds, logits)
+        if self._spec_stats is not None:
+            self._spec_stats.verify_time_s += time.perf_counter() - t0
+        if clock is not None:
+            clock.mark("sample_verify")
+        accepted = self._commit(scheduled, new_tokens)
+        if clock is not None:
+            clock.mark("commit")
+        if self.proposer is not None:
+            self._update_proposer(scheduled, accepted, batch, new_tokens, hidden)
+            if clock is not None:
+                clock.mark("proposer_update")
+        outputs = self._emit(scheduled, new_tokens)
+        if clock is not None:
+            clock.mark("output")
+        return outputs
+
+    def _prepare(self, scheduled: list[ScheduledSeq]) -> _Batch:
+        """The flattened forward of this step: query tokens, KV layout and the logits rows wanted."""
         spec_rows = self.proposer is not None
         entries: list[SeqBatchEntry] = []
         rows: list[int] = []  # logits rows requested, in order
@@ -250,34 +337,50 @@ class LLMEngine:
         if self.spec is not None and self.spec.is_tree:  # Medusa: tree positions and mask
             tree_nodes = [len(s.draft) if self._is_decode(s) else 0 for s in scheduled]
             self.proposer.apply_tree(meta, positions, tree_nodes)
-        logits = hidden = None
-        t0 = time.perf_counter()
-        if rows:
-            hidden, logits = self.runner.execute(input_ids, positions, meta, self.runner.index_tensor(rows))
-        else:
-            self.runner.execute(input_ids, positions, meta, self.runner.index_tensor([]))
-        new_tokens = self._sample_or_verify(kinds, logits)
-        if self.spec is not None and self.spec.is_tree and hidden is not None:
-            self._medusa_observe(kinds, rows, new_tokens, hidden)
-        if self._spec_stats is not None:
-            self._spec_stats.verify_time_s += time.perf_counter() - t0
-        now = time.monotonic()
-        outputs: list[RequestOutput] = []
+        return _Batch(input_ids, positions, meta, rows, self.runner.index_tensor(rows), kinds)
+
+    def _commit(self, scheduled: list[ScheduledSeq], new_tokens: dict[str, list[int]]) -> list[int]:
+        """Commit each sequence's now valid KV (its real chunk plus accepted drafts) to kvbm; returns
+        the accepted draft count per scheduled sequence."""
+        kv = self.kv_manager
+        accepted_counts: list[int] = []
         for s in scheduled:
             req = s.request
             toks = new_tokens.get(req.request_id)
             accepted = len(toks) - 1 if toks else 0
-            # KV now valid: the real chunk plus the accepted drafts
             n_commit = s.num_new_tokens + accepted
             start = req.num_computed
             known = min(n_commit, req.num_tokens - start)
             committed_ids = req.token_slice(start, start + known) + (toks or [])[: n_commit - known]
             kv.commit(req.request_id, n_commit, token_ids=committed_ids)
             req.num_computed += n_commit
-            if self.proposer is not None and self._is_decode(s):
-                self.proposer.commit(req.request_id, accepted)
-                assert self._spec_stats is not None
-                self._spec_stats.record(len(s.draft), accepted)
+            accepted_counts.append(accepted)
+        return accepted_counts
+
+    def _update_proposer(
+        self,
+        scheduled: list[ScheduledSeq],
+        accepted: list[int],
+        batch: _Batch,
+        new_tokens: dict[str, list[int]],
+        hidden: torch.Tensor | None,
+    ) -> None:
+        """Tell the drafter what verification kept (and refresh Medusa's head state)."""
+        assert self._spec_stats is not None
+        if self.spec is not None and self.spec.is_tree and hidden is not None:
+            self._medusa_observe(batch.kinds, batch.rows, new_tokens, hidden)
+        for s, a in zip(scheduled, accepted, strict=True):
+            if self._is_decode(s):
+                self.proposer.commit(s.request.request_id, a)
+                self._spec_stats.record(len(s.draft), a)
+
+    def _emit(self, scheduled: list[ScheduledSeq], new_tokens: dict[str, list[int]]) -> list[RequestOutput]:
+        """Append the new tokens, apply stop conditions, build the outputs."""
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        for s in scheduled:
+            req = s.request
+            toks = new_tokens.get(req.request_id)
             if toks is None:
                 continue
             appended = self._append(req, toks, now)
@@ -297,10 +400,11 @@ class LLMEngine:
         cands = self.scheduler.decode_candidates()
         if not cands:
             return {}
+        k = self.spec.k_for_batch(len(self.scheduler.running))
         ks = []
         for r in cands:
             room = min(r.params.max_tokens - len(r.output_token_ids), self.max_model_len - r.num_tokens) - 1
-            ks.append(max(0, min(self.spec.k, room)) if r.params.speculate else 0)
+            ks.append(max(0, min(k, room)) if r.params.speculate else 0)
         seqs = [
             SpecSequence(r.request_id, r.all_token_ids, r.params.temperature, r.params.top_p, r.generator)
             for r in cands

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -37,6 +37,46 @@ class SeqBatchEntry:
     token_ids: Sequence[int]
     block_table: Sequence[int]
     num_computed: int
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What the engine, its proposers and the step profiler need from a target: ``ModelRunner`` (one
+    device) and ``engine.tp.TPExecutor`` (``tp`` ranks) both implement it, so no caller probes for
+    optional methods."""
+
+    config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    tp_size: int
+
+    def prepare(
+        self, entries: Sequence[SeqBatchEntry]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]: ...
+
+    def execute(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def index_tensor(self, rows: Sequence[int]) -> torch.Tensor: ...
+
+    def logits_indices(self, meta: AttentionMetadata) -> torch.Tensor: ...
+
+    def enable_verify_graphs(self, queries_per_seq: int, *, tree: bool = False) -> None: ...
+
+    def move_kv_slots(self, moves: Sequence[tuple[int, int]]) -> None: ...
+
+    def fill_kv_random(self, seed: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ModelRunner:
@@ -297,6 +337,19 @@ class ModelRunner:
             graphs = DecodeGraphs(self, max_batch=self.max_num_seqs, queries_per_seq=key[0], tree=key[1])
             self._verify_graphs[key] = graphs
         return graphs
+
+    def move_kv_slots(self, moves: Sequence[tuple[int, int]]) -> None:
+        """Apply KV slot moves (Medusa's path compaction) to this runner's cache."""
+        from engine.spec.medusa import move_kv_slots
+
+        move_kv_slots(self.kv_caches, moves)
+
+    def fill_kv_random(self, seed: int) -> None:
+        """N(0, 1) in every cache tensor: the step profiler's stand-in for a prefill (attention reads
+        what real data looks like; timing depends on shapes only)."""
+        from engine.tp.worker import fill_kv_random
+
+        fill_kv_random(self.kv_caches, seed, self.tp_rank)
 
     def close(self) -> None:
         """Release graphs and caches (a TP executor's close also stops its workers)."""

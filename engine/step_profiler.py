@@ -1,58 +1,88 @@
-"""Step-level timing for the profiler: decode (k = 0) or draft + verify (k > 0) steps of ``c``
-sequences at context ``L``, with the KV cache filled directly (random values; timing depends on
-shapes, not values), so no point pays for a prefill.
+"""Step-level timing for the profiler: whole ``LLMEngine.step()`` calls, the code that serves requests,
+for every method (none, ngram, draft, medusa) at ``c`` sequences of context ``L``.
 
-Decode points keep the context constant: each sequence holds ``L - 1`` cached tokens and every timed
-step queries position ``L - 1`` (rewriting that slot), so a step attends over exactly ``L`` tokens.
-Speculative points run the spec helper's ``SpecStepRunner`` with drafts padded to ``k`` tokens, so
-every step verifies ``1 + k`` tokens per sequence whatever the drafter found (acceptance from such a
-run means nothing; it is measured separately on real prompts). On CUDA each phase is timed with
-device events; on CPU with ``perf_counter`` (CPU ops are synchronous).
+Setup skips the prefill: each sequence enters the engine as a running request whose KV is already
+there (``LLMEngine.add_running_decode``; the cache is filled with random values once, since timing
+depends on shapes, not values). Then the engine steps as it would serving: propose, schedule, prepare,
+forward, sample or verify, kvbm commit, proposer update, output; a ``PhaseClock`` records each phase.
+
+Speculative points are measured at a given draft coverage: ``round(coverage * c)`` sequences carry a
+draft of exactly ``k`` tokens (the proposer's own drafts; prompt lookup's are padded with their last
+token where it finds nothing on random tokens: acceptance from such a run means nothing, timing does), the
+others speculate=False and verify only their one token, as a sequence without a draft does in serving.
+
+Every step appends at least one token, so contexts start half the planned number of steps below ``L``
+and the timed steps straddle it. Timed steps come in repeats of ``steps``; repeats continue until the
+running median of the repeat medians moves by less than ``rel_tol`` (at least ``min_repeats``, at most
+``max_repeats``), and the result says whether it settled.
 """
 
 from __future__ import annotations
 
 import platform
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-import kvbm
 from engine.errors import CapacityError, ConfigError
-from engine.presets import resolve_model
-from engine.runner import ModelRunner, SeqBatchEntry
+from engine.llm_engine import LLMEngine
+from engine.phases import PhaseClock
+from engine.sampling import SamplingParams
+from engine.spec.base import SpecSequence
 
 METHODS = ("none", "ngram", "draft", "medusa")
+MAX_SPREAD = 0.25  # (p90 - p10) / median of the repeat medians above this: the point is noisy
 
 
 @dataclass
 class StepTiming:
-    draft_ms: list[float]
-    verify_ms: list[float]  # the target forward (+ verification); the whole step when k = 0
-    step_ms: list[float]
+    step_ms: list[float]  # every timed step, whole step
+    phases_ms: dict[str, float]  # median milliseconds per phase over the timed steps
+    repeat_medians: list[float]  # median step time of each repeat
+    settled: bool  # the running median converged before the repeat cap
     kv_usage: float
+    draft_coverage: float | None  # share of sequences that verified k drafts; None without speculation
+    draft_ms: list[float] = field(default_factory=list)  # propose phase per timed step
+    verify_ms: list[float] = field(default_factory=list)  # the rest of each timed step
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.repeat_medians)
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median of the repeat medians (0 with one repeat)."""
+        if len(self.repeat_medians) < 2:
+            return 0.0
+        p10, p90 = np.percentile(self.repeat_medians, [10, 90])
+        return float((p90 - p10) / self.median_ms)
+
+    @property
+    def stable(self) -> bool:
+        return self.settled and self.spread <= MAX_SPREAD
 
 
-class _Timer:
-    """Elapsed milliseconds of a callable: CUDA events on GPU, perf_counter on CPU."""
+class _PaddedDrafts:
+    """The engine's proposer, its drafts padded to each sequence's budget (profiling only: random
+    token contexts give prompt lookup no matches, and the cost to measure is verifying k drafts)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
 
-    def run(self, fn: Callable[[], Any]) -> tuple[Any, float]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            return out, start.elapsed_time(end)
-        t0 = time.perf_counter()
-        out = fn()
-        return out, (time.perf_counter() - t0) * 1e3
+    def propose(self, seqs: Sequence[SpecSequence], k: int | Sequence[int]) -> list[list[int]]:
+        ks = [k] * len(seqs) if isinstance(k, int) else list(k)
+        drafts = self.inner.propose(seqs, k)
+        return [
+            d + [(d[-1] if d else int(s.token_ids[-1]))] * (kk - len(d)) if kk > 0 else d
+            for d, s, kk in zip(drafts, seqs, ks, strict=True)
+        ]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class StepProfiler:
@@ -82,32 +112,39 @@ class StepProfiler:
             )
         if not isinstance(tp, int) or tp < 1:
             raise ConfigError(f"tp must be an int >= 1, got {tp!r}")
-        self.source = resolve_model(model, weights=weights)
         self.method, self.k, self.tp, self.seed = method, k, tp, seed
-        kwargs: dict[str, Any] = dict(
-            dtype=dtype,
-            device=device,
-            num_blocks=num_blocks,
-            block_size=block_size,
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_context,
-            cuda_graphs=cuda_graphs,
-            seed=seed,
-        )
-        if tp == 1:
-            self.runner: Any = ModelRunner(self.source, **kwargs)
-        else:
-            from engine.tp import build_tp_runner
-
-            self.runner = build_tp_runner(self.source, tp=tp, **kwargs)
-        self.config = self.runner.config
-        self._timer = _Timer(self.runner.device)
-        self._filled = False
-        self._spec_config = None
+        spec = None
         if method != "none":
             from engine.spec import SpecConfig
 
-            self._spec_config = SpecConfig(method=method, k=k, seed=seed, **(spec_options or {}))
+            spec = SpecConfig(method=method, k=k, seed=seed, **(spec_options or {}))
+        self.lookahead = spec.num_lookahead_tokens if spec is not None else 0
+        self.engine = LLMEngine(
+            model,
+            dtype=dtype,
+            device=device,
+            tp=tp,
+            spec=spec,
+            seed=seed,
+            weights=weights,
+            num_gpu_blocks=num_blocks,
+            block_size=block_size,
+            max_model_len=max_context,
+            max_num_seqs=max_num_seqs,
+            # a whole verify batch in one step, as many tokens as the largest point can ask for
+            max_num_batched_tokens=max(2048, max_num_seqs * (1 + self.lookahead)),
+            enable_prefix_caching=False,  # random contexts share nothing; no hashing cost either
+            cuda_graphs=cuda_graphs,
+        )
+        if spec is not None and spec.method == "ngram":
+            # only prompt lookup comes up short on random tokens; a draft model drafts k (and its KV
+            # bookkeeping must not see padding), a Medusa tree is full once its heads have state
+            self.engine.proposer = _PaddedDrafts(self.engine.proposer)
+        self.source = self.engine.source
+        self.runner = self.engine.runner
+        self.config = self.runner.config
+        self.runner.fill_kv_random(seed)
+        self._num_points = 0
 
     # -- descriptions ------------------------------------------------------------------------------
     @property
@@ -141,133 +178,151 @@ class StepProfiler:
         return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
     # -- setup -------------------------------------------------------------------------------------
-    def _fill_kv(self) -> None:
-        """Random K/V everywhere once (what attention reads then looks like real data)."""
-        if self._filled:
-            return
-        fill = getattr(self.runner, "fill_kv_random", None)
-        if fill is not None:  # a TP executor fills every rank's shard
-            fill(self.seed)
-        else:
-            # a runner without local caches (TP executor without a fill hook) keeps zeros: the
-            # kernels read the same bytes either way
-            gen = torch.Generator(device=self.runner.device).manual_seed(self.seed)
-            for k_cache, v_cache in getattr(self.runner, "kv_caches", []):
-                k_cache.normal_(0.0, 1.0, generator=gen)
-                v_cache.normal_(0.0, 1.0, generator=gen)
-        self._filled = True
-
-    def _contexts(self, concurrency: int, context_len: int) -> dict[str, list[int]]:
-        gen = torch.Generator().manual_seed(self.seed)
-        vocab = self.config.vocab_size
-        return {
-            f"p{i}": torch.randint(0, vocab, (context_len,), generator=gen).tolist()
-            for i in range(concurrency)
-        }
-
-    def _check_point(self, concurrency: int, context_len: int, lookahead: int) -> kvbm.KVCacheManager:
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if not isinstance(context_len, int) or context_len < 2:
-            raise ConfigError(f"context_len must be an int >= 2, got {context_len!r}")
-        if context_len + lookahead > self.runner.max_model_len:
+    def _check_point(self, c: int, length: int, growth: int) -> int:
+        """The context to start at so the timed steps straddle ``length``; raises when it cannot fit."""
+        if not isinstance(c, int) or c < 1:
+            raise ConfigError(f"concurrency must be an int >= 1, got {c!r}")
+        if not isinstance(length, int) or length < 2:
+            raise ConfigError(f"context_len must be an int >= 2, got {length!r}")
+        if c > self.engine.scheduler.max_num_seqs:
+            raise CapacityError(f"concurrency {c} exceeds max_num_seqs {self.engine.scheduler.max_num_seqs}")
+        limit = self.engine.max_model_len
+        if length + self.lookahead > limit:
             raise CapacityError(
-                f"context_len {context_len} + {lookahead} lookahead tokens exceeds max_context "
-                f"{self.runner.max_model_len}"
+                f"context_len {length} + {self.lookahead} lookahead tokens exceeds max_context {limit}"
             )
-        need = kvbm.capacity.blocks_needed(concurrency, context_len, lookahead, self.block_size)
+        # start half the growth below L, and early enough that the last step still fits
+        start = max(2, min(length - growth // 2, limit - growth - self.lookahead - 1))
+        import kvbm
+
+        need = kvbm.capacity.blocks_needed(c, start + growth, self.lookahead, self.block_size)
         if need > self.kv_capacity_blocks:
             raise CapacityError(
-                f"concurrency {concurrency} at context {context_len} (+{lookahead} lookahead) needs "
-                f"{need} KV "
-                f"blocks; the pool holds {self.kv_capacity_blocks}"
+                f"concurrency {c} at context {length} (+{self.lookahead} lookahead) needs {need} KV blocks; "
+                f"the pool holds {self.kv_capacity_blocks}"
             )
-        return kvbm.KVCacheManager(self.kv_capacity_blocks, self.block_size, enable_prefix_caching=False)
+        return start
+
+    def _add_sequences(self, c: int, length: int, num_drafting: int) -> list[str]:
+        gen = torch.Generator().manual_seed(self.seed)
+        vocab = self.config.vocab_size
+        ids = []
+        self._num_points += 1
+        for i in range(c):
+            rid = f"p{self._num_points}-{i}"
+            params = SamplingParams(
+                max_tokens=self.engine.max_model_len, ignore_eos=True, speculate=i < num_drafting
+            )
+            toks = torch.randint(0, vocab, (length,), generator=gen).tolist()
+            self.engine.add_running_decode(rid, toks, params)
+            ids.append(rid)
+        if self.engine.spec is not None and self.engine.spec.is_tree:
+            # Medusa head state from random hidden states, so every drafting step verifies a full tree
+            hidden = torch.randn(c, self.config.hidden_size, generator=gen).to(self.runner.device)
+            self.engine.proposer.observe(ids, hidden)
+        return ids
 
     # -- measurements ------------------------------------------------------------------------------
     @torch.inference_mode()
     def measure_decode(
-        self, concurrency: int, context_len: int, *, steps: int = 20, warmup: int = 3
+        self,
+        concurrency: int,
+        context_len: int,
+        *,
+        steps: int = 20,
+        warmup: int = 3,
+        coverage: float | None = None,
+        min_repeats: int = 1,
+        max_repeats: int = 1,
+        rel_tol: float = 0.02,
     ) -> StepTiming:
-        """Timed steps at (concurrency, context_len); raises CapacityError when the pool is too small."""
+        """Whole engine steps at (concurrency, context_len[, coverage]); raises CapacityError when the
+        pool is too small. ``steps`` timed steps per repeat (see the module docstring)."""
         if not isinstance(steps, int) or steps < 1 or not isinstance(warmup, int) or warmup < 0:
             raise ConfigError(f"steps must be >= 1 and warmup >= 0, got steps={steps!r} warmup={warmup!r}")
+        if not isinstance(min_repeats, int) or not 1 <= min_repeats <= max_repeats:
+            raise ConfigError(f"need 1 <= min_repeats <= max_repeats, got {min_repeats!r}, {max_repeats!r}")
+        if coverage is not None and not 0.0 <= coverage <= 1.0:
+            raise ConfigError(f"coverage must be within [0, 1], got {coverage!r}")
         if self.k == 0:
-            return self._measure_plain(concurrency, context_len, steps, warmup)
-        return self._measure_spec(concurrency, context_len, steps, warmup)
-
-    def _measure_plain(self, c: int, length: int, steps: int, warmup: int) -> StepTiming:
-        kv = self._check_point(c, length, 0)
-        self._fill_kv()
-        contexts = self._contexts(c, length)
-        for sid, toks in contexts.items():
-            kv.allocate(sid, length, token_ids=toks)
-            kv.commit(sid, length - 1)
-        entries = [
-            SeqBatchEntry([toks[-1]], kv.block_table(sid), length - 1) for sid, toks in contexts.items()
-        ]
-        input_ids, positions, meta = self.runner.prepare(entries)
-        rows = self.runner.logits_indices(meta)
-
-        def step() -> None:
-            _, logits = self.runner.execute(input_ids, positions, meta, rows)
-            logits.argmax(dim=-1)
-
-        times = []
-        for i in range(warmup + steps):
-            _, ms = self._timer.run(step)
-            if i >= warmup:
-                times.append(ms)
-        usage = kv.usage
-        return StepTiming([0.0] * steps, times, list(times), usage)
-
-    def _measure_spec(self, c: int, length: int, steps: int, warmup: int) -> StepTiming:
-        from engine.spec.step import SpecStepRunner
-
-        assert self._spec_config is not None
-        width = self._spec_config.num_lookahead_tokens
-        growth = (warmup + steps) * (width + 1)
-        kv = self._check_point(c, length, growth + width)
-        self._fill_kv()
-        spec = SpecStepRunner(self._spec_config, self.runner, kv, pad_drafts=True)
-        seqs = spec.fill_context(self._contexts(c, length), seed=self.seed)
-        draft_ms, verify_ms = [], []
+            coverage = None
+        elif coverage is None:
+            coverage = 1.0
+        num_drafting = 0 if coverage is None else round(coverage * concurrency)
+        start = self._check_point(concurrency, context_len, warmup + steps * max_repeats)
+        engine = self.engine
+        ids = self._add_sequences(concurrency, start, num_drafting)
+        clock = PhaseClock(self.runner.device)
+        engine.clock = clock
+        step_ms: list[float] = []
+        phases: list[dict[str, float]] = []
+        medians: list[float] = []
+        settled = False
         try:
-            for i in range(warmup + steps):
-                drafts, d_ms = self._timer.run(lambda: spec.draft(seqs))
-                outs, v_ms = self._timer.run(lambda drafts=drafts: spec.verify(seqs, drafts))
-                for s, o in zip(seqs, outs, strict=True):
-                    s.token_ids = [*s.token_ids, *o.tokens]
-                if i >= warmup:
-                    draft_ms.append(d_ms)
-                    verify_ms.append(v_ms)
-            usage = kv.usage
+            for _ in range(warmup):
+                engine.step()
+            while len(medians) < max_repeats:
+                block = []
+                for _ in range(steps):
+                    engine.step()
+                    ph = clock.stop()
+                    phases.append(ph)
+                    block.append(sum(ph.values()))
+                step_ms += block
+                previous = statistics.median(medians) if medians else None
+                medians.append(statistics.median(block))
+                moved = None if previous is None else abs(statistics.median(medians) - previous)
+                if moved is not None and len(medians) >= min_repeats and moved <= rel_tol * previous:
+                    settled = True
+                    break
+            settled = settled or max_repeats == 1
+            usage = engine.kv_usage
         finally:
-            for s in seqs:
-                spec.free(s.seq_id)
+            engine.clock = None
+            for rid in ids:
+                engine.abort(rid)
+        names = list(dict.fromkeys(n for ph in phases for n in ph))
+        phase_ms = {n: statistics.median(ph.get(n, 0.0) for ph in phases) for n in names}
+        draft = [ph.get("propose", 0.0) for ph in phases]
         return StepTiming(
-            draft_ms, verify_ms, [d + v for d, v in zip(draft_ms, verify_ms, strict=True)], usage
+            step_ms=step_ms,
+            phases_ms=phase_ms,
+            repeat_medians=medians,
+            settled=settled,
+            kv_usage=usage,
+            draft_coverage=None if coverage is None else num_drafting / concurrency,
+            draft_ms=draft,
+            verify_ms=[s - d for s, d in zip(step_ms, draft, strict=True)],
         )
 
     @torch.inference_mode()
     def measure_prefill(self, input_len: int, *, repeats: int = 3) -> list[float]:
-        """Milliseconds per prefill of one ``input_len``-token sequence (after one warm-up)."""
+        """Milliseconds from adding one ``input_len``-token request to its first token, through the
+        engine's steps (chunked when longer than the step budget), after one warm-up."""
         if not isinstance(repeats, int) or repeats < 1:
             raise ConfigError(f"repeats must be an int >= 1, got {repeats!r}")
-        kv = self._check_point(1, input_len, 0)
-        toks = self._contexts(1, input_len)["p0"]
-        kv.allocate("p0", input_len, token_ids=toks)
-        input_ids, positions, meta = self.runner.prepare([SeqBatchEntry(toks, kv.block_table("p0"), 0)])
-        rows = self.runner.logits_indices(meta)
+        if not isinstance(input_len, int) or input_len < 1:
+            raise ConfigError(f"input_len must be an int >= 1, got {input_len!r}")
+        self._check_point(1, input_len + 1, 0)
+        gen = torch.Generator().manual_seed(self.seed)
+        toks = torch.randint(0, self.config.vocab_size, (input_len,), generator=gen).tolist()
+        params = SamplingParams(max_tokens=1, ignore_eos=True)
+        clock = PhaseClock(self.runner.device)
         out = []
         for i in range(repeats + 1):
-            _, ms = self._timer.run(lambda: self.runner.execute(input_ids, positions, meta, rows))
+            self._num_points += 1
+            self.engine.add_request(f"prefill{self._num_points}", toks, params)
+            self.engine.clock = clock
+            ms = 0.0
+            try:
+                while self.engine.has_unfinished():
+                    self.engine.step()
+                    ms += sum(clock.stop().values())
+            finally:
+                self.engine.clock = None
             if i:
                 out.append(ms)
-        kv.free("p0")
         return out
 
     def close(self) -> None:
-        close = getattr(self.runner, "close", None)
-        if close is not None:
-            close()
+        self.engine.close()

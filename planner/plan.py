@@ -368,15 +368,18 @@ class Planner:
                     self.memo_bytes -= freed
         return value
 
-    def _curve(self, surf: DecodeSurface, ctx: float) -> tuple[np.ndarray, np.ndarray]:
-        """Every integer concurrency of the measured range at ``ctx`` and its interpolated step time."""
+    def _curve(
+        self, surf: DecodeSurface, ctx: float, coverage: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every integer concurrency of the measured range at ``ctx`` and its interpolated step time at
+        the workload's draft ``coverage`` (None: as measured with every sequence drafting)."""
 
         def compute() -> tuple[np.ndarray, np.ndarray]:
             lo, hi = surf.concurrency_bounds(ctx)
             c = np.arange(lo, hi + 1, dtype=float)
-            return c, surf.step_ms(c, ctx)
+            return c, surf.step_ms(c, ctx, coverage)
 
-        return self._cached(("curve", surf.key, ctx), compute)
+        return self._cached(("curve", surf.key, ctx, coverage), compute)
 
     def _drafter(self, method: str) -> str | None:
         for a in self.profile.acceptance:
@@ -471,7 +474,9 @@ class Planner:
                 f"decode context {ctx:g} outside measured [{surf.context_range.lo:g}, "
                 f"{surf.context_range.hi:g}]: step time extrapolated linearly in context"
             )
-        c, step = self._curve(surf, ctx)
+        # step time is read at the workload's draft coverage: the given one, else the acceptance's
+        coverage_read = None if method == "none" else coverage if coverage is not None else acc.draft_coverage
+        c, step = self._curve(surf, ctx, coverage_read)
         step = step * inp.itl_correction
         itl = step / tps
         thr = c * tps / (step / 1000.0) / tp
@@ -500,6 +505,10 @@ class Planner:
             ttft_ms=ev.ttft,
         )
         flags = list(ev.flags)
+        flags += [
+            f"relies on a doubtful point ({f})"
+            for f in self.surfaces.decode[ev.key].flags_near(c, inp.decode_context)
+        ]
         if limited_by == "measured_range":
             flags.append(
                 f"concurrency {c} is the largest measured at this context; the SLA and KV would "

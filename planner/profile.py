@@ -138,6 +138,20 @@ class DecodePoint(_Strict):
     power_w: float | None = Field(default=None, ge=0, le=MAX_RATE)
     joules_per_token: float | None = Field(default=None, ge=0, le=MAX_RATE)
     error: str | None = None
+    phases_ms: dict[str, float] | None = Field(
+        default=None, description="median ms per phase of the whole engine step (schedule, propose, ...)"
+    )
+    repeats: int = Field(default=0, ge=0, description="timing repeats behind the median step time")
+    step_ms_spread: float | None = Field(
+        default=None, ge=0, description="(p90 - p10) / median of the repeat medians"
+    )
+    stable: bool | None = Field(default=None, description="False: the timing was noisy")
+    draft_coverage: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="share of sequences that verified k drafts (None: method none, or every sequence)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DecodePoint:
@@ -150,8 +164,16 @@ class DecodePoint(_Strict):
         return self
 
     @property
-    def key(self) -> tuple[int, str, int, int, int]:
-        return (self.tp, self.method, self.k, self.concurrency, self.context_len)
+    def coverage(self) -> float:
+        """The draft coverage measured at: 0 without speculation; a speculative point without one had
+        every sequence verify k drafts (1)."""
+        if self.method == "none":
+            return 0.0
+        return 1.0 if self.draft_coverage is None else self.draft_coverage
+
+    @property
+    def key(self) -> tuple[int, str, int, int, int, float]:
+        return (self.tp, self.method, self.k, self.concurrency, self.context_len, self.coverage)
 
     @property
     def ok(self) -> bool:

@@ -6,7 +6,8 @@ linear in ``c``, which is close to a straight line on log-log axes); between row
 length (step time is affine in ``L`` at fixed ``c``). Rows may cover different concurrency ranges (a
 sweep's points past the KV capacity fail), so the usable range at a context is the intersection of its
 two bracketing rows. Concurrency outside the measured range is never evaluated; context outside it is
-extrapolated linearly from the two nearest rows and flagged by the caller.
+extrapolated linearly from the two nearest rows and flagged by the caller. Speculative points measured
+at several draft coverages form one such surface per coverage, linear in coverage between them.
 """
 
 from __future__ import annotations
@@ -48,32 +49,23 @@ class Range:
         return self.lo <= x <= self.hi
 
 
-class DecodeSurface:
-    """Step time of one (tp, method, k) over concurrency and context length."""
+class _Level:
+    """Step time over concurrency and context at one draft coverage (rows per measured context)."""
 
-    def __init__(self, key: ConfigKey, points: list[DecodePoint]) -> None:
-        self.key = key
-        ok = [p for p in points if p.ok]
-        if not ok:
-            raise ValueError(f"config tp={key[0]} method={key[1]} k={key[2]} has no successful point")
-        self.failed = [p for p in points if not p.ok]
+    def __init__(self, points: list[DecodePoint]) -> None:
         by_ctx: dict[int, list[DecodePoint]] = {}
-        for p in ok:
+        for p in points:
             by_ctx.setdefault(p.context_len, []).append(p)
         self.contexts = np.array(sorted(by_ctx), dtype=float)
-        self._rows = [
+        self.rows = [
             _Row(
                 np.array([p.concurrency for p in by_ctx[int(L)]]),
                 np.array([p.step_ms for p in by_ctx[int(L)]]),
             )
             for L in self.contexts
         ]
-        self.context_range = Range(float(self.contexts[0]), float(self.contexts[-1]))
-        self.concurrency_range = Range(
-            float(min(r.c_min for r in self._rows)), float(max(r.c_max for r in self._rows))
-        )
 
-    def _bracket(self, ctx: float) -> tuple[int, int, float]:
+    def bracket(self, ctx: float) -> tuple[int, int, float]:
         """Row indices around ``ctx`` and the weight of the second (outside the range: extrapolation)."""
         n = len(self.contexts)
         if n == 1:
@@ -89,26 +81,118 @@ class DecodeSurface:
         return j, j + 1, w
 
     def concurrency_bounds(self, ctx: float) -> tuple[int, int]:
-        """Measured concurrency range usable at ``ctx`` (both bracketing rows cover it)."""
-        i, j, _ = self._bracket(ctx)
-        ri, rj = self._rows[i], self._rows[j]
+        i, j, _ = self.bracket(ctx)
+        ri, rj = self.rows[i], self.rows[j]
         return max(ri.c_min, rj.c_min), min(ri.c_max, rj.c_max)
 
-    def step_ms(self, concurrency: np.ndarray | float, ctx: float) -> np.ndarray:
-        """Interpolated step time; NaN where ``concurrency`` is outside the measured range at ``ctx``."""
-        c = np.atleast_1d(np.asarray(concurrency, dtype=float))
+    def step_ms(self, c: np.ndarray, ctx: float) -> np.ndarray:
         x = np.log2(c)
-        i, j, w = self._bracket(ctx)
-        yi = self._rows[i].log_step(x)
-        si = np.exp(yi)
-        if j == i:
-            out = si
-        else:
-            sj = np.exp(self._rows[j].log_step(x))
-            out = si + w * (sj - si)
+        i, j, w = self.bracket(ctx)
+        si = np.exp(self.rows[i].log_step(x))
+        out = si if j == i else si + w * (np.exp(self.rows[j].log_step(x)) - si)
         lo, hi = self.concurrency_bounds(ctx)
         out = np.where((c >= lo) & (c <= hi), out, np.nan)
         return np.where(out > 0, out, np.nan)
+
+
+class DecodeSurface:
+    """Step time of one (tp, method, k) over concurrency, context length and draft coverage.
+
+    Points measured at several draft coverages (the share of sequences that verified k drafts; the
+    rest verified one token) form one level each; between levels step time is linear in coverage,
+    outside them it holds the nearest level's value. Without a coverage the highest level answers
+    (every sequence drafting: the cost a speculative config has at most)."""
+
+    def __init__(self, key: ConfigKey, points: list[DecodePoint]) -> None:
+        self.key = key
+        ok = [p for p in points if p.ok]
+        if not ok:
+            raise ValueError(f"config tp={key[0]} method={key[1]} k={key[2]} has no successful point")
+        self.failed = [p for p in points if not p.ok]
+        by_cov: dict[float, list[DecodePoint]] = {}
+        for p in ok:
+            by_cov.setdefault(p.coverage, []).append(p)
+        self.coverages = sorted(by_cov)
+        self._levels = [_Level(by_cov[cov]) for cov in self.coverages]
+        self.flags = point_flags(points)
+        self._points = ok
+        ctxs = sorted({p.context_len for p in ok})
+        self.context_range = Range(float(ctxs[0]), float(ctxs[-1]))
+        self.concurrency_range = Range(
+            float(min(p.concurrency for p in ok)), float(max(p.concurrency for p in ok))
+        )
+
+    def concurrency_bounds(self, ctx: float) -> tuple[int, int]:
+        """Measured concurrency range usable at ``ctx`` (both bracketing rows of a level cover it)."""
+        bounds = [lvl.concurrency_bounds(ctx) for lvl in self._levels]
+        return min(b[0] for b in bounds), max(b[1] for b in bounds)
+
+    def step_ms(
+        self, concurrency: np.ndarray | float, ctx: float, coverage: float | None = None
+    ) -> np.ndarray:
+        """Interpolated step time at draft ``coverage``; NaN where ``concurrency`` is outside the
+        measured range at ``ctx``."""
+        c = np.atleast_1d(np.asarray(concurrency, dtype=float))
+        if coverage is None or len(self._levels) == 1:
+            return self._levels[-1].step_ms(c, ctx)
+        vals = np.vstack([lvl.step_ms(c, ctx) for lvl in self._levels])
+        covs = np.array(self.coverages)
+        out = np.full(c.shape, np.nan)
+        for j in range(c.size):
+            finite = np.isfinite(vals[:, j])
+            if finite.any():  # a level may miss a concurrency (one sequence has only coverage 0 or 1)
+                out[j] = np.interp(coverage, covs[finite], vals[finite, j])
+        return out
+
+    def flags_near(self, concurrency: float, ctx: float) -> list[str]:
+        """Flags of the measured points a prediction at (``concurrency``, ``ctx``) interpolates from."""
+        if not self.flags:
+            return []
+        ctxs = sorted({p.context_len for p in self._points})
+        near_ctx = {
+            max([n for n in ctxs if n <= ctx], default=ctxs[0]),
+            min([n for n in ctxs if n >= ctx], default=ctxs[-1]),
+        }
+        out = []
+        for p in self._points:
+            if p.context_len not in near_ctx or p.key not in self.flags:
+                continue
+            cs = sorted({q.concurrency for q in self._points if q.context_len == p.context_len})
+            lo = max([x for x in cs if x <= concurrency], default=cs[0])
+            hi = min([x for x in cs if x >= concurrency], default=cs[-1])
+            if p.concurrency in (lo, hi):
+                cov = "" if self.key[1] == "none" else f" coverage {p.coverage:g}"
+                out += [f"c={p.concurrency} L={p.context_len}{cov}: {m}" for m in self.flags[p.key]]
+        return out
+
+
+NON_MONOTONIC_TOL = 0.05  # a step time this much below a smaller point's counts as non-monotonic
+
+
+def point_flags(points: list[DecodePoint]) -> dict[tuple, list[str]]:
+    """Why a measured decode point is doubtful: unstable timing (``stable`` False), or step time that
+    falls as concurrency or context grows (by more than NON_MONOTONIC_TOL) at otherwise equal
+    coordinates. Keys are ``DecodePoint.key``."""
+    flags: dict[tuple, list[str]] = {}
+    ok = [p for p in points if p.ok]
+    for p in ok:
+        if p.stable is False:
+            spread = "" if p.step_ms_spread is None else f", spread {p.step_ms_spread:.0%}"
+            flags.setdefault(p.key, []).append(f"unstable timing ({p.repeats} repeats{spread})")
+    for axis, other in (("concurrency", "context_len"), ("context_len", "concurrency")):
+        groups: dict[tuple, list[DecodePoint]] = {}
+        for p in ok:
+            groups.setdefault((p.tp, p.method, p.k, p.coverage, getattr(p, other)), []).append(p)
+        for pts in groups.values():
+            pts.sort(key=lambda p: getattr(p, axis))
+            for prev, p in zip(pts, pts[1:], strict=False):
+                if p.step_ms < prev.step_ms * (1 - NON_MONOTONIC_TOL):  # type: ignore[operator]
+                    name = "c" if axis == "concurrency" else "L"
+                    flags.setdefault(p.key, []).append(
+                        f"non-monotonic: {p.step_ms:.3g} ms below {prev.step_ms:.3g} ms at "
+                        f"{name}={getattr(prev, axis)}"
+                    )
+    return flags
 
 
 class PrefillSurface:

@@ -18,6 +18,13 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _strs(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -39,6 +46,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         model=a.model, backend=a.backend, tp=a.tp, method=a.method, k=a.k, concurrency=a.concurrency,
         context=a.context, url=a.url, vllm_python=a.vllm_python, draft_model=a.draft_model, steps=a.steps,
         sla_itl_ms=a.itl_ms, served_model=a.served_model, max_tokens=a.max_tokens,
+        coverage=a.coverage, max_repeats=a.max_repeats,
     )  # fmt: skip
     try:
         cfg = load_config(a.config, gpu=_has_gpu(), overrides=overrides)
@@ -236,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="a sweep YAML (like configs/sweeps/default.yaml); flags override it (default: that file's gpu "
         "or cpu section, by the machine)",
+    )
+    s.add_argument(
+        "--coverage",
+        type=_floats,
+        help="engine backend: draft coverages of speculative points, e.g. 0,0.5,1 (default: the grid's)",
+    )
+    s.add_argument(
+        "--max-repeats",
+        type=int,
+        help="engine backend: cap on timing repeats per point (default: the grid's)",
     )
     s.add_argument("--out", default="runs", help="directory (or .json path) for the profile")
     s.add_argument("--resume", action="store_true", help="skip points already in the output profile")

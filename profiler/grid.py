@@ -33,13 +33,16 @@ class PointSpec:
     k: int
     concurrency: int
     context_len: int
+    coverage: float | None = None  # draft coverage to measure at (engine backend); None: every sequence
 
     @property
-    def key(self) -> tuple[int, str, int, int, int]:
-        return (self.tp, self.method, self.k, self.concurrency, self.context_len)
+    def key(self) -> tuple[int, str, int, int, int, float]:
+        cov = 0.0 if self.method == "none" else (1.0 if self.coverage is None else self.coverage)
+        return (self.tp, self.method, self.k, self.concurrency, self.context_len, cov)
 
     def label(self) -> str:
-        return f"tp={self.tp} {self.method} k={self.k} c={self.concurrency} L={self.context_len}"
+        cov = "" if self.coverage is None else f" coverage={self.coverage:g}"
+        return f"tp={self.tp} {self.method} k={self.k} c={self.concurrency} L={self.context_len}{cov}"
 
 
 @dataclass
@@ -53,6 +56,10 @@ class SweepConfig:
     context: list[int] = field(default_factory=lambda: [512])
     steps: int = 12
     warmup: int = 3
+    coverage: list[float] = field(default_factory=lambda: [1.0])  # engine backend: draft coverages
+    min_repeats: int = 1  # engine backend: repeats of `steps` timed steps until the median settles
+    max_repeats: int = 1
+    repeat_tol: float = 0.02  # relative move of the running median that counts as settled
     prefill_lens: list[int] = field(default_factory=list)
     draft_model: str | None = None
     sla_itl_ms: float = 25.0
@@ -94,6 +101,18 @@ class SweepConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "warmup" else 1):
                 raise GridError(f"field '{name}' must be a positive integer, got {v!r}")
+        for v in self.coverage if isinstance(self.coverage, list) else [self.coverage]:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+                raise GridError(f"field 'coverage': every value must be a number in [0, 1], got {v!r}")
+        if not self.coverage:
+            raise GridError("field 'coverage' must be a non-empty list, got []")
+        if not isinstance(self.min_repeats, int) or not 1 <= self.min_repeats <= self.max_repeats:
+            raise GridError(
+                f"fields 'min_repeats'/'max_repeats' need 1 <= min_repeats <= max_repeats, got "
+                f"{self.min_repeats!r}/{self.max_repeats!r}"
+            )
+        if not isinstance(self.repeat_tol, int | float) or not 0 < self.repeat_tol < 1:
+            raise GridError(f"field 'repeat_tol' must be a number in (0, 1), got {self.repeat_tol!r}")
         for v in self.prefill_lens:
             if not isinstance(v, int) or v < 1:
                 raise GridError(f"field 'prefill_lens': every value must be an integer >= 1, got {v!r}")
@@ -114,7 +133,15 @@ class SweepConfig:
                 for k in ks:
                     for ctx in sorted(set(self.context)):
                         for c in sorted(set(self.concurrency)):
-                            yield PointSpec(tp, method, k, c, ctx)
+                            for cov in self._coverages(method, c):
+                                yield PointSpec(tp, method, k, c, ctx, cov)
+
+    def _coverages(self, method: str, c: int) -> list[float | None]:
+        """Draft coverages of a speculative engine point, as ``c`` sequences realise them (c=1 has only
+        0 and 1): other backends measure the coverage their drafter really has."""
+        if method == "none" or self.backend != "engine":
+            return [None]
+        return sorted({round(cov * c) / c for cov in self.coverage})
 
 
 def _section(path: Path, section: str | None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from planner.pareto import frontier
 from planner.plan import Planner
-from planner.profile import Profile
+from planner.profile import DecodePoint, Profile
 
 WIDTH_IN, DPI = 10.0, 110  # 1100 px wide
 K_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">"]
@@ -144,7 +144,7 @@ def _pareto(profile: Profile, out: Path, alpha: float | None, itl_ms: float, nam
         ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xlabel("decode throughput per GPU (output tokens/s)")
         ax.set_ylabel("ITL (ms, log scale)")
-        sources = sorted({evals[key].acc_source for key in keys if evals[key].acc_source})
+        sources = sorted({evals[key].acc.source for key in keys if evals[key].acc.kind != "none"})
         acc_text = "; ".join(sources) if method != "none" else "no speculation"
         overall = f"plan: {res.message}" if res.choice else "plan: nothing measured"
         ax.set_title(
@@ -183,6 +183,15 @@ def _tps_source(profile: Profile, method: str, alpha: float | None) -> str:
     return "tokens per step = 1 (random weights, no acceptance): step-time ratio only"
 
 
+def _full_coverage(points: list[DecodePoint]) -> list[DecodePoint]:
+    """Per (tp, method, k, c, L), the point at the highest draft coverage measured (every sequence
+    drafting): tokens per step from an acceptance belong with that step time."""
+    best: dict[tuple, float] = {}
+    for p in points:
+        best[p.key[:5]] = max(p.coverage, best.get(p.key[:5], 0.0))
+    return [p for p in points if p.coverage == best[p.key[:5]]]
+
+
 def _heatmaps(profile: Profile, out: Path, alpha: float | None) -> list[Path]:
     """Speedup of (method, k) over none at the same (tp, c, ctx): ITL(none) / ITL(method, k)."""
     from matplotlib.colors import TwoSlopeNorm
@@ -196,6 +205,7 @@ def _heatmaps(profile: Profile, out: Path, alpha: float | None) -> list[Path]:
     combos = sorted({(p.tp, p.method, p.context_len) for p in profile.decode if p.ok and p.method != "none"})
     for tp, method, ctx in combos:
         pts = [p for p in profile.decode if p.ok and (p.tp, p.method, p.context_len) == (tp, method, ctx)]
+        pts = _full_coverage(pts)
         ks = sorted({p.k for p in pts})
         cs = sorted({p.concurrency for p in pts})
         grid = np.full((len(ks), len(cs)), np.nan)

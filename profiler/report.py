@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from planner.profile import Profile
+from planner.profile import DecodePoint, Profile
+from planner.surface import point_flags
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -15,20 +16,31 @@ def _f(v: float | None, fmt: str = ".2f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _cov(p: DecodePoint) -> str:
+    return "-" if p.method == "none" else format(p.coverage, "g")
+
+
+def _flag_code(msgs: list[str]) -> str:
+    return ",".join(sorted({"UNSTABLE" if m.startswith("unstable") else "NON-MONO" for m in msgs}))
+
+
 def decode_table(profile: Profile) -> str:
+    flags = point_flags(profile.decode)
     rows = []
     for p in sorted(profile.decode, key=lambda p: p.key):
         if p.ok:
             rows.append([
-                p.tp, p.method, p.k, p.concurrency, p.context_len,
+                p.tp, p.method, p.k, p.concurrency, p.context_len, _cov(p),
                 _f(p.draft_ms), _f(p.verify_ms), _f(p.step_ms),
+                "-" if p.step_ms_spread is None else f"{p.step_ms_spread:.0%}",
                 _f(p.tokens_per_step), _f(p.itl_ms.p50 if p.itl_ms else None),
                 _f(p.throughput_per_gpu, ".1f"), _f(p.kv_usage), _f(p.power_w, ".0f"),
+                _flag_code(flags.get(p.key, [])),
             ])  # fmt: skip
         else:  # the reason goes below the table, so a long error does not widen every row
-            rows.append([p.tp, p.method, p.k, p.concurrency, p.context_len, "FAILED"] + [""] * 7)
-    header = ["tp", "method", "k", "c", "ctx", "draft_ms", "verify_ms", "step_ms", "tok/step", "ITL p50",
-              "tok/s/GPU", "kv use", "GPU W"]  # fmt: skip
+            rows.append([p.tp, p.method, p.k, p.concurrency, p.context_len, _cov(p), "FAILED"] + [""] * 9)
+    header = ["tp", "method", "k", "c", "ctx", "cov", "draft_ms", "verify_ms", "step_ms", "spread",
+              "tok/step", "ITL p50", "tok/s/GPU", "kv use", "GPU W", "flag"]  # fmt: skip
     return _table(rows, header) + "\n" + DECODE_LEGEND + _failures(profile)
 
 
@@ -43,8 +55,10 @@ def _failures(profile: Profile, width: int = 160) -> str:
 
 
 DECODE_LEGEND = (
-    "c: concurrent sequences; ctx: context tokens; ITL p50 in ms; kv use: share of the KV-cache pool the\n"
-    "point held; GPU W: mean power of the GPUs during the point (NVML; - when not measured, e.g. on CPU)"
+    "c: concurrent sequences; ctx: context tokens; cov: share of sequences verifying a draft;\n"
+    "spread: (p90-p10)/median of the timing repeats; ITL p50 in ms; kv use: share of the KV-cache pool\n"
+    "the point held; GPU W: mean power of the GPUs during the point (NVML; - when not measured, e.g. on\n"
+    "CPU); flag: UNSTABLE timing or NON-MONO(tonic) step time, listed below"
 )
 
 
@@ -55,6 +69,29 @@ def params_text(n: int) -> str:
             value = n / size
             return f"{value:.3g}{unit}" if value < 100 else f"{value:.0f}{unit}"
     return str(n)
+
+
+def flag_lines(profile: Profile) -> list[str]:
+    """One line per doubtful decode point: unstable timing or a step time that falls as c or L grows."""
+    by_key = {p.key: p for p in profile.decode}
+    out = []
+    for key, msgs in sorted(point_flags(profile.decode).items()):
+        p = by_key[key]
+        cov = "" if p.method == "none" else f" cov={p.coverage:g}"
+        out += [f"  tp={p.tp} {p.method} k={p.k} c={p.concurrency} L={p.context_len}{cov}: {m}" for m in msgs]
+    return out
+
+
+def phases_table(profile: Profile) -> str:
+    """Median milliseconds per phase of the whole engine step, per point that recorded them."""
+    pts = sorted((p for p in profile.decode if p.ok and p.phases_ms), key=lambda p: p.key)
+    names = list(dict.fromkeys(n for p in pts for n in p.phases_ms or {}))
+    rows = [
+        [p.tp, p.method, p.k, p.concurrency, p.context_len, _cov(p)]
+        + [_f((p.phases_ms or {}).get(n), ".3f") for n in names]
+        for p in pts
+    ]
+    return _table(rows, ["tp", "method", "k", "c", "ctx", "cov", *names])
 
 
 def prefill_table(profile: Profile) -> str:
@@ -79,6 +116,11 @@ def describe(profile: Profile) -> str:
     )
     ok = sum(p.ok for p in profile.decode)
     parts = [head, f"\ndecode points: {ok} ok, {len(profile.decode) - ok} failed", decode_table(profile)]
+    flagged = flag_lines(profile)
+    if flagged:
+        parts += [f"\nflagged decode points ({len(flagged)}): re-measure on an idle machine", *flagged]
+    if any(p.phases_ms for p in profile.decode):
+        parts += ["\nstep phases (median ms)", phases_table(profile)]
     if profile.prefill:
         parts += ["\nprefill", prefill_table(profile)]
     if profile.acceptance:

@@ -55,7 +55,7 @@ def error_text(exc: BaseException) -> str:
 def _error_point(spec: PointSpec, exc: BaseException) -> DecodePoint:
     return DecodePoint(
         tp=spec.tp, method=spec.method, k=spec.k, concurrency=spec.concurrency, context_len=spec.context_len,
-        error=error_text(exc),
+        error=error_text(exc), draft_coverage=spec.coverage,
     )  # fmt: skip
 
 
@@ -159,7 +159,7 @@ def sweep_engine(
     cfg: SweepConfig, out: Path, *, resume: bool, command: str, progress: bool = True
 ) -> Profile:
     """The in-process backend: one StepProfiler per (tp, method, k); prefill points per tp."""
-    from profiler.backends.engine import EngineBackend
+    from profiler.backends.engine import EngineBackend, Repeats
     from profiler.power import PowerSampler
 
     done = finished_keys(out) if resume else set()
@@ -172,7 +172,11 @@ def sweep_engine(
         backend = HFBackend(cfg.model, dtype=cfg.dtype, draft_model=cfg.draft_model)
     else:
         backend = EngineBackend(
-            cfg.model, dtype=cfg.dtype, draft_model=cfg.draft_model, max_num_seqs=max(cfg.concurrency)
+            cfg.model,
+            dtype=cfg.dtype,
+            draft_model=cfg.draft_model,
+            max_num_seqs=max(cfg.concurrency),
+            repeats=Repeats(cfg.min_repeats, cfg.max_repeats, cfg.repeat_tol),
         )
     meta: dict[str, Metadata] = {}
     load_errors: list[str] = []

@@ -8,9 +8,9 @@ Public API (the engine, profiler and server import from here):
 - ``NgramProposer`` (ngram.py), ``DraftModelProposer`` (draft.py), ``MedusaHeads``/``MedusaTree``
   (medusa.py), ``MedusaDecoder`` (medusa_decoder.py: a Proposer whose drafts are tree nodes, plus
   ``apply_tree``/``accept``/``observe`` for the engine's verify step).
-- ``SpecStepRunner`` (step.py): one speculative step split into its draft and verify phases over a
-  ModelRunner and a kvbm manager, with ``fill_context`` to set up c sequences at context L without
-  a prefill -- what the step profiler times per (method, k or tree, c, L).
+
+The speculative step itself (propose, verify, commit, proposer update) is ``LLMEngine.step``, the
+one step pipeline that serving and the step profiler both run.
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ class SpecConfig:
     medusa_heads: str | None = None
     tree: Any = None
     seed: int = 0
+    schedule: Any = None  # [[first, last, k], ...]: k by running batch size (chain methods)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +103,49 @@ class SpecConfig:
             depth = max(len(p) for p in self.tree)
             if depth > self.k:
                 raise ConfigError(f"spec tree depth {depth} exceeds k={self.k} (number of Medusa heads)")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """``schedule``: ``[[first, last, k], ...]`` like vLLM's num_speculative_tokens_per_batch_size:
+        a step whose running batch holds first..last sequences drafts k tokens (0: none) per sequence;
+        other batch sizes draft ``self.k``. Ranges must not overlap and k must be <= ``self.k`` (the KV
+        lookahead and the drafter are sized by it)."""
+        if self.schedule is None:
+            return
+        if self.method == "medusa":
+            raise ConfigError("spec schedule applies to chain methods (ngram, draft), got method 'medusa'")
+        rows = self.schedule
+        if isinstance(rows, str | bytes) or not isinstance(rows, Sequence) or not rows:
+            raise ConfigError(f"spec schedule must be a non-empty list of [first, last, k], got {rows!r}")
+        out: list[tuple[int, int, int]] = []
+        for r in rows:
+            ok = not isinstance(r, str | bytes) and isinstance(r, Sequence) and len(r) == 3
+            if not ok or not all(isinstance(v, int) and not isinstance(v, bool) for v in r):
+                raise ConfigError(f"spec schedule: each entry must be [first, last, k] of ints, got {r!r}")
+            first, last, k = r
+            if not 1 <= first <= last or not 0 <= k <= self.k:
+                raise ConfigError(
+                    f"spec schedule: entry {list(r)!r} needs 1 <= first <= last and 0 <= k <= {self.k} (k)"
+                )
+            out.append((first, last, k))
+        out.sort()
+        for a, b in zip(out, out[1:], strict=False):
+            if b[0] <= a[1]:
+                raise ConfigError(f"spec schedule: batch sizes {list(a)!r} and {list(b)!r} overlap")
+        self.schedule = tuple(out)
+
+    def k_for_batch(self, batch_size: int) -> int:
+        """Draft tokens per sequence for a step with ``batch_size`` running sequences."""
+        for first, last, k in self.schedule or ():
+            if first <= batch_size <= last:
+                return k
+        return self.k
+
+    @property
+    def verify_widths(self) -> list[int]:
+        """Query tokens per sequence of a step where every sequence verifies its full draft."""
+        ks = {self.k} | {k for _, _, k in self.schedule or ()}
+        return sorted(1 + (self.num_lookahead_tokens if k == self.k else k) for k in ks if k > 0)
 
     @property
     def is_tree(self) -> bool:
@@ -129,6 +173,7 @@ class SpecConfig:
             "medusa_heads",
             "tree",
             "seed",
+            "schedule",
         }
         unknown = sorted(set(data) - known)
         if unknown:

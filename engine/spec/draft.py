@@ -128,7 +128,7 @@ class DraftModelProposer:
             cuda_graphs=target.decode_graphs is not None,
             seed=config.seed,
         )
-        if self_spec and getattr(target, "tp_size", 1) == 1:
+        if self_spec and target.tp_size == 1:
             src_state = target.model.state_dict()
             own = runner.model.state_dict()
             with torch.no_grad():

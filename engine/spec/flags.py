@@ -7,6 +7,7 @@ with a message that names the flag.
 from __future__ import annotations
 
 import argparse
+import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,6 +39,12 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         "--draft-layers", type=int, default=None, help="draft: layers of a truncated-target drafter"
     )
     parser.add_argument("--medusa-heads", default=None, help="Medusa heads file for --spec medusa")
+    parser.add_argument(
+        "--spec-schedule",
+        default=None,
+        help="k by running batch size, JSON [[first,last,k],...] (vLLM's num_speculative_tokens_per_batch_"
+        "size); other batch sizes use --k, the largest",
+    )
 
 
 def spec_config(args: argparse.Namespace, command: str) -> SpecConfig | None:
@@ -50,11 +57,18 @@ def spec_config(args: argparse.Namespace, command: str) -> SpecConfig | None:
         raise SystemExit(f"{command}: --spec {args.spec} needs --k (num_speculative_tokens)")
     from engine.spec import SpecConfig
 
-    kwargs = {"method": args.spec, "k": args.k}
+    kwargs: dict[str, object] = {"method": args.spec, "k": args.k}
+    if getattr(args, "spec_schedule", None) is not None:
+        try:
+            kwargs["schedule"] = json.loads(args.spec_schedule)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(
+                f"{command}: --spec-schedule is not JSON ({exc}): {args.spec_schedule!r}"
+            ) from None
     if args.spec == "ngram":
         kwargs |= {"prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
     elif args.spec == "draft":
         kwargs |= {"draft_model": args.draft_model, "draft_layers": args.draft_layers}
     elif args.spec == "medusa":
         kwargs |= {"medusa_heads": args.medusa_heads}
-    return SpecConfig(**kwargs)
+    return SpecConfig(**kwargs)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ import torch
 from engine.attention.metadata import AttentionMetadata
 from engine.errors import ConfigError
 from engine.spec.base import SpecSequence, per_seq_k
-from engine.spec.medusa import MedusaHeads, MedusaTree, accepted_kv_moves, move_kv_slots, resolve_tree
+from engine.spec.medusa import MedusaHeads, MedusaTree, accepted_kv_moves, resolve_tree
 from engine.spec.verify import verify_tree
 
 if TYPE_CHECKING:
@@ -173,10 +173,7 @@ class MedusaDecoder:
             )
             moves.extend(accepted_kv_moves(table, self.runner.block_size, root_pos, path))
             out.append((path, [tokens[i] for i in path] + [nxt]))
-        if hasattr(self.runner, "move_kv_slots"):  # a TPExecutor moves the slots on every rank's shard
-            self.runner.move_kv_slots(moves)
-        else:
-            move_kv_slots(self.runner.kv_caches, moves)
+        self.runner.move_kv_slots(moves)  # a TPExecutor moves the slots on every rank's shard
         return out
 
     def accept(

@@ -62,8 +62,8 @@ class TPWorkerError(EngineError):
 
 
 class TPExecutor:
-    """Same interface as :class:`engine.runner.ModelRunner` (execute, prepare, build_metadata,
-    logits_indices, num_blocks, block_size, config, device, dtype, close), over ``tp`` ranks."""
+    """The :class:`engine.runner.Runner` protocol (what :class:`engine.runner.ModelRunner` offers on
+    one device) over ``tp`` ranks."""
 
     def __init__(
         self,

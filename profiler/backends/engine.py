@@ -1,19 +1,33 @@
 """In-process step timing through the engine's profiler-facing API (``engine.step_profiler``).
 
-One ``StepProfiler`` per (tp, method, k): it builds ``c`` sequences at context ``L`` with their KV
-filled directly and times warm-up-excluded decode (k=0) or draft + verify (k>0) steps. Step time is the
-median over timed steps (robust to a stray slow step); ITL per sequence is step time over tokens per
-step. With random weights there is no meaningful acceptance, so tokens per step is recorded as 1 and the
-planner combines step time with a measured or given acceptance (the profile says ``weights: random``).
+One ``StepProfiler`` per (tp, method, k): it runs ``c`` sequences at context ``L`` (KV filled directly)
+through ``LLMEngine.step``, the step that serves requests, and times whole steps, with a median per
+phase (``phases_ms``). Speculative points are measured at the grid's draft coverage. Timed steps come in
+repeats until the median settles (``Repeats``); step time is the median of the repeat medians and the
+point records its repeats, spread and whether it is stable. ITL per sequence is step time over tokens
+per step. With random weights there is no meaningful acceptance, so tokens per step is recorded as 1
+and the planner combines step time with a measured or given acceptance (the profile says
+``weights: random``).
 """
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 from planner import metrics_def as md
 from planner.profile import DecodePoint, PrefillPoint
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """Repeats of ``steps`` timed steps per point: at least ``min``, at most ``max``, stopping once the
+    running median of the repeat medians moves by less than ``tol`` (relative)."""
+
+    min: int = 1
+    max: int = 1
+    tol: float = 0.02
 
 
 class EngineBackend:
@@ -28,10 +42,12 @@ class EngineBackend:
         seed: int = 0,
         max_context: int | None = None,
         max_num_seqs: int | None = None,
+        repeats: Repeats | None = None,
     ):
         self.model, self.dtype, self.draft_model, self.seed = model, dtype, draft_model, seed
         self.max_context = max_context
         self.max_num_seqs = max_num_seqs  # the grid's largest concurrency: sizes the CPU KV pool to it
+        self.repeats = repeats or Repeats()
         self.sp: Any = None
         self._key: tuple[int, str, int] | None = None
 
@@ -62,37 +78,36 @@ class EngineBackend:
             "dtype": sp.dtype,
         }
 
-    def start_context(self, spec, steps: int, warmup: int) -> int:
-        """Context to measure at: ``L``, unless a speculative point's lookahead (every timed and warm-up
-        step reserves up to ``1 + k`` slots, plus ``k`` for the last draft) would run past the model's
-        maximum length; then early enough that it ends there, so a point at the model's own limit stays
-        measurable (at most ``(steps + warmup) * (1 + k) + k`` tokens short of ``L``)."""
-        limit = int(getattr(self.sp.runner, "max_model_len", 1 << 30))
-        lookahead = 0 if spec.k == 0 else (steps + warmup) * (1 + spec.k) + spec.k
-        return max(2, min(spec.context_len, limit - lookahead))
-
     def measure(self, spec, *, steps: int, warmup: int, power=None) -> DecodePoint:
         """One decode point (``spec``: profiler.grid.PointSpec); raises on failure (the sweep records it)."""
         self.configure(spec.tp, spec.method, spec.k)
         if power is not None:
             power.start()
+        r = self.repeats
         timing = self.sp.measure_decode(
-            spec.concurrency, self.start_context(spec, steps, warmup), steps=steps, warmup=warmup
+            spec.concurrency,
+            spec.context_len,
+            steps=steps,
+            warmup=warmup,
+            coverage=spec.coverage,
+            min_repeats=r.min,
+            max_repeats=r.max,
+            rel_tol=r.tol,
         )
         watts = power.stop() if power is not None else None
-        step_ms = statistics.median(timing.step_ms)
-        real = self.sp.model_info.get("weights") == "real"
-        tps = max(1.0, float(getattr(timing, "tokens_per_step", 1.0))) if real else 1.0
+        step_ms = timing.median_ms
+        tps = 1.0  # random token contexts and padded drafts: acceptance is measured elsewhere
         itl = md.summarize([s / tps for s in timing.step_ms])
         thr = md.decode_throughput_per_gpu(spec.concurrency, step_ms, tps, spec.tp)
+        phases = timing.phases_ms
         return DecodePoint(
             tp=spec.tp,
             method=spec.method,
             k=spec.k,
             concurrency=spec.concurrency,
             context_len=spec.context_len,
-            draft_ms=statistics.median(timing.draft_ms) if timing.draft_ms else None,
-            verify_ms=statistics.median(timing.verify_ms) if timing.verify_ms else None,
+            draft_ms=phases.get("propose") if spec.k else None,
+            verify_ms=sum(v for n, v in phases.items() if n != "propose") if spec.k else None,
             step_ms=step_ms,
             tokens_per_step=tps,
             itl_ms=itl,
@@ -101,6 +116,11 @@ class EngineBackend:
             samples=len(timing.step_ms),
             power_w=watts,
             joules_per_token=(watts / (thr * spec.tp)) if watts and thr > 0 else None,
+            phases_ms=phases,
+            repeats=len(timing.repeat_medians),
+            step_ms_spread=timing.spread,
+            stable=timing.stable,
+            draft_coverage=timing.draft_coverage,
         )
 
     def measure_prefill(self, tp: int, input_len: int, *, repeats: int = 3) -> PrefillPoint:

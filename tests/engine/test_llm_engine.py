@@ -236,3 +236,45 @@ def test_ngram_speculation_with_preemption_is_lossless(alone):
         assert [out[f"r{i}"] for i in range(len(PROMPTS))] == alone, num_blocks
         preemptions += engine.num_preemptions
     assert preemptions > 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_spec_schedule_picks_k_by_running_batch_and_stays_lossless(alone, method):
+    """k by running batch size ([[first, last, k], ...]): 5 requests at once draft k=3 (outside every
+    range), 3-4 running 1 token, 1-2 running none; the output is the plain greedy one."""
+    from engine.spec import SpecConfig
+
+    extra = {"draft_layers": 1} if method == "draft" else {}
+    spec = SpecConfig(method=method, k=3, schedule=[[3, 4, 1], [1, 2, 0]], **extra)
+    engine = make_engine(spec=spec)
+    budgets: dict[int, set[int]] = {}
+    propose = engine.proposer.propose
+
+    def recording(seqs, k):  # noqa: ANN001, ANN202
+        budgets.setdefault(len(engine.scheduler.running), set()).update(k)
+        return propose(seqs, k)
+
+    engine.proposer.propose = recording
+    out = run(engine, PROMPTS, GREEDY)
+    assert [out[f"r{i}"] for i in range(len(PROMPTS))] == alone
+    assert 3 in budgets[5]  # budgets below k only where max_tokens leaves less room
+    assert budgets[3] | budgets[4] <= {0, 1} and 1 in budgets[3] | budgets[4]
+    assert budgets.get(1, {0}) | budgets.get(2, {0}) == {0}
+
+
+@pytest.mark.parametrize(
+    ("schedule", "match"),
+    [
+        ([[1, 4, 5]], r"0 <= k <= 3"),
+        ([[4, 1, 2]], r"1 <= first <= last"),
+        ([[1, 4, 2], [4, 8, 1]], r"overlap"),
+        ([[1, 4]], r"\[first, last, k\]"),
+        ("1-4:2", r"non-empty list"),
+    ],
+)
+def test_bad_spec_schedule_names_the_entry(schedule, match):
+    from engine.errors import ConfigError
+    from engine.spec import SpecConfig
+
+    with pytest.raises(ConfigError, match=match):
+        SpecConfig(method="ngram", k=3, schedule=schedule)

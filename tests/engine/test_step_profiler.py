@@ -1,11 +1,27 @@
-"""StepProfiler on the tiny preset: decode and speculative points, prefill, capacity errors."""
+"""StepProfiler on the tiny preset: it times LLMEngine.step itself (the same phases as serving, for every
+method), speculative points at a draft coverage, repeats until stable, prefill, capacity errors."""
 
 from __future__ import annotations
 
+import random
+import time
+
 import pytest
+import torch
 
 from engine.errors import CapacityError, ConfigError
-from engine.step_profiler import StepProfiler, StepTiming
+from engine.llm_engine import LLMEngine
+from engine.phases import PhaseClock
+from engine.sampling import SamplingParams
+from engine.spec import SpecConfig
+from engine.step_profiler import MAX_SPREAD, StepProfiler, StepTiming
+
+SPECS = {
+    "none": (0, None),
+    "ngram": (3, None),
+    "draft": (2, {"draft_layers": 1}),
+    "medusa": (2, {"tree": [[0], [1], [0, 0]]}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +42,124 @@ def test_decode_point(sp):
     assert isinstance(t, StepTiming)
     assert len(t.step_ms) == len(t.verify_ms) == len(t.draft_ms) == 5
     assert all(ms > 0 for ms in t.step_ms) and t.draft_ms == [0.0] * 5
-    assert t.kv_usage == pytest.approx(4 * 7 / 200)  # ceil(100 / 16) blocks per sequence
+    assert list(t.phases_ms) == ["schedule", "prepare", "forward", "sample_verify", "commit", "output"]
+    assert t.draft_coverage is None and t.repeat_medians == [pytest.approx(t.median_ms)]
+    assert t.kv_usage == pytest.approx(4 * 7 / 200)  # contexts 97..103: ceil(103 / 16) blocks each
+    assert sp.engine.kv_manager.num_free_blocks == 200  # the point's sequences are gone
+
+
+def _serving_trace(method: str) -> list[str]:
+    """Phase trace of a decode step of real requests through a serving engine."""
+    k, opts = SPECS[method]
+    spec = None if method == "none" else SpecConfig(method=method, k=k, **(opts or {}))
+    engine = LLMEngine("tiny", device="cpu", num_gpu_blocks=200, block_size=16, spec=spec)
+    for i in range(3):
+        engine.add_request(f"r{i}", [5 + i, 7, 9, 5 + i, 7], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()  # prefill
+    engine.clock = clock = PhaseClock(engine.runner.device)
+    engine.step()
+    trace = list(clock.trace)
+    engine.close()
+    return trace
+
+
+@pytest.mark.parametrize("method", list(SPECS))
+def test_profiling_times_the_serving_step(method, monkeypatch):
+    """Profiling and serving run one step pipeline: the profiler's timed steps are LLMEngine.step calls
+    and record the same phase trace as a served decode step."""
+    k, opts = SPECS[method]
+    profiler = StepProfiler("tiny", device="cpu", num_blocks=200, method=method, k=k, spec_options=opts)
+    calls = []
+    real_step = LLMEngine.step
+
+    def counting(self):  # noqa: ANN001, ANN202
+        calls.append(self)
+        return real_step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", counting)
+    traces = []
+    real_stop = PhaseClock.stop
+
+    def recording(self):  # noqa: ANN001, ANN202
+        traces.append(list(self.trace))
+        return real_stop(self)
+
+    monkeypatch.setattr(PhaseClock, "stop", recording)
+    t = profiler.measure_decode(3, 40, steps=3, warmup=1)
+    monkeypatch.undo()
+    assert len(calls) == 4 and all(e is profiler.engine for e in calls)
+    want = _serving_trace(method)
+    assert traces == [want] * 3
+    assert list(t.phases_ms) == want
+    assert t.step_ms == pytest.approx([d + v for d, v in zip(t.draft_ms, t.verify_ms, strict=True)])
+    profiler.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "coverage"), [("ngram", 0.0), ("ngram", 0.5), ("ngram", 1.0), ("draft", 0.5)]
+)
+def test_speculative_point_verifies_k_drafts_at_the_coverage(method, coverage):
+    k = 3
+    opts = {"draft_layers": 1} if method == "draft" else None
+    profiler = StepProfiler("tiny", device="cpu", num_blocks=300, method=method, k=k, spec_options=opts)
+    widths = []
+    prepare = profiler.runner.prepare
+
+    def spying(entries):  # noqa: ANN001, ANN202
+        widths.append(sorted(len(e.token_ids) for e in entries))
+        return prepare(entries)
+
+    profiler.runner.prepare = spying
+    t = profiler.measure_decode(4, 60, steps=2, warmup=0, coverage=coverage)
+    drafting = round(coverage * 4)
+    assert t.draft_coverage == drafting / 4
+    assert widths == [[1] * (4 - drafting) + [1 + k] * drafting] * 2
+    profiler.close()
+
+
+def test_repeats_until_the_median_settles_and_reports_spread(sp):
+    t = sp.measure_decode(2, 64, steps=4, warmup=1, min_repeats=3, max_repeats=6, rel_tol=0.5)
+    assert 3 <= len(t.repeat_medians) <= 6 and len(t.step_ms) == 4 * len(t.repeat_medians)
+    assert t.settled and t.spread >= 0.0
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on an oversubscribed CPU two threads wait on each other for 10-100x a step."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_injected_noise_is_flagged(sp, one_thread):
+    """Random stalls of 0-100 ms inside the forward: the repeat medians scatter, the point is flagged."""
+    kw = dict(steps=3, warmup=1, min_repeats=5, max_repeats=5)
+    rng = random.Random(0)
+    execute = sp.runner.execute
+
+    def stalling(*args):  # noqa: ANN002, ANN202
+        if rng.random() < 0.5:
+            time.sleep(rng.uniform(0.0, 0.1))
+        return execute(*args)
+
+    sp.runner.execute = stalling
+    try:
+        noisy = sp.measure_decode(2, 64, **kw)
+    finally:
+        del sp.runner.execute
+    assert len(noisy.repeat_medians) == 5
+    assert noisy.spread > MAX_SPREAD and not noisy.stable
+
+
+def test_stability_is_settled_and_narrow():
+    def timing(medians, settled=True):  # noqa: ANN001, ANN202
+        return StepTiming(list(medians), {}, list(medians), settled, 0.0, None)
+
+    assert timing([10.0, 10.2, 9.9, 10.1]).stable
+    assert timing([10.0, 10.2, 9.9, 10.1]).spread == pytest.approx((10.17 - 9.93) / 10.05)
+    assert not timing([10.0, 10.2, 9.9, 10.1], settled=False).stable
+    assert not timing([10.0, 20.0, 9.0, 14.0]).stable
 
 
 def test_capacity_error_names_the_point(sp):
@@ -37,19 +170,15 @@ def test_capacity_error_names_the_point(sp):
 def test_prefill(sp):
     ms = sp.measure_prefill(50, repeats=2)
     assert len(ms) == 2 and all(m > 0 for m in ms)
+    assert not sp.engine.has_unfinished()
 
 
-@pytest.mark.parametrize(("method", "k", "opts"), [("ngram", 3, None), ("draft", 2, {"draft_layers": 1})])
-def test_speculative_point_times_both_phases(method, k, opts):
-    sp = StepProfiler("tiny", device="cpu", num_blocks=300, method=method, k=k, spec_options=opts)
-    t = sp.measure_decode(3, 40, steps=3, warmup=1)
-    assert len(t.draft_ms) == len(t.verify_ms) == 3
-    assert t.step_ms == [d + v for d, v in zip(t.draft_ms, t.verify_ms, strict=True)]
-    assert all(v > 0 for v in t.verify_ms)
-
-
-def test_bad_arguments():
+def test_bad_arguments(sp):
     with pytest.raises(ConfigError, match="method"):
         StepProfiler("tiny", method="eagle", k=2)
     with pytest.raises(ConfigError, match="k must be"):
         StepProfiler("tiny", method="ngram", k=0)
+    with pytest.raises(ConfigError, match="coverage"):
+        sp.measure_decode(2, 64, coverage=1.5)
+    with pytest.raises(ConfigError, match="min_repeats"):
+        sp.measure_decode(2, 64, min_repeats=3, max_repeats=2)

@@ -225,3 +225,34 @@ def test_real_weight_sweeps_fall_back_to_measured_tokens_per_step() -> None:
     ng = next(ch for ch in [res.choice, *res.alternatives] if ch.method == "ngram")
     assert ng.predicted.tokens_per_step == pytest.approx(1.5)
     assert "measured in the sweep" in ng.acceptance_source
+
+
+def test_itl_is_predicted_at_the_workloads_draft_coverage() -> None:
+    """Step time is read at the coverage of the acceptance the plan uses (or the given one), and a
+    choice that interpolates from an unstable point says so."""
+    from planner.profile import Acceptance, AcceptanceSource
+    from tests.planner.test_surface import _coverage_points, _point
+
+    prof = synthetic_profile(M, configs=(("none", 0), ("ngram", 2)), tps=(1,))
+    prof.decode = [
+        _point("none", 0, c, 128, 10 * c**0.5, stable=c != 4, repeats=3) for c in (1, 4, 16)
+    ] + _coverage_points()
+    src = AcceptanceSource(kind="measured", dataset="spec-bench", model="m")
+    prof.acceptance = [
+        Acceptance(method="ngram", k=2, draft_coverage=0.25, accepted_per_pos=[0.9, 0.8], source=src)
+    ]
+    planner = Planner(prof)
+    surf = planner.surfaces.decode[(1, "ngram", 2)]
+    res = planner.plan(1e4, isl=100, osl=56)  # decode context 128
+    by_method = {ch.method: ch for ch in [res.choice, *res.alternatives]}
+    ng = by_method["ngram"]
+    assert ng.predicted.step_ms == pytest.approx(surf.step_ms(ng.max_concurrency, 128, 0.25)[0])
+    assert ng.predicted.step_ms == pytest.approx(10 * ng.max_concurrency**0.5 * 1.25)
+    given = planner.plan(1e4, isl=100, osl=56, draft_coverage=1.0)
+    ng1 = {ch.method: ch for ch in [given.choice, *given.alternatives]}["ngram"]
+    assert ng1.predicted.step_ms == pytest.approx(10 * ng1.max_concurrency**0.5 * 2.0)
+    assert not any("doubtful" in f for f in by_method["none"].flags)  # c=16: far from the c=4 point
+    low = planner.plan(18.0, isl=100, osl=56)  # plain decode at c=3 (10 * 3**0.5 ms), next to c=4
+    plain = next(ch for ch in [low.choice, *low.alternatives] if ch.method == "none")
+    assert plain.max_concurrency == 3
+    assert any("relies on a doubtful point (c=4 L=128: unstable timing" in f for f in plain.flags)

@@ -81,3 +81,60 @@ def test_prefill_interpolates_and_extrapolates_along_the_end_segment() -> None:
     assert pre.ttft_ms(768) == pytest.approx(M.ttft_ms(1, 768), rel=0.01)
     assert not pre.input_range.contains(4096)
     assert pre.ttft_ms(4096) > pre.ttft_ms(2048)
+
+
+def _point(method: str, k: int, c: int, L: int, step: float, cov: float | None = None, **kw):  # noqa: N803
+    from planner import metrics_def as md
+    from planner.profile import DecodePoint
+
+    return DecodePoint(
+        tp=1, method=method, k=k, concurrency=c, context_len=L, step_ms=step, tokens_per_step=1.0,
+        itl_ms=md.summarize([step]), throughput_per_gpu=c / step * 1e3, draft_coverage=cov, samples=1, **kw,
+    )  # fmt: skip
+
+
+def _coverage_points(covs=(0.0, 0.5, 1.0)):  # noqa: ANN001, ANN202
+    """ngram k=2 whose step time is 10 * c**0.5 * (1 + cov); one sequence realises only 0 and 1."""
+    return [
+        _point("ngram", 2, c, 128, 10 * c**0.5 * (1 + cov), cov)
+        for c in (1, 4, 16)
+        for cov in covs
+        if c > 1 or cov in (0.0, 1.0)
+    ]
+
+
+def test_step_time_is_linear_in_draft_coverage() -> None:
+    surf = DecodeSurface((1, "ngram", 2), _coverage_points())
+    assert surf.coverages == [0.0, 0.5, 1.0]
+    assert surf.step_ms(4, 128, 0.25)[0] == pytest.approx(20 * 1.25)
+    assert surf.step_ms(4, 128, 0.5)[0] == pytest.approx(20 * 1.5)
+    assert surf.step_ms(1, 128, 0.5)[0] == pytest.approx(10 * 1.5)  # c=1: between coverage 0 and 1
+    assert surf.step_ms(4, 128)[0] == pytest.approx(20 * 2.0)  # no coverage: every sequence drafting
+    # the concurrencies between measured ones interpolate within each level first
+    mid = surf.step_ms(8, 128, 0.75)[0]
+    assert 0.5 * (surf.step_ms(8, 128, 0.5)[0] + surf.step_ms(8, 128, 1.0)[0]) == pytest.approx(mid)
+
+
+def test_coverage_outside_the_measured_levels_holds_the_nearest() -> None:
+    surf = DecodeSurface((1, "ngram", 2), _coverage_points(covs=(0.5, 1.0)))
+    assert surf.step_ms(4, 128, 0.1)[0] == pytest.approx(20 * 1.5)
+    one = DecodeSurface((1, "ngram", 2), _coverage_points(covs=(1.0,)))
+    assert one.step_ms(4, 128, 0.1)[0] == pytest.approx(40.0)  # a single level is what was measured
+
+
+def test_unstable_and_non_monotonic_points_are_flagged() -> None:
+    from planner.surface import point_flags
+
+    pts = [
+        _point("none", 0, 1, 128, 10.0, stable=True, repeats=3, step_ms_spread=0.01),
+        _point("none", 0, 4, 128, 8.0, stable=False, repeats=8, step_ms_spread=0.6),
+        _point("none", 0, 16, 128, 30.0, stable=True, repeats=3, step_ms_spread=0.02),
+        _point("none", 0, 16, 512, 29.0),  # 3 % below L=128: within tolerance
+    ]
+    flags = point_flags(pts)
+    assert set(flags) == {pts[1].key}
+    assert flags[pts[1].key][0] == "unstable timing (8 repeats, spread 60%)"
+    assert "non-monotonic: 8 ms below 10 ms at c=1" in flags[pts[1].key][1]
+    surf = DecodeSurface((1, "none", 0), pts)
+    assert surf.flags_near(2, 128) and surf.flags_near(8, 200)  # c=4 brackets both
+    assert surf.flags_near(16, 128) == []

@@ -23,11 +23,35 @@ def test_points_pair_none_with_k0_and_group_by_configuration() -> None:
     ).validate()
     pts = [p.key for p in cfg.points()]
     assert pts == [
-        (1, "none", 0, 1, 64),
-        (1, "none", 0, 4, 64),
-        (1, "ngram", 2, 1, 64),
-        (1, "ngram", 2, 4, 64),
+        (1, "none", 0, 1, 64, 0.0),
+        (1, "none", 0, 4, 64, 0.0),
+        (1, "ngram", 2, 1, 64, 1.0),
+        (1, "ngram", 2, 4, 64, 1.0),
     ]
+
+
+def test_speculative_engine_points_at_each_realisable_coverage() -> None:
+    cfg = SweepConfig(
+        model="tiny",
+        method=["none", "ngram"],
+        k=[0, 2],
+        concurrency=[1, 4],
+        context=[64],
+        coverage=[0, 0.5, 1],
+    ).validate()
+    pts = [(p.method, p.concurrency, p.coverage) for p in cfg.points()]
+    # one sequence realises only coverage 0 or 1; method none has no drafts to cover
+    assert pts == [
+        ("none", 1, None),
+        ("none", 4, None),
+        ("ngram", 1, 0.0),
+        ("ngram", 1, 1.0),
+        ("ngram", 4, 0.0),
+        ("ngram", 4, 0.5),
+        ("ngram", 4, 1.0),
+    ]
+    http = SweepConfig(model="m", backend="http", url="http://x", method=["ngram"], k=[2], coverage=[0, 1])
+    assert [p.coverage for p in http.validate().points()] == [None]  # a server's drafter has its own
 
 
 def test_overrides_and_config_file(tmp_path: Path) -> None:
@@ -48,6 +72,8 @@ def test_overrides_and_config_file(tmp_path: Path) -> None:
         ({"context": []}, r"'context' must be a non-empty list"),
         ({"backend": "http"}, r"'url' is required"),
         ({"bogus": 1}, r"unknown sweep field.*bogus"),
+        ({"coverage": [1.5]}, r"'coverage'.*1.5"),
+        ({"min_repeats": 3, "max_repeats": 2}, r"min_repeats.*3/2"),
     ],
 )
 def test_invalid_grids_fail_with_field_and_value(override: dict, match: str) -> None:

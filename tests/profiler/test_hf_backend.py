@@ -101,7 +101,7 @@ def test_sweep_cli_with_the_hf_backend(tiny_hf: str, tmp_path: Path) -> None:
     assert profile.metadata.backend == "hf" and profile.metadata.engine.name == "transformers"
     assert profile.metadata.weights == "real" and profile.metadata.model.shape.layers == 2
     by_key = {p.key: p for p in profile.decode}
-    assert by_key[(1, "none", 0, 2, 16)].ok and by_key[(1, "ngram", 2, 1, 16)].ok
+    assert by_key[(1, "none", 0, 2, 16, 0.0)].ok and by_key[(1, "ngram", 2, 1, 16, 1.0)].ok
     # transformers' assisted generation runs at batch 1 only: recorded as a failed point, sweep goes on
-    assert "only at batch size 1" in by_key[(1, "ngram", 2, 2, 16)].error
+    assert "only at batch size 1" in by_key[(1, "ngram", 2, 2, 16, 1.0)].error
     assert main(["sweep", "--model", "no-such-dir", "--backend", "hf", "--out", str(tmp_path)]) == 2

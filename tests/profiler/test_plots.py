@@ -28,9 +28,10 @@ def test_every_plot_is_written_and_wide_enough(tmp_path: Path) -> None:
         assert width >= 900 and height >= 300, (p.name, width, height)
 
 
-def test_random_weights_without_acceptance_plot_only_what_can_be_planned(tmp_path: Path) -> None:
+def test_random_weights_without_acceptance_plot_speculation_with_the_prior(tmp_path: Path) -> None:
     prof = load_profile(REPO / "configs" / "profiles" / "vicuna-7b-h200x2-tp12.json")
+    assert not prof.acceptance and prof.metadata.weights == "random"
     names = {p.name for p in plot_all(prof, tmp_path / "a")}
-    assert "pareto_none.png" in names and "pareto_ngram.png" not in names  # no acceptance: not plannable
+    assert {"pareto_none.png", "pareto_ngram.png"} <= names  # planned with the literature prior
     names = {p.name for p in plot_all(prof, tmp_path / "b", alpha=0.7)}
     assert "pareto_ngram.png" in names

@@ -74,7 +74,7 @@ def test_interrupt_keeps_finished_points_and_resume_skips_them(tmp_path: Path) -
 
     with pytest.raises(KeyboardInterrupt):
         run_points(cfg.points(), measure, out, _meta)
-    assert finished_keys(out) == {(1, "none", 0, 1, 64), (1, "none", 0, 2, 64)}
+    assert finished_keys(out) == {(1, "none", 0, 1, 64, 0.0), (1, "none", 0, 2, 64, 0.0)}
     todo = [p for p in cfg.points() if p.key not in finished_keys(out)]
     assert [p.concurrency for p in todo] == [3, 4]
     run_points(todo, _ok, out, _meta)
@@ -92,14 +92,21 @@ def test_cli_sweep_on_tiny_engine_writes_profile_and_plan(
     prof = load_profile(out)
     assert prof.metadata.weights == "random" and prof.metadata.backend == "engine"
     assert sorted(p.key for p in prof.decode) == [
-        (1, "ngram", 2, 1, 64), (1, "ngram", 2, 4, 64), (1, "none", 0, 1, 64), (1, "none", 0, 4, 64)
+        (1, "ngram", 2, 1, 64, 0.0), (1, "ngram", 2, 1, 64, 1.0),
+        (1, "ngram", 2, 4, 64, 0.0), (1, "ngram", 2, 4, 64, 0.5), (1, "ngram", 2, 4, 64, 1.0),
+        (1, "none", 0, 1, 64, 0.0), (1, "none", 0, 4, 64, 0.0),
     ]  # fmt: skip
-    assert all(p.ok and p.samples == 3 and p.step_ms > 0 for p in prof.decode)
+    # the CPU default: repeats of --steps timed steps until the median settles, spread recorded
+    assert all(
+        p.ok and p.samples == 3 * p.repeats and 3 <= p.repeats <= 8 and p.step_ms > 0 for p in prof.decode
+    )
+    assert all(p.step_ms_spread is not None and p.stable is not None for p in prof.decode)
     spec = [p for p in prof.decode if p.method == "ngram"]
     assert all(p.draft_ms is not None and p.verify_ms is not None for p in spec)
+    assert all(list(p.phases_ms)[:2] == ["propose", "schedule"] for p in spec)
     assert {p.input_len for p in prof.prefill} == {64, 256}
     text = capsys.readouterr().out
-    assert "recommended plan for ITL <=" in text and "decode points: 4 ok" in text
+    assert "recommended plan for ITL <=" in text and "decode points: 7 ok" in text
     assert (tmp_path / "tiny-plots" / "pareto_none.png").stat().st_size > 1000
     # resume: nothing left to measure, the profile is unchanged
     before = out.read_text()

@@ -176,7 +176,7 @@ def test_sweep_records_a_config_that_cannot_start(
     cfg = SweepConfig(model=str(model), backend="vllm", method=["ngram"], k=[2], concurrency=[1, 2],
                       context=[16], vllm_python=sys.executable).validate()  # fmt: skip
     profile = sweep_vllm(cfg, tmp_path / "p.json", resume=False, command="test", progress=False)
-    assert [p.key for p in profile.decode] == [(1, "ngram", 2, 1, 16), (1, "ngram", 2, 2, 16)]
+    assert [p.key for p in profile.decode] == [(1, "ngram", 2, 1, 16, 1.0), (1, "ngram", 2, 2, 16, 1.0)]
     assert all(not p.ok and "exited with code 3" in p.error for p in profile.decode)
     log = (tmp_path / "p-vllm-logs" / "tp1-ngram-k2.log").read_text()
     assert "--max-num-seqs 2" in log and '"num_speculative_tokens":2' in log
@@ -215,7 +215,7 @@ def test_real_vllm_sweep_points_with_live_acceptance(
     ).validate()  # fmt: skip
     profile = sweep_http(cfg, tmp_path / "p.json", resume=False, command="test", progress=False)
     assert profile.metadata.backend == "http" and profile.metadata.weights == "real"
-    assert [p.key for p in profile.decode] == [(1, "ngram", 4, 1, 128), (1, "ngram", 4, 2, 128)]
+    assert [p.key for p in profile.decode] == [(1, "ngram", 4, 1, 128, 1.0), (1, "ngram", 4, 2, 128, 1.0)]
     for point in profile.decode:
         DecodePoint.model_validate(point.model_dump())
         assert point.ok and point.samples == 4
