@@ -32,6 +32,13 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--draft-layers", type=int, default=None)
     parser.add_argument("--medusa-heads", default=None, help="Medusa heads file for --spec medusa")
+    parser.add_argument(
+        "--spec-controlled",
+        default=None,
+        metavar="alpha=A,coverage=C",
+        help="validation only: drafts are the recorded greedy continuation corrupted to this acceptance "
+        "(or acceptance=A0:A1:...); the real --spec drafter still runs for its cost",
+    )
 
 
 def spec_config(args: argparse.Namespace, command: str) -> SpecConfig | None:
@@ -51,4 +58,6 @@ def spec_config(args: argparse.Namespace, command: str) -> SpecConfig | None:
         kwargs |= {"draft_model": args.draft_model, "draft_layers": args.draft_layers}
     elif args.spec == "medusa":
         kwargs |= {"medusa_heads": args.medusa_heads}
+    if getattr(args, "spec_controlled", None):
+        kwargs["controlled"] = args.spec_controlled
     return SpecConfig(**kwargs)
