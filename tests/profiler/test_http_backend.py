@@ -82,7 +82,9 @@ def test_decode_point_from_load_and_failed_requests() -> None:
     assert point.ok and point.samples == 2
     assert point.tokens_per_step == pytest.approx(res.counters.tokens_per_step)
     assert point.step_ms == pytest.approx(point.itl_ms.mean * point.tokens_per_step)
-    assert point.throughput_per_gpu == pytest.approx(18 / res.window_s)
+    w = res.steady  # throughput over the span both surviving requests decoded, not the whole run
+    assert w is not None and 0 < w.output_tokens <= 16 and w.duration_s <= res.window_s
+    assert point.throughput_per_gpu == pytest.approx(w.output_tokens / w.duration_s)
 
 
 def test_all_requests_failing_gives_an_error_point() -> None:
@@ -164,7 +166,8 @@ def test_token_count_falls_back_to_tokenizer_then_chunks(with_usage: bool) -> No
     # A speculating server without counters: tokens per step fall back to tokens per chunk.
     point = httpb.to_decode_point(PointSpec(1, "ngram", 4, 3, 16), result, gpus=2)
     assert point.tokens_per_step == pytest.approx(result.tokens_per_chunk())
-    assert point.throughput_per_gpu == pytest.approx(result.output_tokens() / run.window_s / 2)
+    w = result.steady
+    assert point.throughput_per_gpu == pytest.approx(w.output_tokens / w.duration_s / 2)
 
 
 def _prompts(n: int) -> list[str]:
