@@ -209,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", help="model to run (default: the profile's)")
     v.add_argument("--requests-per-seq", type=int, default=2)
     v.add_argument("--max-tokens", type=int, default=64)
+    v.add_argument(
+        "--controlled",
+        help="controlled acceptance for ngram/draft, e.g. alpha=0.7,coverage=0.8 (default with random "
+        "weights; 'off' = the drafter's own acceptance)",
+    )
+    v.add_argument("--draft-model", help="drafter for method draft (default: from the profile's command)")
+    v.add_argument("--draft-layers", type=int, help="drafter = the target's first N layers")
     v.set_defaults(fn=cmd_validate)
 
     ac = sub.add_parser("acceptance", help="measure per-position acceptance on a prompt set (real weights)")

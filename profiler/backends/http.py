@@ -204,10 +204,13 @@ def run_load(
     return LoadResult(run.records, run.window_s, counters, concurrency)
 
 
-def _probe_prompt_tokens(client: httpx.Client, url: str, model: str, text: str) -> int:
-    """Prompt length of ``text`` as the server counts it (its usage), from a one-token completion."""
+def _probe_prompt_tokens(client: httpx.Client, url: str, model: str, text: str) -> int | None:
+    """Prompt length of ``text`` as the server counts it (its usage), from a one-token completion;
+    None when the server rejects the prompt (HTTP 400: longer than its context)."""
     body = {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0.0}
     r = client.post(f"{url}/v1/completions", json=body)
+    if r.status_code == 400:
+        return None
     if r.status_code != 200:
         raise RuntimeError(f"counting prompt tokens: HTTP {r.status_code} from {url}: {r.text[:200]}")
     n = (r.json().get("usage") or {}).get("prompt_tokens")
@@ -216,15 +219,37 @@ def _probe_prompt_tokens(client: httpx.Client, url: str, model: str, text: str) 
     return n
 
 
+def _cut_to_tokens(client: httpx.Client, url: str, model: str, text: str, tokens: int) -> str | None:
+    """The prefix of ``text`` the server counts as exactly ``tokens`` tokens: interpolation search on
+    the cut (a few probes: tokens grow about linearly with characters); None when no cut gives it."""
+    lo, n_lo = 0, 0  # count(text[:lo]) = n_lo < tokens
+    hi, n_hi = len(text) + 1, None  # count(text[:hi]) > tokens (None: unknown or rejected as too long)
+    guess = min(len(text), 4 * tokens)
+    while hi - lo > 1:
+        n = _probe_prompt_tokens(client, url, model, text[:guess])
+        if n == tokens:
+            return text[:guess]
+        if n is not None and n < tokens:
+            lo, n_lo = guess, n
+        else:
+            hi, n_hi = guess, n
+        if n_hi is not None and n_hi > n_lo:
+            est = lo + (tokens - n_lo) * (hi - lo) / (n_hi - n_lo)
+        else:
+            est = lo + (tokens - n_lo) * (lo / n_lo if n_lo > 0 else 4.0)
+        guess = int(min(max(round(est), lo + 1), hi - 1))
+    return None
+
+
 def exact_prompts(url: str, model: str, texts: Sequence[str], tokens: int) -> list[str | list[int]]:
     """One prompt of exactly ``tokens`` tokens (as the server counts them) per text.
 
     With a ``/tokenize`` endpoint (vLLM) the text's ids are cut to length and sent as ids; otherwise the
-    text is cut at the character where the server's usage says ``tokens`` (bisection on one-token
-    completions; a text too short is repeated). Raises when no cut gives exactly ``tokens``."""
+    text is cut where the server's usage says ``tokens`` (one-token completions as probes; a cut that
+    no character gives exactly, rare with BPE merges, is retried one word further into the text)."""
     url = url.rstrip("/")
     out: list[str | list[int]] = []
-    with httpx.Client(timeout=120.0) as client:
+    with httpx.Client(timeout=300.0) as client:
         for text in texts:
             long = text
             while len(long) < 8 * tokens:
@@ -234,20 +259,12 @@ def exact_prompts(url: str, model: str, texts: Sequence[str], tokens: int) -> li
             if isinstance(ids, list) and len(ids) >= tokens:
                 out.append([int(t) for t in ids[:tokens]])
                 continue
-            lo, hi = 1, len(long)  # invariant: count(long[:lo]) <= tokens <= count(long[:hi])
-            if _probe_prompt_tokens(client, url, model, long) < tokens:
-                raise RuntimeError(f"prompt: {len(long)} characters give fewer than {tokens} tokens")
             found = None
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                n = _probe_prompt_tokens(client, url, model, long[:mid])
-                if n == tokens:
-                    found = long[:mid]
+            for _ in range(5):
+                found = _cut_to_tokens(client, url, model, long, tokens)
+                if found is not None:
                     break
-                if n < tokens:
-                    lo = mid + 1
-                else:
-                    hi = mid - 1
+                long = long.split(" ", 1)[-1] + " " + long.split(" ", 1)[0]
             if found is None:
                 raise RuntimeError(f"prompt: no cut of the text gives exactly {tokens} tokens on {url}")
             out.append(found)
