@@ -271,6 +271,9 @@ def measure_point(
     failed = [r.error for r in res.records if r.error]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(res.records)} requests failed: {failed[0]}")
+    lengths = sorted({r.prompt_tokens for r in res.records})
+    if lengths != [t.isl]:
+        raise RuntimeError(f"prompts: the server counted {lengths} prompt tokens, the point is isl={t.isl}")
     spec = PointSpec(t.tp, t.method, t.k, t.concurrency, t.isl)
     acc = httpb.to_acceptance(spec, res, model=model, detail=f"validate window at c={t.concurrency}")
     if t.method != "none" and acc is None:
