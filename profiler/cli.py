@@ -216,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--draft-model", help="drafter for method draft (default: from the profile's command)")
     v.add_argument("--draft-layers", type=int, help="drafter = the target's first N layers")
+    v.add_argument("--method", type=_strs, help="validate only these methods, e.g. none,ngram")
+    v.add_argument("--k", type=_ints, help="validate only these k, e.g. 0,4")
+    v.add_argument(
+        "--dataset", type=Path, help="Spec-Bench style questions JSONL (default: the packaged set)"
+    )
     v.set_defaults(fn=cmd_validate)
 
     ac = sub.add_parser("acceptance", help="measure per-position acceptance on a prompt set (real weights)")

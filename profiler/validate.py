@@ -43,6 +43,7 @@ from planner import metrics_def as md
 from planner.plan import Planner
 from planner.profile import Acceptance, Profile, ProfileError, load_profile
 from planner.surface import Surfaces
+from profiler.prompts import load_questions
 
 DEFAULT_CONTROLLED = "alpha=0.7,coverage=0.8"
 
@@ -113,8 +114,11 @@ def _off_grid(values: list[int]) -> list[int]:
     return out
 
 
-def choose_targets(profile: Profile, n: int, osl: int) -> list[Target]:
-    """Up to ``n`` off-grid (concurrency, input length) points for EVERY decode config of the profile."""
+def choose_targets(
+    profile: Profile, n: int, osl: int, methods: list[str] | None = None, ks: list[int] | None = None
+) -> list[Target]:
+    """Up to ``n`` off-grid (concurrency, input length) points for every decode config of the profile
+    (or those of ``methods`` / ``ks`` when given)."""
     if n < 1:
         raise ValidateError(f"points: must be >= 1, got {n}")
     if osl < 2:
@@ -132,7 +136,13 @@ def choose_targets(profile: Profile, n: int, osl: int) -> list[Target]:
     isls = [int(lo + f * (hi - osl - lo)) for f in (0.5, 0.25, 0.75, 0.1, 0.9)]
     isls = [x for x in isls if x not in ctxs] or isls
     out: list[Target] = []
-    for key, ds in sorted(surf.decode.items()):
+    keys = [
+        key for key in sorted(surf.decode) if (not methods or key[1] in methods) and (not ks or key[2] in ks)
+    ]
+    if not keys:
+        raise ValidateError(f"method/k: no decode config of the profile matches methods={methods} k={ks}")
+    for key in keys:
+        ds = surf.decode[key]
         cs = sorted({p.concurrency for p in profile.decode if p.ok and (p.tp, p.method, p.k) == key})
         row = []
         for i, c in enumerate(_off_grid(cs)):
@@ -254,7 +264,7 @@ def _serve(cmd: list[str], port: int, log_file, log_path: Path, timeout_s: float
 
 # -- one point -----------------------------------------------------------------------------------------
 def measure_point(
-    url: str, model: str, profile: Profile, t: Target, *, waves: int
+    url: str, model: str, profile: Profile, t: Target, *, waves: int, dataset: Path | None = None
 ) -> tuple[Outcome, Acceptance | None]:
     """Warm-up pass then measured pass of closed-loop load at ``t``; the planner's prediction at the
     acceptance measured in the measured pass."""
@@ -263,7 +273,7 @@ def measure_point(
     from profiler.prompts import prompts_of_length
 
     n = waves * t.concurrency
-    texts = prompts_of_length(n, t.isl)
+    texts = prompts_of_length(n, t.isl, dataset)
     prompts = httpb.exact_prompts(url, model, texts, t.isl)
     load = dict(concurrency=t.concurrency, num_requests=n, max_tokens=t.osl)
     httpb.run_load(url, model, prompts, scrape=False, **load)  # warm-up; records greedy continuations
@@ -298,12 +308,15 @@ def validate(
     controlled: str | None,
     draft_model: str | None = None,
     draft_layers: int | None = None,
+    methods: list[str] | None = None,
+    ks: list[int] | None = None,
+    dataset: Path | None = None,
     startup_s: float = 900.0,
     echo=print,
 ) -> Run:
     """Every config's targets through its own ``engine serve``; a config that fails is recorded, the
     others still run."""
-    targets = choose_targets(profile, points, osl)
+    targets = choose_targets(profile, points, osl, methods, ks)
     by_cfg: dict[tuple[int, str, int], list[Target]] = {}
     for t in targets:
         by_cfg.setdefault(t.key, []).append(t)
@@ -319,7 +332,7 @@ def validate(
             with running_server(cmd, port, timeout_s=startup_s) as url:
                 for t in group:
                     echo(f"[validate]   c={t.concurrency} isl={t.isl} osl={t.osl} ...", flush=True)
-                    outcome, acc = measure_point(url, model, profile, t, waves=waves)
+                    outcome, acc = measure_point(url, model, profile, t, waves=waves, dataset=dataset)
                     run.outcomes.append(outcome)
                     if acc is not None:
                         run.acceptance.setdefault(key, []).append(acc)
@@ -417,8 +430,15 @@ def run_validate(a: argparse.Namespace) -> int:
             controlled = DEFAULT_CONTROLLED  # random weights accept nothing: validate at a known acceptance
         if controlled and controlled.lower() == "off":
             controlled = None
-        draft_model = getattr(a, "draft_model", None) or _draft_model_from_command(profile.metadata.command)
-        choose_targets(profile, a.points, int(a.max_tokens))  # bad input fails before any server starts
+        draft_model = (
+            getattr(a, "draft_model", None)
+            or next((x.source.drafter for x in profile.acceptance if x.source.drafter), None)
+            or _draft_model_from_command(profile.metadata.command)
+        )
+        methods, ks = getattr(a, "method", None), getattr(a, "k", None)
+        dataset = getattr(a, "dataset", None)
+        questions = load_questions(dataset)
+        choose_targets(profile, a.points, int(a.max_tokens), methods, ks)  # bad input fails before any server
         meta = profile.metadata
         print(
             f"validate {Path(a.profile).name} ({meta.model.name}, {meta.weights} weights, on "
@@ -426,11 +446,15 @@ def run_validate(a: argparse.Namespace) -> int:
             + (f"; controlled acceptance {controlled}" if controlled else "; real acceptance"),
             flush=True,
         )
+        print(
+            f"prompts: {len(questions)} questions ({', '.join(sorted({q['category'] for q in questions}))})"
+        )
         run = validate(
             profile, points=a.points, model=model, waves=waves, osl=int(a.max_tokens), controlled=controlled,
-            draft_model=draft_model, draft_layers=getattr(a, "draft_layers", None),
+            draft_model=draft_model, draft_layers=getattr(a, "draft_layers", None), methods=methods, ks=ks,
+            dataset=dataset,
         )  # fmt: skip
-    except (ProfileError, ValidateError) as exc:
+    except (ProfileError, ValidateError, FileNotFoundError, ValueError) as exc:
         print(f"profiler validate: {exc}", file=sys.stderr)
         return 2
     if run.outcomes:
