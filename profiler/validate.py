@@ -149,7 +149,13 @@ def choose_targets(
             isl = isls[i % len(isls)]
             if np.isfinite(ds.step_ms(c, isl)).all() and np.isfinite(ds.step_ms(c, isl + osl)).all():
                 row.append(Target(key[0], key[1], key[2], c, isl, osl))
-        out += row[:n]
+        if len(row) > n:  # spread over the measured range rather than the lowest concurrencies
+            row = (
+                [row[round(i * (len(row) - 1) / max(1, n - 1))] for i in range(n)]
+                if n > 1
+                else [row[len(row) // 2]]
+            )
+        out += row
     if not out:
         raise ValidateError(
             "profile: no off-grid concurrency lies inside a measured range (need >= 2 "
