@@ -270,7 +270,9 @@ def _mock_server(monkeypatch: pytest.MonkeyPatch, *, tokenize: bool) -> list[str
         return httpx.Response(200, json={"usage": {"prompt_tokens": n, "completion_tokens": 1}})
 
     real = httpx.Client
-    monkeypatch.setattr(httpb.httpx, "Client", lambda **kw: real(transport=httpx.MockTransport(handler), **kw))
+    monkeypatch.setattr(
+        httpb.httpx, "Client", lambda **kw: real(transport=httpx.MockTransport(handler), **kw)
+    )
     return seen
 
 
