@@ -6,7 +6,7 @@ it) are run end to end as a user would measure a deployment: ``engine serve`` is
 the profiler's own closed-loop load generator (``profiler.backends.http``) drives it over HTTP with
 Spec-Bench prompts of exactly ``isl`` tokens (as the server counts them), and ``/metrics`` is scraped
 around each point. Every point first sends its prompt set once (warm-up; for the controlled drafter it
-records the greedy continuations), then measures a second pass.
+records the greedy continuations, k + 1 tokens longer than measured), then measures a second pass.
 
 Acceptance: with real weights the drafter's real acceptance; with random weights (which accept nothing)
 the controlled-acceptance drafter (``engine serve --spec-controlled``, engine/spec/controlled.py), whose
@@ -282,7 +282,9 @@ def measure_point(
     texts = prompts_of_length(n, t.isl, dataset)
     prompts = httpb.exact_prompts(url, model, texts, t.isl)
     load = dict(concurrency=t.concurrency, num_requests=n, max_tokens=t.osl)
-    httpb.run_load(url, model, prompts, scrape=False, **load)  # warm-up; records greedy continuations
+    # Warm-up, which also records the greedy continuations for the controlled drafter: k + 1 tokens
+    # longer than the measured requests, so the record covers their last step too.
+    httpb.run_load(url, model, prompts, scrape=False, **(load | {"max_tokens": t.osl + t.k + 1}))
     res = httpb.run_load(url, model, prompts, **load)
     failed = [r.error for r in res.records if r.error]
     if failed:
