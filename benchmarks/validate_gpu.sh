@@ -46,7 +46,7 @@ t0=$(date +%s)
 timeout "${VALIDATE_LIMIT_S:-500}" python3 -m profiler.cli validate "$PROFILE" \
     --method none,ngram,draft --k "0,$K" --points "${POINTS:-3}" --max-tokens "${OSL:-128}" \
     --requests-per-seq "${WAVES:-3}" --controlled "${CONTROLLED:-alpha=0.7,coverage=0.8}" \
-    --draft-model llama-68m "${data[@]}" 2>&1 | tee "$OUT/validate.txt"
+    --draft-model llama-68m ${data[@]+"${data[@]}"} 2>&1 | tee "$OUT/validate.txt"
 rc=${PIPESTATUS[0]}
 echo "validate rc=$rc in $(($(date +%s) - t0)) s"
 exit $rc
