@@ -6,7 +6,9 @@ it) are run end to end as a user would measure a deployment: ``engine serve`` is
 the profiler's own closed-loop load generator (``profiler.backends.http``) drives it over HTTP with
 Spec-Bench prompts of exactly ``isl`` tokens (as the server counts them), and ``/metrics`` is scraped
 around each point. Every point first sends its prompt set once (warm-up; for the controlled drafter it
-records the greedy continuations, k + 1 tokens longer than measured), then measures a second pass.
+records the greedy continuations, k + 1 tokens longer than measured), then measures a second pass (whose
+prompts then hit the server's prefix cache: prefill is short there, and the planner's decode throughput
+leaves prefill out too).
 
 Acceptance: with real weights the drafter's real acceptance; with random weights (which accept nothing)
 the controlled-acceptance drafter (``engine serve --spec-controlled``, engine/spec/controlled.py), whose
