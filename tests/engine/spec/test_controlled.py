@@ -47,6 +47,20 @@ def test_spec_config_rejects_medusa() -> None:
     assert SpecConfig(method="ngram", k=2, controlled="alpha=0.5").controlled.coverage == 1.0
 
 
+def test_serve_flag_builds_the_controlled_config() -> None:
+    import argparse
+
+    from engine.spec.flags import add_spec_arguments, spec_config
+
+    parser = argparse.ArgumentParser()
+    add_spec_arguments(parser)
+    args = parser.parse_args(["--spec", "ngram", "--k", "2", "--spec-controlled", "alpha=0.5,coverage=0.9"])
+    spec = spec_config(args, "engine serve")
+    assert spec.controlled == ControlledAcceptance((0.5, 0.25), 0.9)
+    with pytest.raises(ConfigError, match="alpha"):
+        spec_config(parser.parse_args(["--spec", "ngram", "--k", "2", "--spec-controlled", "alpha=2"]), "x")
+
+
 def test_per_position_rates_with_a_known_truth() -> None:
     """Without an engine: a recorded sequence's drafts are true at the target per-position rates."""
     target = ControlledAcceptance.parse("alpha=0.7,coverage=0.6", 3)
