@@ -28,7 +28,11 @@ from profiler.cli import main
 from profiler.validate import Outcome, Target, ValidateError, choose_targets, predict, report
 
 
-def _profile(source: str = "measured", methods: tuple[tuple[str, int], ...] = (("none", 0),)) -> Profile:
+def _profile(
+    source: str = "measured",
+    methods: tuple[tuple[str, int], ...] = (("none", 0),),
+    concurrencies: tuple[int, ...] = (1, 4, 16),
+) -> Profile:
     meta = Metadata(
         model=ModelInfo(name="tiny", shape=ModelShape(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32,
                                                       vocab=320, params=10**6)),
@@ -40,7 +44,7 @@ def _profile(source: str = "measured", methods: tuple[tuple[str, int], ...] = ((
     prof = new_profile(meta)
     for method, k in methods:
         for ctx in (128, 512):
-            for c in (1, 4, 16):
+            for c in concurrencies:
                 step = (2.0 + 0.1 * c + 0.001 * c * ctx) * (1 + 0.2 * k)  # affine in context, growing with c
                 prof.upsert(DecodePoint(tp=1, method=method, k=k, concurrency=c, context_len=ctx,
                                         step_ms=step, tokens_per_step=1.0, itl_ms=summarize([step]),
@@ -61,6 +65,11 @@ def test_targets_are_off_grid_and_inside_the_measured_range() -> None:
 def test_every_method_gets_targets_even_with_a_none_config() -> None:
     ts = choose_targets(_profile(methods=(("none", 0), ("ngram", 2), ("draft", 3))), 1, 32)
     assert sorted((t.method, t.k) for t in ts) == [("draft", 3), ("ngram", 2), ("none", 0)]
+    ts = choose_targets(_profile(concurrencies=(1, 2, 4, 8, 16, 32, 64)), 2, 32)
+    assert [t.concurrency for t in ts] == [3, 45]  # spread over the off-grid 3, 6, 11, 23, 45
+    assert [
+        t.method for t in choose_targets(_profile(methods=(("none", 0), ("ngram", 2))), 1, 32, ["ngram"])
+    ] == ["ngram"]
 
 
 def test_prediction_is_the_planners_at_the_measured_acceptance() -> None:
@@ -105,7 +114,7 @@ def test_validate_none_ngram_draft_over_http_on_tiny(
     """A hand-written profile (its numbers need not match this machine): the point is that every
     method runs end to end through engine serve and yields a finite error."""
     path = tmp_path / "tiny.json"
-    prof = _profile(methods=(("none", 0), ("ngram", 2), ("draft", 2)))
+    prof = _profile(methods=(("none", 0), ("ngram", 2), ("draft", 2)), concurrencies=(1, 4))
     prof.metadata.command = "profiler sweep --model tiny --draft-model tiny"
     save_profile(prof, path)
     args = ["validate", str(path), "--points", "1", "--max-tokens", "16", "--requests-per-seq", "2"]
