@@ -290,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", help="model to run (default: the profile's)")
     v.add_argument("--requests-per-seq", type=int, default=2, help="requests each concurrent slot sends")
     v.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
+    v.add_argument(
+        "--controlled",
+        help="controlled acceptance for ngram/draft, e.g. alpha=0.7,coverage=0.8 (default with random "
+        "weights; 'off' = the drafter's own acceptance)",
+    )
+    v.add_argument("--draft-model", help="drafter for method draft (default: from the profile's command)")
+    v.add_argument("--draft-layers", type=int, help="drafter = the target's first N layers")
+    v.add_argument("--method", type=_strs, help="validate only these methods, e.g. none,ngram")
+    v.add_argument("--k", type=_ints, help="validate only these k, e.g. 0,4")
+    v.add_argument(
+        "--dataset",
+        type=Path,
+        help="Spec-Bench style questions JSONL (default: the packaged profiler/data set)",
+    )
     v.set_defaults(fn=cmd_validate)
 
     ac = sub.add_parser("acceptance", help="measure per-position acceptance on a prompt set (real weights)")

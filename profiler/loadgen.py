@@ -6,6 +6,10 @@ arrival. Under speculative decoding one chunk may carry several tokens, so outpu
 by the server's ``usage`` (``stream_options.include_usage``); without it, by tokenizing the streamed
 text with the caller's tokenizer; without one, by counting chunks (a lower bound). Each request records
 which of the three it used.
+
+The steady window (``steady_window``) is the span in which the target concurrency was really decoding
+at once: closed-loop ramp-up (requests waiting for their first token) and ramp-down (the last requests
+finishing alone) have fewer in flight, and a throughput over the whole run understates the point.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class RequestRecord:
     token_count_source: TokenCountSource = "chunks"
     finish_reason: str | None = None
     error: str | None = None
+    end: float | None = None  # when the stream closed
 
     @property
     def ok(self) -> bool:
@@ -89,6 +94,7 @@ async def stream_one(
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
         return rec
+    rec.end = time.perf_counter()
     if rec.token_count_source != "usage":
         if count_tokens is not None:
             rec.output_tokens = count_tokens(rec.text)
@@ -98,8 +104,9 @@ async def stream_one(
     return rec
 
 
-def completion_body(model: str, prompt: str, max_tokens: int) -> dict:
-    """Greedy, fixed-length (``ignore_eos``), streamed with a final usage chunk."""
+def completion_body(model: str, prompt: str | list[int], max_tokens: int) -> dict:
+    """Greedy, fixed-length (``ignore_eos``), streamed with a final usage chunk; ``prompt`` is text or
+    token ids (the OpenAI API takes both: ids make the prompt length exact)."""
     return {
         "model": model,
         "prompt": prompt,
@@ -125,7 +132,7 @@ class ClosedLoopRun:
 async def closed_loop(
     url: str,
     model: str,
-    prompts: Sequence[str],
+    prompts: Sequence[str | list[int]],
     *,
     concurrency: int,
     num_requests: int,
@@ -157,3 +164,55 @@ async def closed_loop(
         await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
         end = time.perf_counter()
     return ClosedLoopRun(records, start, end)
+
+
+@dataclass(frozen=True)
+class SteadyWindow:
+    """Where ``concurrency`` requests were decoding at once, and what came out in that span."""
+
+    start: float
+    end: float
+    mean_in_flight: float  # time-average of requests between their first and last token
+    output_tokens: float  # tokens after each request's first, spread evenly over its decode span
+
+    @property
+    def duration_s(self) -> float:
+        return self.end - self.start
+
+
+def steady_window(records: Sequence[RequestRecord], concurrency: int) -> SteadyWindow | None:
+    """From the first moment ``concurrency`` requests were decoding (between first and last token) to
+    the last such moment; when that never happened, the same for the most that ever were. None when no
+    request decoded two tokens. Tokens inside the window are counted by spreading each request's
+    ``output_tokens - 1`` evenly over its ``(first, last)`` span (the server's usage gives totals only).
+    """
+    spans = [
+        (r.first, r.last, r.output_tokens)
+        for r in records
+        if r.ok and r.first is not None and r.last is not None and r.last > r.first and r.output_tokens > 1
+    ]
+    if not spans:
+        return None
+    events = sorted(
+        [(a, 1) for a, _, _ in spans] + [(b, -1) for _, b, _ in spans], key=lambda e: (e[0], e[1])
+    )
+    level, peak = 0, 0
+    for _, d in events:
+        level += d
+        peak = max(peak, level)
+    want = min(concurrency, peak)
+    level, start, end = 0, None, None
+    for t, d in events:
+        if level >= want and d < 0 and start is not None:
+            end = t  # leaving the target level: the latest such moment wins
+        level += d
+        if level >= want and start is None:
+            start = t
+    if start is None or end is None or end <= start:
+        return None
+    busy = tokens = 0.0
+    for a, b, n in spans:
+        overlap = max(0.0, min(b, end) - max(a, start))
+        busy += overlap
+        tokens += (n - 1) * overlap / (b - a)
+    return SteadyWindow(start, end, busy / (end - start), tokens)

@@ -51,7 +51,8 @@ def remote_metadata(cfg: SweepConfig, command: str, engine: EngineInfo, gpu_name
 
 def _measure_http(cfg: SweepConfig, url: str, model: str):
     def measure(spec):
-        prompts = prompts_of_length(max(4, spec.concurrency), spec.context_len)
+        texts = prompts_of_length(max(4, spec.concurrency), spec.context_len)
+        prompts = httpb.exact_prompts(url, model, texts, spec.context_len)
         n = cfg.requests_per_point or 2 * spec.concurrency
         res = httpb.run_load(
             url, model, prompts, concurrency=spec.concurrency, num_requests=n, max_tokens=cfg.max_tokens

@@ -15,6 +15,7 @@ one step pipeline that serving and the step profiler both run.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from engine.spec.base import Proposer, SpecSequence
@@ -41,7 +42,19 @@ __all__ = [
 
 def build_proposer(config: SpecConfig, *, target: Any = None, **kwargs: Any) -> Proposer:
     """The chain proposer for ``config`` (ngram or draft). ``target``: the engine's target
-    ``ModelRunner`` (the draft method reads its source, dtype, device and block size from it)."""
+    ``ModelRunner`` (the draft method reads its source, dtype, device and block size from it).
+    With ``config.controlled`` the real proposer is wrapped by the controlled-acceptance drafter."""
+    if config.controlled is not None:
+        from engine.spec.controlled import ControlledProposer
+
+        inner = build_proposer(dataclasses.replace(config, controlled=None), target=target, **kwargs)
+        vocab = getattr(getattr(target, "config", None), "vocab_size", None)
+        if vocab is None:
+            raise ValueError("build_proposer: the controlled drafter needs the target runner (vocabulary)")
+        return ControlledProposer(
+            inner, config.controlled, vocab_size=int(vocab), bounded_by_inner=config.method == "draft",
+            seed=config.seed,
+        )  # fmt: skip
     if config.method == "ngram":
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.method == "draft":

@@ -50,6 +50,9 @@ class SpecConfig:
     ``auto|real|random`` for the drafter. ``medusa_heads``: a safetensors / .pt file with Medusa-1
     heads (``medusa_head.{i}...``), or None for seeded random heads (timing only).
     ``tree``: Medusa tree as a list of paths; None = the default ~64-node tree.
+    ``controlled``: validation only: ``alpha=0.7,coverage=0.8`` (or a ControlledAcceptance) wraps the
+    chain proposer so its drafts are the target's recorded greedy continuation, corrupted to that
+    acceptance (engine/spec/controlled.py).
     """
 
     method: str
@@ -63,6 +66,7 @@ class SpecConfig:
     tree: Any = None
     seed: int = 0
     schedule: Any = None  # [[first, last, k], ...]: k by running batch size (chain methods)
+    controlled: Any = None  # validation drafter at a known acceptance (engine/spec/controlled.py)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +151,19 @@ class SpecConfig:
         ks = {self.k} | {k for _, _, k in self.schedule or ()}
         return sorted(1 + (self.num_lookahead_tokens if k == self.k else k) for k in ks if k > 0)
 
+        if self.controlled is not None:
+            from engine.spec.controlled import ControlledAcceptance
+
+            if self.method == "medusa":
+                raise ConfigError("spec controlled applies to chain methods (ngram, draft), got 'medusa'")
+            if not isinstance(self.controlled, ControlledAcceptance):
+                self.controlled = ControlledAcceptance.parse(self.controlled, self.k)
+            elif len(self.controlled.accepted_per_pos) != self.k:
+                raise ConfigError(
+                    f"spec controlled acceptance: {len(self.controlled.accepted_per_pos)} positions for "
+                    f"k={self.k}"
+                )
+
     @property
     def is_tree(self) -> bool:
         return self.method == "medusa"
@@ -174,6 +191,7 @@ class SpecConfig:
             "tree",
             "seed",
             "schedule",
+            "controlled",
         }
         unknown = sorted(set(data) - known)
         if unknown:

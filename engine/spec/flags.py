@@ -45,6 +45,13 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         help="k by running batch size, JSON [[first,last,k],...] (vLLM's num_speculative_tokens_per_batch_"
         "size); other batch sizes use --k, the largest",
     )
+    parser.add_argument(
+        "--spec-controlled",
+        default=None,
+        metavar="alpha=A,coverage=C",
+        help="validation only: drafts are the recorded greedy continuation corrupted to this acceptance "
+        "(or acceptance=A0:A1:...); the real --spec drafter still runs for its cost",
+    )
 
 
 def spec_config(args: argparse.Namespace, command: str) -> SpecConfig | None:
@@ -71,4 +78,6 @@ def spec_config(args: argparse.Namespace, command: str) -> SpecConfig | None:
         kwargs |= {"draft_model": args.draft_model, "draft_layers": args.draft_layers}
     elif args.spec == "medusa":
         kwargs |= {"medusa_heads": args.medusa_heads}
+    if getattr(args, "spec_controlled", None):
+        kwargs["controlled"] = args.spec_controlled
     return SpecConfig(**kwargs)  # type: ignore[arg-type]

@@ -6,6 +6,10 @@ Load comes from ``profiler.loadgen`` (streaming, per-chunk timestamps, token cou
 (``planner.daemon.scrape``, vLLM metric names); the counter deltas give draft coverage and per-position
 acceptance, with ``decode_steps = generated - accepted - first tokens`` because vLLM counts only steps
 that carried a draft.
+
+Throughput is taken over the steady window (``profiler.loadgen.steady_window``: the span in which the
+point's concurrency was really decoding at once) and the mean number in flight there is recorded; a point
+labelled context L gets prompts of exactly L tokens as the server counts them (``exact_prompts``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import httpx
 from planner import metrics_def as md
 from planner.daemon.scrape import MetricsSnapshot, parse_metrics, window
 from planner.profile import Acceptance, AcceptanceSource, DecodePoint
-from profiler.loadgen import ClosedLoopRun, RequestRecord, closed_loop
+from profiler.loadgen import ClosedLoopRun, RequestRecord, SteadyWindow, closed_loop, steady_window
 
 if TYPE_CHECKING:
     from profiler.grid import PointSpec
@@ -34,6 +38,7 @@ __all__ = [
     "RequestRecord",
     "SpecCounters",
     "counter_delta",
+    "exact_prompts",
     "parse_counters",
     "run_load",
     "served_model_name",
@@ -80,6 +85,18 @@ class LoadResult:
     records: list[RequestRecord]
     window_s: float
     counters: SpecCounters | None
+    concurrency: int | None = None  # the closed loop's target; None = as many as ever decoded at once
+
+    @property
+    def steady(self) -> SteadyWindow | None:
+        return steady_window(self.records, self.concurrency or len(self.records))
+
+    def throughput_per_gpu(self, gpus: int) -> float:
+        """Output tokens per second per GPU over the steady window (whole run when there is none)."""
+        w = self.steady
+        if w is None or w.duration_s <= 0:
+            return md.throughput_per_gpu(self.output_tokens(), self.window_s, gpus)
+        return md.throughput_per_gpu(w.output_tokens, w.duration_s, gpus)
 
     @property
     def ok(self) -> list[RequestRecord]:
@@ -184,7 +201,74 @@ def run_load(
         after = _scrape(client, url) if scrape else None
     started = sum(1 for r in run.records if r.first is not None)
     counters = counter_delta(before, after, started) if before and after else None
-    return LoadResult(run.records, run.window_s, counters)
+    return LoadResult(run.records, run.window_s, counters, concurrency)
+
+
+def _probe_prompt_tokens(client: httpx.Client, url: str, model: str, text: str) -> int | None:
+    """Prompt length of ``text`` as the server counts it (its usage), from a one-token completion;
+    None when the server rejects the prompt (HTTP 400: longer than its context)."""
+    body = {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0.0}
+    r = client.post(f"{url}/v1/completions", json=body)
+    if r.status_code == 400:
+        return None
+    if r.status_code != 200:
+        raise RuntimeError(f"counting prompt tokens: HTTP {r.status_code} from {url}: {r.text[:200]}")
+    n = (r.json().get("usage") or {}).get("prompt_tokens")
+    if not isinstance(n, int):
+        raise RuntimeError(f"counting prompt tokens: {url} reports no usage.prompt_tokens")
+    return n
+
+
+def _cut_to_tokens(client: httpx.Client, url: str, model: str, text: str, tokens: int) -> str | None:
+    """The prefix of ``text`` the server counts as exactly ``tokens`` tokens: interpolation search on
+    the cut (a few probes: tokens grow about linearly with characters); None when no cut gives it."""
+    lo, n_lo = 0, 0  # count(text[:lo]) = n_lo < tokens
+    hi, n_hi = len(text) + 1, None  # count(text[:hi]) > tokens (None: unknown or rejected as too long)
+    guess = min(len(text), 4 * tokens)
+    while hi - lo > 1:
+        n = _probe_prompt_tokens(client, url, model, text[:guess])
+        if n == tokens:
+            return text[:guess]
+        if n is not None and n < tokens:
+            lo, n_lo = guess, n
+        else:
+            hi, n_hi = guess, n
+        if n_hi is not None and n_hi > n_lo:
+            est = lo + (tokens - n_lo) * (hi - lo) / (n_hi - n_lo)
+        else:
+            est = lo + (tokens - n_lo) * (lo / n_lo if n_lo > 0 else 4.0)
+        guess = int(min(max(round(est), lo + 1), hi - 1))
+    return None
+
+
+def exact_prompts(url: str, model: str, texts: Sequence[str], tokens: int) -> list[str | list[int]]:
+    """One prompt of exactly ``tokens`` tokens (as the server counts them) per text.
+
+    With a ``/tokenize`` endpoint (vLLM) the text's ids are cut to length and sent as ids; otherwise the
+    text is cut where the server's usage says ``tokens`` (one-token completions as probes; a cut that
+    no character gives exactly, rare with BPE merges, is retried one word further into the text)."""
+    url = url.rstrip("/")
+    out: list[str | list[int]] = []
+    with httpx.Client(timeout=300.0) as client:
+        for text in texts:
+            long = text
+            while len(long) < 8 * tokens:
+                long += "\n\n" + text
+            r = client.post(f"{url}/tokenize", json={"model": model, "prompt": long})
+            ids = r.json().get("tokens") if r.status_code == 200 else None
+            if isinstance(ids, list) and len(ids) >= tokens:
+                out.append([int(t) for t in ids[:tokens]])
+                continue
+            found = None
+            for _ in range(5):
+                found = _cut_to_tokens(client, url, model, long, tokens)
+                if found is not None:
+                    break
+                long = long.split(" ", 1)[-1] + " " + long.split(" ", 1)[0]
+            if found is None:
+                raise RuntimeError(f"prompt: no cut of the text gives exactly {tokens} tokens on {url}")
+            out.append(found)
+    return out
 
 
 def served_model_name(url: str) -> str:
@@ -208,9 +292,10 @@ def tokenizer_counter(model_dir: str | Path) -> Callable[[str], int] | None:
 def to_decode_point(spec: PointSpec, result: LoadResult, gpus: int) -> DecodePoint:
     """A profile DecodePoint from one load result.
 
-    ITL statistics are over requests; throughput is output tokens over the whole closed-loop window per
-    GPU. Tokens per step come from the spec-decode counters (1 without speculation); when a speculating
-    server exports none, from tokens per streamed chunk (one chunk per engine step). ``step_ms`` is mean
+    ITL statistics are over requests; throughput is output tokens per GPU over the steady window (see
+    ``LoadResult.throughput_per_gpu``); the mean number in flight there is logged. Tokens per step come
+    from the spec-decode counters (1 without speculation); when a speculating server exports none,
+    from tokens per streamed chunk (one chunk per engine step). ``step_ms`` is mean
     ITL x tokens per step: the time of one engine step as a request sees it.
     """
     base = dict(
@@ -230,12 +315,18 @@ def to_decode_point(spec: PointSpec, result: LoadResult, gpus: int) -> DecodePoi
     else:
         tps = result.tokens_per_chunk() or 1.0
     stats = md.summarize(itls)
+    w = result.steady
+    if w is not None:
+        log.info(
+            "%s: steady window %.2f s of %.2f s, mean %.2f in flight", spec, w.duration_s, result.window_s,
+            w.mean_in_flight,
+        )  # fmt: skip
     return DecodePoint(
         **base,
         step_ms=stats.mean * max(1.0, tps),
         tokens_per_step=max(1.0, tps),
         itl_ms=stats,
-        throughput_per_gpu=md.throughput_per_gpu(result.output_tokens(), result.window_s, gpus),
+        throughput_per_gpu=result.throughput_per_gpu(gpus),
         samples=len(itls),
     )
 

@@ -82,7 +82,9 @@ def test_decode_point_from_load_and_failed_requests() -> None:
     assert point.ok and point.samples == 2
     assert point.tokens_per_step == pytest.approx(res.counters.tokens_per_step)
     assert point.step_ms == pytest.approx(point.itl_ms.mean * point.tokens_per_step)
-    assert point.throughput_per_gpu == pytest.approx(18 / res.window_s)
+    w = res.steady  # throughput over the span both surviving requests decoded, not the whole run
+    assert w is not None and 0 < w.output_tokens <= 16 and w.duration_s <= res.window_s
+    assert point.throughput_per_gpu == pytest.approx(w.output_tokens / w.duration_s)
 
 
 def test_all_requests_failing_gives_an_error_point() -> None:
@@ -164,7 +166,8 @@ def test_token_count_falls_back_to_tokenizer_then_chunks(with_usage: bool) -> No
     # A speculating server without counters: tokens per step fall back to tokens per chunk.
     point = httpb.to_decode_point(PointSpec(1, "ngram", 4, 3, 16), result, gpus=2)
     assert point.tokens_per_step == pytest.approx(result.tokens_per_chunk())
-    assert point.throughput_per_gpu == pytest.approx(result.output_tokens() / run.window_s / 2)
+    w = result.steady
+    assert point.throughput_per_gpu == pytest.approx(w.output_tokens / w.duration_s / 2)
 
 
 def _prompts(n: int) -> list[str]:
@@ -248,3 +251,38 @@ def test_real_vllm_point_with_live_acceptance(vllm_server: str) -> None:
     if c.drafts:
         assert acc is not None and acc.source.kind == "live" and len(acc.accepted_per_pos) == 4
         assert acc.accepted_per_pos == pytest.approx([n / c.drafts for n in c.accepted_per_pos])
+
+
+def _mock_server(monkeypatch: pytest.MonkeyPatch, *, tokenize: bool) -> list[str]:
+    """httpx.Client in the http backend talks to a handler: words + BOS are tokens, > 400 is too long."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if request.url.path == "/tokenize":
+            if not tokenize:
+                return httpx.Response(404, json={"detail": "Not Found"})
+            return httpx.Response(200, json={"tokens": list(range(len(body["prompt"].split()) + 1))})
+        seen.append(body["prompt"])
+        n = len(body["prompt"].split()) + 1
+        if n > 400:
+            return httpx.Response(400, json={"error": {"message": "prompt too long"}})
+        return httpx.Response(200, json={"usage": {"prompt_tokens": n, "completion_tokens": 1}})
+
+    real = httpx.Client
+    monkeypatch.setattr(
+        httpb.httpx, "Client", lambda **kw: real(transport=httpx.MockTransport(handler), **kw)
+    )
+    return seen
+
+
+@pytest.mark.parametrize("tokenize", [False, True])
+def test_exact_prompts_have_the_labelled_length(monkeypatch: pytest.MonkeyPatch, tokenize: bool) -> None:
+    seen = _mock_server(monkeypatch, tokenize=tokenize)
+    texts = ["the quick brown fox jumps over the lazy dog " * 3, "one two three"]
+    prompts = httpb.exact_prompts("http://mock", "m", texts, 50)
+    if tokenize:
+        assert prompts == [list(range(50))] * 2 and not seen  # ids cut to length, no probing
+    else:
+        assert [len(p.split()) + 1 for p in prompts] == [50, 50]  # as the server counts them
+        assert len(seen) < 2 * 12  # interpolation search: a few probes per prompt

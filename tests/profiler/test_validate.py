@@ -1,4 +1,5 @@
-"""`profiler validate`: off-grid targets, predictions from the surfaces, closed loop on the tiny engine."""
+"""`profiler validate`: off-grid targets for every method, the planner's prediction at a measured
+acceptance, and none/ngram/draft end to end through `engine serve` over HTTP on the tiny model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 
 from planner.metrics_def import summarize
 from planner.profile import (
+    Acceptance,
+    AcceptanceSource,
     DecodePoint,
     EngineInfo,
     Hardware,
@@ -17,7 +20,6 @@ from planner.profile import (
     ModelShape,
     PrefillPoint,
     Profile,
-    load_profile,
     new_profile,
     now_utc,
     save_profile,
@@ -26,7 +28,11 @@ from profiler.cli import main
 from profiler.validate import Outcome, Target, ValidateError, choose_targets, predict, report
 
 
-def _profile(source: str = "measured") -> Profile:
+def _profile(
+    source: str = "measured",
+    methods: tuple[tuple[str, int], ...] = (("none", 0),),
+    concurrencies: tuple[int, ...] = (1, 4, 16),
+) -> Profile:
     meta = Metadata(
         model=ModelInfo(name="tiny", shape=ModelShape(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32,
                                                       vocab=320, params=10**6)),
@@ -36,12 +42,13 @@ def _profile(source: str = "measured") -> Profile:
         command="test",
     )  # fmt: skip
     prof = new_profile(meta)
-    for ctx in (128, 512):
-        for c in (1, 4, 16):
-            step = 2.0 + 0.1 * c + 0.001 * c * ctx  # affine in context, growing with c
-            prof.upsert(DecodePoint(tp=1, method="none", k=0, concurrency=c, context_len=ctx, step_ms=step,
-                                    tokens_per_step=1.0, itl_ms=summarize([step]),
-                                    throughput_per_gpu=c / step * 1000, samples=1))  # fmt: skip
+    for method, k in methods:
+        for ctx in (128, 512):
+            for c in concurrencies:
+                step = (2.0 + 0.1 * c + 0.001 * c * ctx) * (1 + 0.2 * k)  # affine in context, growing with c
+                prof.upsert(DecodePoint(tp=1, method=method, k=k, concurrency=c, context_len=ctx,
+                                        step_ms=step, tokens_per_step=1.0, itl_ms=summarize([step]),
+                                        throughput_per_gpu=c / step * 1000, samples=1))  # fmt: skip
     for n, ms in ((64, 1.0), (256, 4.0)):
         prof.upsert(PrefillPoint(tp=1, input_len=n, ttft_ms=ms, prefill_tokens_per_s_per_gpu=n / ms * 1000))
     return prof
@@ -55,13 +62,30 @@ def test_targets_are_off_grid_and_inside_the_measured_range() -> None:
         assert t.isl >= 128 and t.isl + t.osl <= 512 and t.isl not in (128, 512)
 
 
-def test_prediction_uses_decode_and_prefill_surfaces() -> None:
+def test_every_method_gets_targets_even_with_a_none_config() -> None:
+    ts = choose_targets(_profile(methods=(("none", 0), ("ngram", 2), ("draft", 3))), 1, 32)
+    assert sorted((t.method, t.k) for t in ts) == [("draft", 3), ("ngram", 2), ("none", 0)]
+    ts = choose_targets(_profile(concurrencies=(1, 2, 4, 8, 16, 32, 64)), 2, 32)
+    assert [t.concurrency for t in ts] == [3, 45]  # spread over the off-grid 3, 6, 11, 23, 45
+    assert [
+        t.method for t in choose_targets(_profile(methods=(("none", 0), ("ngram", 2))), 1, 32, ["ngram"])
+    ] == ["ngram"]
+
+
+def test_prediction_is_the_planners_at_the_measured_acceptance() -> None:
+    prof = _profile(methods=(("none", 0), ("ngram", 2)))
     t = Target(tp=1, method="none", k=0, concurrency=4, isl=128, osl=2)
-    itl, thr = predict(_profile(), t)
-    # on-grid check of the arithmetic: steps at ctx 128 and 129 (affine), TTFT(128) from the PCHIP fit
-    expected_step = 2.0 + 0.4 + 0.004 * 128.5
-    assert itl == pytest.approx(expected_step, rel=1e-3)
-    assert thr < 4 / (expected_step / 1000)  # prefill time lowers end-to-end throughput
+    itl, thr, tps = predict(prof, t)
+    step = 2.0 + 0.4 + 0.004 * 129  # the planner's decode context isl + osl / 2; affine in context
+    assert (itl, tps) == (pytest.approx(step, rel=1e-3), 1.0)
+    assert thr == pytest.approx(4 / (step / 1000), rel=1e-3)
+    acc = Acceptance(method="ngram", k=2, draft_coverage=0.5, accepted_per_pos=[0.8, 0.4],
+                     source=AcceptanceSource(kind="live", detail="test"))  # fmt: skip
+    itl, thr, tps = predict(prof, Target(1, "ngram", 2, 4, 128, 2), acc)
+    assert tps == pytest.approx(1 + 0.5 * 1.2)
+    assert itl == pytest.approx(step * 1.4 / tps, rel=1e-3)
+    with pytest.raises(ValidateError, match="acceptance"):
+        predict(prof, Target(1, "ngram", 2, 4, 128, 2))
 
 
 def test_bad_inputs_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,17 +108,22 @@ def test_report_summarises_median_and_worst_error() -> None:
 
 
 @pytest.mark.slow
-def test_sweep_then_validate_on_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "tiny.json"
-    sweep = ["sweep", "--model", "tiny", "--method", "none", "--k", "0", "--concurrency", "1,4", "--context",
-             "64,256", "--steps", "3", "--out", str(out), "--no-plots", "--no-progress"]  # fmt: skip
-    assert main(sweep) == 0
-    assert load_profile(out).metadata.weights == "random"
-    capsys.readouterr()
-    assert main(["validate", str(out), "--points", "1", "--max-tokens", "16", "--requests-per-seq", "1"]) == 0
+def test_validate_none_ngram_draft_over_http_on_tiny(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hand-written profile (its numbers need not match this machine): the point is that every
+    method runs end to end through engine serve and yields a finite error."""
+    path = tmp_path / "tiny.json"
+    prof = _profile(methods=(("none", 0), ("ngram", 2), ("draft", 2)), concurrencies=(1, 4))
+    prof.metadata.command = "profiler sweep --model tiny --draft-model tiny"
+    save_profile(prof, path)
+    args = ["validate", str(path), "--points", "1", "--max-tokens", "16", "--requests-per-seq", "2"]
+    assert main(args) == 0
     text = capsys.readouterr().out
-    row = next(line for line in text.splitlines() if line.strip().startswith("none"))
-    cells = row.split()
-    assert cells[2] == "2" and int(cells[3]) > 64  # c=2 off the grid, isl inside (64, 256)
-    assert float(cells[6]) > 0 and float(cells[7]) > 0  # predicted and measured ITL
-    assert re.search(r"ITL error: median \d+\.\d%, worst \d+\.\d%", text)
+    for method in ("none", "ngram", "draft"):
+        cells = next(line for line in text.splitlines() if line.strip().startswith(method)).split()
+        assert cells[2] == "2" and 128 < int(cells[3]) < 512  # c=2 off the grid, isl inside (128, 512)
+        assert re.fullmatch(r"[+-]\d+\.\d%", cells[10]), cells  # a finite ITL error
+        assert float(cells[9]) > 0 and float(cells[14]) > 0  # measured ITL and throughput
+        assert re.search(rf"{method} k=\d \(1 points\): ITL: median \d+\.\d%", text)
+    assert "acceptance used for tp=1 ngram k=2: coverage" in text  # controlled: random weights
