@@ -4,12 +4,12 @@
 # repeats of 6 whole engine steps per point) timed end to end (target: SWEEP_WALL_S <= 120), then
 # `profiler show` (flagged points, step phases) and `profiler validate` on it.
 # Run on a GPU host from the repo root: OUT=dir bash benchmarks/gpu_sweep.sh
-# (pydantic wheels for a host without it: build/gpuwheels, see the profiler section of RESULTS.md).
+# (pydantic wheels for a host without it: .whl/, filled as benchmarks/validate_gpu.sh's header says).
 set -uo pipefail
 OUT="${OUT:-runs/gpu}"
 mkdir -p "$OUT"
 export PYTHONPATH=. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --find-links build/gpuwheels pydantic
+python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl pydantic
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 PROFILE="$OUT/vicuna7b.json"
