@@ -1,12 +1,14 @@
-"""Prompt text for load generation: Spec-Bench questions, stretched to roughly a target length."""
+"""Prompt text for load generation and acceptance runs: the Spec-Bench questions shipped in
+``profiler/data/`` (Apache-2.0, see NOTICE.md there), stretched to roughly a target length."""
 
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SPEC_BENCH = REPO / ".." / "shared" / "data" / "spec_bench_question.jsonl"
+# Package data, so a non-editable install finds it too (pyproject.toml lists profiler/data/*.jsonl).
+SPEC_BENCH = Path(str(files("profiler").joinpath("data", "spec_bench_question.jsonl")))
 CHARS_PER_TOKEN = 4  # English BPE average; the server's usage reports the true prompt length
 
 

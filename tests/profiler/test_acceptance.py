@@ -10,8 +10,7 @@ import pytest
 from planner.profile import load_profile
 from profiler.acceptance import AcceptanceError, Counters, check_real_weights, load_prompts, parse_ks
 from profiler.cli import main
-
-SPEC_BENCH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "spec_bench_question.jsonl"
+from profiler.prompts import SPEC_BENCH
 
 
 def _dataset(tmp_path: Path) -> Path:

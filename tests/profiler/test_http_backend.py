@@ -26,9 +26,7 @@ from planner.profile import DecodePoint
 from profiler.backends import http as httpb
 from profiler.grid import PointSpec
 from profiler.loadgen import closed_loop
-
-REPO = Path(__file__).resolve().parents[2]
-SPEC_BENCH = REPO / ".." / "shared" / "data" / "spec_bench_question.jsonl"
+from profiler.prompts import SPEC_BENCH
 
 _spec = importlib.util.spec_from_file_location("fake_openai", Path(__file__).with_name("fake_openai.py"))
 fake_openai = importlib.util.module_from_spec(_spec)
