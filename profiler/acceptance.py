@@ -447,3 +447,93 @@ def run_acceptance(a: argparse.Namespace) -> int:
         gc.collect()
     print(table(results))
     return 0
+
+
+def given_acceptance(method: str, k: int, alpha: float, why: str) -> Acceptance:
+    """A user-given per-position acceptance (``alpha`` at position i is ``alpha ** (i + 1)``, every
+    step drafting), stored so the sweep's closing plan and ``planner plan`` on the file agree."""
+    return Acceptance(
+        method=method,  # type: ignore[arg-type]
+        k=k,
+        draft_coverage=1.0,
+        accepted_per_pos=[alpha ** (i + 1) for i in range(k)],
+        source=AcceptanceSource(
+            kind="given", detail=f"alpha={alpha} per position, coverage 1.0 assumed; {why}"
+        ),
+    )
+
+
+def _skip_reason(method: str, cfg: Any) -> str | None:
+    """Why (method) cannot be measured with this sweep's drafter, or None."""
+    from engine.presets import resolve_model
+
+    if method not in SPEC_METHODS:
+        return f"method {method!r} has no drafter in the engine"
+    if method == "medusa":
+        return "the engine's Medusa heads are random here: their acceptance would describe nothing"
+    if method == "draft" and cfg.draft_model and resolve_model(cfg.draft_model).weights_label != "real":
+        return f"drafter {cfg.draft_model!r} has random weights: its acceptance would describe nothing"
+    return None
+
+
+def sweep_acceptance(
+    cfg: Any, out: Path, weights: str, *, in_process: bool = True, progress: bool = True
+) -> list[Acceptance]:
+    """Acceptance for every speculative (method, k) of a sweep grid, written into its profile.
+
+    Real weights: measured on the shipped Spec-Bench prompts (``cfg.acceptance_prompts`` per category),
+    one entry for the mix and one per category, unless ``cfg.measure_acceptance`` is off (``in_process``
+    False: a server backend, whose counters gave it already). Random weights: none measured (said so);
+    the grid's given ``acceptance`` is stored as a ``given`` entry instead."""
+    import gc
+
+    from profiler.prompts import SPEC_BENCH
+
+    keys = sorted({(p.method, p.k) for p in cfg.points() if p.method != "none"})
+    if not keys or not out.exists():
+        return []
+    written: list[Acceptance] = []
+    if weights != "real":
+        if cfg.acceptance is None:
+            print(f"acceptance: none recorded ({weights} weights give no meaningful acceptance; plans "
+                  "use --acceptance or a literature prior)", file=sys.stderr)  # fmt: skip
+            return []
+        why = f"the sweep's grid ({weights} weights measure none)"
+        written = [given_acceptance(m, k, float(cfg.acceptance), why) for m, k in keys]
+        for entry in written:
+            append_point(out, entry)
+        print(f"acceptance: {weights} weights measure none; stored the grid's given alpha={cfg.acceptance} "
+              f"for {len(written)} (method, k)", file=sys.stderr)  # fmt: skip
+        return written
+    if not in_process:
+        return []
+    if not cfg.measure_acceptance:
+        print("acceptance: not measured (--no-acceptance)", file=sys.stderr)
+        return []
+    room = cfg.max_tokens + max(k for _, k in keys) + 1
+    prompts = tokenized(
+        cfg.model, load_prompts(SPEC_BENCH, per_category=cfg.acceptance_prompts, categories=cfg.categories),
+        chat=True, room=room,
+    )  # fmt: skip
+    for method, k in keys:
+        why = _skip_reason(method, cfg)
+        if why:
+            print(f"acceptance: {method} k={k} not measured: {why}", file=sys.stderr)
+            continue
+        print(f"acceptance: {method} k={k} on {len(prompts.prompts)} Spec-Bench prompts", file=sys.stderr)
+        try:
+            _, entries, llm = measure_entries(
+                cfg.model, spec_fields(method, k, cfg), prompts, dataset=SPEC_BENCH.name,
+                max_tokens=cfg.max_tokens, batch=cfg.acceptance_batch, progress=progress,
+            )  # fmt: skip
+        except (KeyboardInterrupt, AcceptanceError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the sweep's surfaces stand; this (method, k) says why
+            print(f"acceptance: {method} k={k} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        for entry in entries:
+            append_point(out, entry)
+        written += entries
+        del llm
+        gc.collect()
+    return written

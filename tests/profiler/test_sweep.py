@@ -98,8 +98,18 @@ def test_cli_sweep_on_tiny_engine_writes_profile_and_plan(
     spec = [p for p in prof.decode if p.method == "ngram"]
     assert all(p.draft_ms is not None and p.verify_ms is not None for p in spec)
     assert {p.input_len for p in prof.prefill} == {64, 256}
-    text = capsys.readouterr().out
+    # random weights measure no acceptance: the CPU grid's given alpha=0.6 is stored, labelled given
+    assert [(a.method, a.k, a.source.kind) for a in prof.acceptance] == [("ngram", 2, "given")]
+    assert prof.acceptance[0].accepted_per_pos == pytest.approx([0.6, 0.36])
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "stored the grid's given alpha=0.6" in captured.err
     assert "recommended plan for ITL <=" in text and "decode points: 4 ok" in text
+    # `planner plan` on the same file gives the answer the sweep printed
+    from planner.plan import Planner
+    from planner.render import render_plan
+
+    assert render_plan(Planner(prof, out.stem).plan(itl_ms=20.0)) in text
     assert (tmp_path / "tiny-plots" / "itl_vs_throughput.png").stat().st_size > 1000
     # resume: nothing left to measure, the profile is unchanged
     before = out.read_text()
