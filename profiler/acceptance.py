@@ -146,27 +146,36 @@ class PromptSet:
     skipped: int  # prompts too long for the model's context with max_tokens and k on top
 
 
-def tokenized(model: str, prompts: list[Prompt], *, chat: bool, room: int) -> PromptSet:
+def tokenized(
+    model: str, prompts: list[Prompt], *, chat: bool, room: int, per_category: int | None = None
+) -> PromptSet:
     """Token lengths from the model's own tokenizer; drops prompts that leave less than ``room``
-    tokens of the model's context (a KV pool is then sized from the longest kept prompt, not a guess)."""
+    tokens of the model's context (a KV pool is then sized from the longest kept prompt, not a guess),
+    then keeps the first ``per_category`` that fit of each category."""
     from engine.presets import resolve_model
     from engine.tokenizer import load_tokenizer
 
     source = resolve_model(model, weights="real")
     tok = load_tokenizer(source)
     limit = source.config.max_position_embeddings
-    kept, lengths = [], []
+    kept, lengths, too_long = [], [], 0
+    taken: dict[str, int] = defaultdict(int)
     for p in prompts:
+        if per_category is not None and taken[p.category] >= per_category:
+            continue
         text = tok.apply_chat_template([{"role": "user", "content": p.text}]) if chat else p.text
         n = len(tok.encode(text))
-        if n + room <= limit:
-            kept.append(p)
-            lengths.append(n)
+        if n + room > limit:
+            too_long += 1
+            continue
+        kept.append(p)
+        lengths.append(n)
+        taken[p.category] += 1
     if not kept:
         raise AcceptanceError(
             f"dataset: every selected prompt is longer than the model's context {limit} - {room}"
         )
-    return PromptSet(kept, lengths, len(prompts) - len(kept))
+    return PromptSet(kept, lengths, too_long)
 
 
 def pool_blocks(longest: int, max_tokens: int, k: int, batch: int, block_size: int = 16) -> int:
@@ -408,8 +417,8 @@ def run_acceptance(a: argparse.Namespace) -> int:
             if unknown:
                 raise AcceptanceError(f"categories: {unknown} not in {dataset.name} (has {sorted(known)})")
         prompts = tokenized(
-            a.model, load_prompts(dataset, per_category=limit, categories=categories), chat=True,
-            room=max_tokens + max(ks) + 1,
+            a.model, load_prompts(dataset, categories=categories), chat=True, room=max_tokens + max(ks) + 1,
+            per_category=limit,
         )  # fmt: skip
         from engine.spec.config import SpecConfig
 
@@ -421,7 +430,7 @@ def run_acceptance(a: argparse.Namespace) -> int:
         print(f"profiler acceptance: {exc}", file=sys.stderr)
         return 2
     if prompts.skipped:
-        print(f"acceptance: skipped {prompts.skipped} prompt(s) longer than the model's context allows",
+        print(f"acceptance: passed over {prompts.skipped} prompt(s) longer than the model's context allows",
               file=sys.stderr)  # fmt: skip
     command = shlex.join(["profiler", *sys.argv[1:]])
     out: Path | None = Path(a.out) if getattr(a, "out", None) else None
@@ -512,8 +521,8 @@ def sweep_acceptance(
         return []
     room = cfg.max_tokens + max(k for _, k in keys) + 1
     prompts = tokenized(
-        cfg.model, load_prompts(SPEC_BENCH, per_category=cfg.acceptance_prompts, categories=cfg.categories),
-        chat=True, room=room,
+        cfg.model, load_prompts(SPEC_BENCH, categories=cfg.categories), chat=True, room=room,
+        per_category=cfg.acceptance_prompts,
     )  # fmt: skip
     for method, k in keys:
         why = _skip_reason(method, cfg)

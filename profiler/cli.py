@@ -165,7 +165,11 @@ def _print_plan(out: Path, itl_ms: float, acceptance: float | None) -> None:
         print(f"\nplan for ITL <= {itl_ms} ms failed: {exc}")
         return
     given = [a for a in profile.acceptance if a.source.kind == "given"]
-    note = f" (acceptance given: alpha={acceptance}, stored in the profile)" if given and acceptance else ""
+    note = (
+        f" (acceptance given: alpha={acceptance}, {profile.metadata.weights} weights)"
+        if given and acceptance
+        else ""
+    )
     print(f"\nrecommended plan for ITL <= {itl_ms} ms{note}:\n{render_plan(res)}")
     print(f"same answer: planner plan {out} --itl-ms {itl_ms}")
 
@@ -228,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model", help="http backend: model name for requests (default: /v1/models)")
     s.add_argument("--vllm-python", help="vllm backend: python of the venv with vllm")
     s.add_argument("--draft-model", help="drafter for method 'draft'")
-    s.add_argument("--max-tokens", type=int, help="http/vllm: output tokens per request")
+    s.add_argument("--max-tokens", type=int, help="output tokens per request (http/vllm load, acceptance)")
     s.add_argument("--itl-ms", type=float, help="SLA for the closing plan")
     s.add_argument(
         "--acceptance", type=float, help="random weights: per-position acceptance to store (given)"

