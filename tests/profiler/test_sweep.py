@@ -162,8 +162,10 @@ def test_real_weights_sweep_measures_acceptance_per_category(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "smol.json"
+    (tmp_path / "grid.yaml").write_text("cpu:\n  prefill_lens: []\n  warmup: 1\n")  # decode points only
     args = ["sweep", "--model", "smollm2-135m", "--method", "ngram", "--k", "2", "--concurrency", "1",
             "--context", "64", "--steps", "2", "--out", str(out), "--no-progress", "--no-plots",
+            "--config", str(tmp_path / "grid.yaml"),
             "--acceptance-prompts", "1", "--categories", "summarization,coding", "--max-tokens", "16",
             "--prompt-lookup-min", "2", "--prompt-lookup-max", "3"]  # fmt: skip
     assert main(args) == 0
@@ -178,7 +180,16 @@ def test_real_weights_sweep_measures_acceptance_per_category(
     )
     assert all(a.source.dataset == "spec_bench_question.jsonl" for a in prof.acceptance)
     assert "acceptance: ngram k=2 on 2 Spec-Bench prompts" in capsys.readouterr().err
-    # --no-acceptance: real weights, nothing measured, and it says so
-    assert main([*args, "--no-acceptance", "--out", str(tmp_path / "none.json")]) == 0
-    assert load_profile(tmp_path / "none.json").acceptance == []
+
+
+def test_no_acceptance_measures_none_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from profiler.acceptance import sweep_acceptance
+
+    cfg = SweepConfig(model="tiny", method=["ngram"], k=[2], measure_acceptance=False).validate()
+    out = tmp_path / "p.json"
+    run_points(cfg.points(), _ok, out, _meta)
+    assert sweep_acceptance(cfg, out, "real") == [] and load_profile(out).acceptance == []
     assert "acceptance: not measured (--no-acceptance)" in capsys.readouterr().err
+    # random weights without a given acceptance: none stored, and it says so
+    assert sweep_acceptance(cfg, out, "random") == [] and load_profile(out).acceptance == []
+    assert "acceptance: none recorded (random weights" in capsys.readouterr().err
