@@ -111,6 +111,11 @@ class Metadata(_Strict):
     created_at: datetime
     command: str = Field(description="the exact command that produced this profile")
     notes: str | None = None
+    served_model: str | None = Field(
+        default=None,
+        description="the model path or id the profiled server was started with (http/vllm backends); "
+        "the emitted serve command names it",
+    )
 
 
 class DecodePoint(_Strict):
@@ -224,8 +229,40 @@ class AcceptanceSource(_Strict):
         return self
 
 
+DrafterSettings = dict[str, str | int | float]
+
+# vLLM's ngram defaults (vllm/config/speculative.py): neither bound given -> 5..5; one given -> both equal.
+VLLM_PROMPT_LOOKUP_DEFAULT = 5
+
+
+def prompt_lookup_window(lookup_min: int | None, lookup_max: int | None) -> tuple[int, int]:
+    """The (min, max) n-gram window vLLM runs for the given ``prompt_lookup_min``/``max`` (either None).
+
+    A measured ngram acceptance transfers between engines only under the same window, so every place that
+    records or emits one resolves the omitted bounds by this rule."""
+    if lookup_min is None and lookup_max is None:
+        return VLLM_PROMPT_LOOKUP_DEFAULT, VLLM_PROMPT_LOOKUP_DEFAULT
+    lo = lookup_max if lookup_min is None else lookup_min
+    hi = lookup_min if lookup_max is None else lookup_max
+    assert lo is not None and hi is not None
+    if lo > hi:
+        raise ValueError(f"prompt_lookup_min={lo} must be <= prompt_lookup_max={hi}")
+    return lo, hi
+
+
+def ngram_settings(lookup_min: int | None, lookup_max: int | None) -> DrafterSettings:
+    """``drafter_settings`` of an ngram (prompt lookup) drafter, with vLLM's defaults resolved."""
+    lo, hi = prompt_lookup_window(lookup_min, lookup_max)
+    return {"prompt_lookup_min": lo, "prompt_lookup_max": hi}
+
+
 class Acceptance(_Strict):
-    """Acceptance of (method, k): draft coverage and per-position acceptance given a draft."""
+    """Acceptance of (method, k): draft coverage and per-position acceptance given a draft.
+
+    ``workload`` names the Spec-Bench category the prompts came from (None: the whole mix);
+    ``drafter_settings`` records what shapes the drafts (ngram: prompt_lookup_min/max; draft: the
+    drafter model; medusa: heads and tree), so a plan uses only acceptance measured under the settings
+    it emits. Entries differing in either are kept side by side."""
 
     method: Method
     k: int = Field(ge=1, le=MAX_K)
@@ -236,8 +273,8 @@ class Acceptance(_Strict):
         default=0, ge=0, le=MAX_INT, description="decode steps (or drafts) behind the numbers"
     )
     workload: str | None = Field(default=None, description="Spec-Bench category; None = the whole mix")
-    drafter_settings: dict[str, str | int | float] | None = Field(
-        default=None, description="drafter settings the acceptance was measured with (lookup window, drafter)"
+    drafter_settings: DrafterSettings | None = Field(
+        default=None, description="prompt_lookup_min/max, drafter model, tree ...; None = not recorded"
     )
 
     @model_validator(mode="after")
@@ -252,8 +289,10 @@ class Acceptance(_Strict):
         return self
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.method, self.k)
+    def key(self) -> tuple[str, int, str | None, tuple[tuple[str, str], ...]]:
+        """(method, k, workload, settings): one entry per drafter configuration and category."""
+        settings = tuple(sorted((n, str(v)) for n, v in (self.drafter_settings or {}).items()))
+        return (self.method, self.k, self.workload, settings)
 
     @property
     def tokens_per_step(self) -> float:
@@ -284,9 +323,10 @@ class Profile(_Strict):
                     raise ValueError(f"{name}[{i}] repeats the coordinates {item.key} of {name}[{j}]")
         return self
 
-    def acceptance_for(self, method: str, k: int) -> Acceptance | None:
+    def acceptance_for(self, method: str, k: int, workload: str | None = None) -> Acceptance | None:
+        """The entry for (method, k) and ``workload`` (None: the whole mix), the first one recorded."""
         for a in self.acceptance:
-            if a.method == method and a.k == k:
+            if a.method == method and a.k == k and a.workload == workload:
                 return a
         return None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,65 +137,137 @@ def check_real_weights(model: str) -> None:
         )
 
 
+@dataclass
+class PromptSet:
+    """Prompts of one run with their token lengths (chat template applied), ready to batch."""
+
+    prompts: list[Prompt]
+    lengths: list[int]
+    skipped: int  # prompts too long for the model's context with max_tokens and k on top
+
+
+def tokenized(
+    model: str, prompts: list[Prompt], *, chat: bool, room: int, per_category: int | None = None
+) -> PromptSet:
+    """Token lengths from the model's own tokenizer; drops prompts that leave less than ``room``
+    tokens of the model's context (a KV pool is then sized from the longest kept prompt, not a guess),
+    then keeps the first ``per_category`` that fit of each category."""
+    from engine.presets import resolve_model
+    from engine.tokenizer import load_tokenizer
+
+    source = resolve_model(model, weights="real")
+    tok = load_tokenizer(source)
+    limit = source.config.max_position_embeddings
+    kept, lengths, too_long = [], [], 0
+    taken: dict[str, int] = defaultdict(int)
+    for p in prompts:
+        if per_category is not None and taken[p.category] >= per_category:
+            continue
+        text = tok.apply_chat_template([{"role": "user", "content": p.text}]) if chat else p.text
+        n = len(tok.encode(text))
+        if n + room > limit:
+            too_long += 1
+            continue
+        kept.append(p)
+        lengths.append(n)
+        taken[p.category] += 1
+    if not kept:
+        raise AcceptanceError(
+            f"dataset: every selected prompt is longer than the model's context {limit} - {room}"
+        )
+    return PromptSet(kept, lengths, too_long)
+
+
+def pool_blocks(longest: int, max_tokens: int, k: int, batch: int, block_size: int = 16) -> int:
+    """KV blocks for ``batch`` running sequences of the longest prompt plus output and lookahead: the
+    pool holds the running batch, not the whole prompt set (which took 13 GB with --limit 10)."""
+    per_seq = -(-(longest + max_tokens + k + 1) // block_size)
+    return batch * per_seq + 1  # + the engine's null block
+
+
 def measure(
     model: str,
-    method: str,
-    k: int,
-    prompts: list[Prompt],
+    spec: dict[str, Any],
+    prompts: PromptSet,
     *,
     max_tokens: int = 128,
+    batch: int = 8,
     chat: bool = True,
     device: str | None = None,
-    engine_kwargs: dict[str, Any] | None = None,
-    spec_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> tuple[AcceptanceResult, Any]:
-    """Generate greedily for every prompt with (method, k) and count acceptance per category.
+    """Generate greedily for every prompt under ``spec`` (SpecConfig fields) and count acceptance per
+    category, ``batch`` prompts at a time on one engine whose KV pool holds one such batch.
 
-    Categories run one after another on one engine; each category's counters are the difference of the
-    engine's cumulative counters around it. Returns the result and the engine (for metadata)."""
+    Each category's counters are the difference of the engine's cumulative counters around it. Returns
+    the result and the engine (for metadata and the resolved drafter settings)."""
+    from tqdm import tqdm
+
     from engine.llm import LLM
     from engine.sampling import SamplingParams
     from engine.spec.config import SpecConfig
 
+    method, k = spec["method"], spec["k"]
     if method not in SPEC_METHODS:
         raise AcceptanceError(f"method: must be one of {', '.join(SPEC_METHODS)}, got {method!r}")
-    llm = LLM(
-        model,
-        spec=SpecConfig(method=method, k=k, **(spec_kwargs or {})),
-        weights="real",
-        device=device,
-        **(engine_kwargs or {}),
-    )
+    if batch < 1:
+        raise AcceptanceError(f"batch: must be >= 1, got {batch}")
+    cfg = SpecConfig(**spec)
+    blocks = pool_blocks(max(prompts.lengths), max_tokens, cfg.num_lookahead_tokens, batch)
+    llm = LLM(model, spec=cfg, weights="real", device=device, max_num_seqs=batch, num_gpu_blocks=blocks)
     stats = llm.engine.spec_stats
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     by_cat: dict[str, list[Prompt]] = defaultdict(list)
-    for p in prompts:
+    for p in prompts.prompts:
         by_cat[p.category].append(p)
     result: dict[str, Counters] = {}
-    for cat, ps in by_cat.items():
-        before = _snapshot(stats)
-        llm.generate([p.text for p in ps], params, chat=chat)
-        result[cat] = _diff(_snapshot(stats), before)
+    bar = tqdm(total=len(prompts.prompts), unit="prompt", disable=not progress, file=sys.stderr,
+               desc=f"{method} k={k}", dynamic_ncols=True)  # fmt: skip
+    try:
+        for cat, ps in by_cat.items():
+            bar.set_postfix_str(cat)
+            before = _snapshot(stats)
+            for i in range(0, len(ps), batch):
+                chunk = ps[i : i + batch]
+                llm.generate([p.text for p in chunk], params, chat=chat)
+                bar.update(len(chunk))
+            result[cat] = _diff(_snapshot(stats), before)
+    finally:
+        bar.close()
     return AcceptanceResult(method, k, _snapshot(stats), result), llm
 
 
-def to_acceptance(res: AcceptanceResult, *, dataset: str, model: str, drafter: str | None) -> Acceptance:
-    """The profile entry: overall numbers, with the per-category tokens per step in ``source.detail``."""
+def to_acceptance(
+    res: AcceptanceResult,
+    *,
+    dataset: str,
+    model: str,
+    drafter: str | None,
+    settings: dict[str, str | int | float] | None,
+) -> list[Acceptance]:
+    """Profile entries: the whole mix first (workload None), then one per category that decoded."""
     cats = ", ".join(f"{c}={v.tokens_per_step(res.k):.3f}" for c, v in sorted(res.by_category.items()))
-    return Acceptance(
-        method=res.method,  # type: ignore[arg-type]
-        k=res.k,
-        draft_coverage=res.overall.coverage,
-        accepted_per_pos=res.overall.per_pos(res.k),
-        source=AcceptanceSource(
-            kind="measured",
-            dataset=dataset,
-            model=model,
-            drafter=drafter,
-            detail=f"greedy, engine.LLM; tokens per step by category: {cats}",
-        ),  # fmt: skip
-        samples=res.overall.decode_steps,
-    )
+    source = AcceptanceSource(
+        kind="measured", dataset=dataset, model=model, drafter=drafter,
+        detail=f"greedy, engine.LLM; tokens per step by category: {cats}",
+    )  # fmt: skip
+    out = []
+    for workload, c in [(None, res.overall), *sorted(res.by_category.items())]:
+        if c.decode_steps <= 0:
+            continue
+        out.append(
+            Acceptance(
+                method=res.method,  # type: ignore[arg-type]
+                k=res.k,
+                draft_coverage=c.coverage,
+                accepted_per_pos=c.per_pos(res.k),
+                source=source,
+                samples=c.decode_steps,
+                workload=workload,
+                drafter_settings=settings,
+            )
+        )
+    return out
 
 
 def _metadata_from(llm: Any, model: str, command: str) -> Metadata:
@@ -283,18 +356,44 @@ def table(results: list[AcceptanceResult]) -> str:
     )
 
 
-def _kv_blocks(prompts: list[Prompt], llm_tokens: int, k: int, block_size: int = 16) -> int:
-    """A KV pool that holds one category's prompts at once, not the 4 GiB CPU default (a k sweep would
-    otherwise hold several such pools while the previous engine is collected)."""
-    per_seq = -(-(llm_tokens + k + block_size) // block_size)
-    return max(64, per_seq * len(prompts) + 8)
+def spec_fields(method: str, k: int, a: Any) -> dict[str, Any]:
+    """SpecConfig fields for (method, k) from the drafter options on ``a`` (CLI args or a sweep config)."""
+    spec: dict[str, Any] = {"method": method, "k": k}
+    if method == "ngram":
+        spec["prompt_lookup_min"] = getattr(a, "prompt_lookup_min", None)
+        spec["prompt_lookup_max"] = getattr(a, "prompt_lookup_max", None)
+    elif method == "draft":
+        if getattr(a, "draft_model", None):
+            spec["draft_model"] = a.draft_model
+        else:
+            spec["draft_layers"] = getattr(a, "draft_layers", None) or 1
+    return spec
+
+
+def measure_entries(
+    model: str,
+    spec: dict[str, Any],
+    prompts: PromptSet,
+    *,
+    dataset: str,
+    max_tokens: int,
+    batch: int,
+    device: str | None = None,
+    progress: bool = True,
+) -> tuple[AcceptanceResult, list[Acceptance], Any]:
+    """One measuring pass and its profile entries, with the drafter's resolved settings recorded."""
+    res, llm = measure(model, spec, prompts, max_tokens=max_tokens, batch=batch, device=device,
+                       progress=progress)  # fmt: skip
+    settings = llm.engine.spec.drafter_settings()  # the window the engine ran, defaults resolved
+    drafter = spec.get("draft_model") or (None if spec["method"] == "ngram" else spec["method"])
+    entries = to_acceptance(res, dataset=dataset, model=model, drafter=drafter, settings=settings)
+    return res, entries, llm
 
 
 def run_acceptance(a: argparse.Namespace) -> int:
     """Entry point of ``profiler acceptance`` (arguments defined in profiler/cli.py)."""
     import gc
     import shlex
-    import sys
 
     from profiler.prompts import SPEC_BENCH
 
@@ -306,40 +405,144 @@ def run_acceptance(a: argparse.Namespace) -> int:
         limit = getattr(a, "limit", None)
         if limit is not None and limit < 1:
             raise AcceptanceError(f"limit: must be >= 1 prompt per category, got {limit}")
+        batch = int(getattr(a, "batch", 8))
+        if batch < 1:
+            raise AcceptanceError(f"batch: must be >= 1, got {batch}")
         check_real_weights(a.model)
-        dataset = Path(a.dataset) if a.dataset else SPEC_BENCH.resolve()
-        prompts = load_prompts(dataset, per_category=limit)
+        dataset = Path(a.dataset) if a.dataset else SPEC_BENCH
+        categories = getattr(a, "categories", None) or None
+        if categories:
+            known = {p.category for p in load_prompts(dataset)}
+            unknown = sorted(set(categories) - known)
+            if unknown:
+                raise AcceptanceError(f"categories: {unknown} not in {dataset.name} (has {sorted(known)})")
+        prompts = tokenized(
+            a.model, load_prompts(dataset, categories=categories), chat=True, room=max_tokens + max(ks) + 1,
+            per_category=limit,
+        )  # fmt: skip
+        from engine.spec.config import SpecConfig
+
+        if a.method not in SPEC_METHODS:
+            raise AcceptanceError(f"method: must be one of {', '.join(SPEC_METHODS)}, got {a.method!r}")
+        for k in ks:  # every bad drafter option fails before the first model loads
+            SpecConfig(**spec_fields(a.method, k, a))
     except (AcceptanceError, ValueError) as exc:
         print(f"profiler acceptance: {exc}", file=sys.stderr)
         return 2
+    if prompts.skipped:
+        print(f"acceptance: passed over {prompts.skipped} prompt(s) longer than the model's context allows",
+              file=sys.stderr)  # fmt: skip
     command = shlex.join(["profiler", *sys.argv[1:]])
-    draft_model = getattr(a, "draft_model", None)
     out: Path | None = Path(a.out) if getattr(a, "out", None) else None
-    largest = max(len(p.text) for p in prompts)  # bytes >= tokens for every tokenizer we ship
+    progress = not getattr(a, "no_progress", False)
     results = []
     for k in ks:
-        spec_kwargs = {"draft_model": draft_model} if draft_model else {}
-        res, llm = measure(
-            a.model, a.method, k, prompts, max_tokens=max_tokens, device=getattr(a, "device", None),
-            spec_kwargs=spec_kwargs,
-            engine_kwargs={"num_gpu_blocks": _kv_blocks(prompts, largest + max_tokens + 64, k)},
+        res, entries, llm = measure_entries(
+            a.model, spec_fields(a.method, k, a), prompts, dataset=dataset.name, max_tokens=max_tokens,
+            batch=batch, device=getattr(a, "device", None), progress=progress,
         )  # fmt: skip
         results.append(res)
         if out is not None:
-            entry = to_acceptance(
-                res,
-                dataset=dataset.name,
-                model=a.model,
-                drafter=draft_model or (None if a.method == "ngram" else a.method),
-            )
-            append_point(out, entry, None if out.exists() else _metadata_from(llm, a.model, command))
+            for entry in entries:
+                append_point(out, entry, None if out.exists() else _metadata_from(llm, a.model, command))
+        settings = entries[0].drafter_settings if entries else None
         print(
-            f"{a.method} k={k}: coverage {res.overall.coverage:.3f}, tokens/step "
+            f"{a.method} k={k} {settings or ''}: coverage {res.overall.coverage:.3f}, tokens/step "
             f"{res.overall.tokens_per_step(k):.3f} over {res.overall.decode_steps} decode steps"
-            + (f" -> {out}" if out else ""),
+            + (f" -> {out} ({len(entries)} entries)" if out else ""),
             flush=True,
         )
         del llm
         gc.collect()
     print(table(results))
     return 0
+
+
+def given_acceptance(method: str, k: int, alpha: float, why: str) -> Acceptance:
+    """A user-given per-position acceptance (``alpha`` at position i is ``alpha ** (i + 1)``, every
+    step drafting), stored so the sweep's closing plan and ``planner plan`` on the file agree."""
+    return Acceptance(
+        method=method,  # type: ignore[arg-type]
+        k=k,
+        draft_coverage=1.0,
+        accepted_per_pos=[alpha ** (i + 1) for i in range(k)],
+        source=AcceptanceSource(
+            kind="given", detail=f"alpha={alpha} per position, coverage 1.0 assumed; {why}"
+        ),
+    )
+
+
+def _skip_reason(method: str, cfg: Any) -> str | None:
+    """Why (method) cannot be measured with this sweep's drafter, or None."""
+    from engine.presets import resolve_model
+
+    if method not in SPEC_METHODS:
+        return f"method {method!r} has no drafter in the engine"
+    if method == "medusa":
+        return "the engine's Medusa heads are random here: their acceptance would describe nothing"
+    if method == "draft" and cfg.draft_model and resolve_model(cfg.draft_model).weights_label != "real":
+        return f"drafter {cfg.draft_model!r} has random weights: its acceptance would describe nothing"
+    return None
+
+
+def sweep_acceptance(
+    cfg: Any, out: Path, weights: str, *, in_process: bool = True, progress: bool = True
+) -> list[Acceptance]:
+    """Acceptance for every speculative (method, k) of a sweep grid, written into its profile.
+
+    Real weights: measured on the shipped Spec-Bench prompts (``cfg.acceptance_prompts`` per category),
+    one entry for the mix and one per category, unless ``cfg.measure_acceptance`` is off (``in_process``
+    False: a server backend, whose counters gave it already). Random weights: none measured (said so);
+    the grid's given ``acceptance`` is stored as a ``given`` entry instead."""
+    import gc
+
+    from profiler.prompts import SPEC_BENCH
+
+    keys = sorted({(p.method, p.k) for p in cfg.points() if p.method != "none"})
+    if not keys or not out.exists():
+        return []
+    written: list[Acceptance] = []
+    if weights != "real":
+        if cfg.acceptance is None:
+            print(f"acceptance: none recorded ({weights} weights give no meaningful acceptance; plans "
+                  "use --acceptance or a literature prior)", file=sys.stderr)  # fmt: skip
+            return []
+        why = f"the sweep's grid ({weights} weights measure none)"
+        written = [given_acceptance(m, k, float(cfg.acceptance), why) for m, k in keys]
+        for entry in written:
+            append_point(out, entry)
+        print(f"acceptance: {weights} weights measure none; stored the grid's given alpha={cfg.acceptance} "
+              f"for {len(written)} (method, k)", file=sys.stderr)  # fmt: skip
+        return written
+    if not in_process:
+        return []
+    if not cfg.measure_acceptance:
+        print("acceptance: not measured (--no-acceptance)", file=sys.stderr)
+        return []
+    room = cfg.max_tokens + max(k for _, k in keys) + 1
+    prompts = tokenized(
+        cfg.model, load_prompts(SPEC_BENCH, categories=cfg.categories), chat=True, room=room,
+        per_category=cfg.acceptance_prompts,
+    )  # fmt: skip
+    for method, k in keys:
+        why = _skip_reason(method, cfg)
+        if why:
+            print(f"acceptance: {method} k={k} not measured: {why}", file=sys.stderr)
+            continue
+        print(f"acceptance: {method} k={k} on {len(prompts.prompts)} Spec-Bench prompts", file=sys.stderr)
+        try:
+            _, entries, llm = measure_entries(
+                cfg.model, spec_fields(method, k, cfg), prompts, dataset=SPEC_BENCH.name,
+                max_tokens=cfg.max_tokens, batch=cfg.acceptance_batch, progress=progress,
+            )  # fmt: skip
+        except (KeyboardInterrupt, AcceptanceError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the sweep's surfaces stand; this (method, k) says why
+            print(f"acceptance: {method} k={k} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        for entry in entries:
+            append_point(out, entry)
+        written += entries
+        del llm
+        gc.collect()
+    return written

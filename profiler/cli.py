@@ -47,12 +47,17 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         context=a.context, url=a.url, vllm_python=a.vllm_python, draft_model=a.draft_model, steps=a.steps,
         sla_itl_ms=a.itl_ms, served_model=a.served_model, max_tokens=a.max_tokens,
         coverage=a.coverage, max_repeats=a.max_repeats,
+        acceptance=a.acceptance, measure_acceptance=False if a.no_acceptance else None,
+        acceptance_prompts=a.acceptance_prompts, categories=a.categories, kv_blocks=a.kv_blocks,
+        prompt_lookup_min=a.prompt_lookup_min, prompt_lookup_max=a.prompt_lookup_max, weights=a.weights,
     )  # fmt: skip
     try:
         cfg = load_config(a.config, gpu=_has_gpu(), overrides=overrides)
         if a.quick:
             cfg = quick(cfg)
         points = list(cfg.points())
+        if cfg.categories:
+            _check_categories(cfg.categories)
         if cfg.backend == "engine":
             _check_model(cfg.model)
         elif cfg.backend == "hf" and not (Path(cfg.model) / "config.json").is_file():
@@ -77,12 +82,25 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     except ProfileWriteError as exc:
         print(f"profiler sweep: {exc.strerror}; rerun with --resume once there is room", file=sys.stderr)
         return 1
+    except GridError as exc:
+        print(f"profiler sweep: {exc}", file=sys.stderr)
+        return 2
     except SweepError as exc:
         print(f"profiler sweep: {exc}", file=sys.stderr)
         return 1
     if profile is None:
         print(f"profiler sweep: backend {cfg.backend!r} is not available for sweeps yet", file=sys.stderr)
         return 2
+    from planner.profile import load_profile
+    from profiler.acceptance import AcceptanceError, sweep_acceptance
+
+    try:
+        sweep_acceptance(cfg, out, profile.metadata.weights, in_process=cfg.backend in ("engine", "hf"),
+                         progress=not a.no_progress)  # fmt: skip
+    except AcceptanceError as exc:
+        print(f"profiler sweep: acceptance: {exc}", file=sys.stderr)
+        return 1
+    profile = load_profile(out)
     elapsed = time.perf_counter() - t0
     from profiler.report import describe
 
@@ -156,6 +174,19 @@ def _check_model(model: str) -> None:
         raise GridError(f"field 'model': {exc}") from None
 
 
+def _check_categories(categories: list[str]) -> None:
+    """Unknown Spec-Bench categories fail before any measurement."""
+    from profiler.acceptance import load_prompts
+    from profiler.prompts import SPEC_BENCH
+
+    known = {p.category for p in load_prompts(SPEC_BENCH)}
+    unknown = sorted(set(categories) - known)
+    if unknown:
+        raise GridError(
+            f"field 'categories': {unknown} are not Spec-Bench categories ({', '.join(sorted(known))})"
+        )
+
+
 def _print_plan(out: Path, itl_ms: float, acceptance: float | None) -> None:
     """The recommended plan for the default SLA (planner imported lazily: it is optional here)."""
     try:
@@ -166,14 +197,19 @@ def _print_plan(out: Path, itl_ms: float, acceptance: float | None) -> None:
         print(f"(planner not available: {exc}; run `planner plan {out} --itl-ms {itl_ms}`)")
         return
     profile = load_profile(out)
-    acc = acceptance if profile.metadata.weights != "real" else None
-    try:
-        res = Planner(profile, out.stem).plan(itl_ms=itl_ms, acceptance=acc)
+    try:  # the acceptance the profile stores (measured, or the grid's given one): what `planner plan` uses
+        res = Planner(profile, out.stem).plan(itl_ms=itl_ms)
     except Exception as exc:  # noqa: BLE001 - the sweep's result stands even if planning fails
         print(f"\nplan for ITL <= {itl_ms} ms failed: {exc}")
         return
-    note = f" (acceptance given: alpha={acc}, random weights)" if acc is not None else ""
+    given = [a for a in profile.acceptance if a.source.kind == "given"]
+    note = (
+        f" (acceptance given: alpha={acceptance}, {profile.metadata.weights} weights)"
+        if given and acceptance
+        else ""
+    )
     print(f"\nrecommended plan for ITL <= {itl_ms} ms{note}:\n{render_plan(res)}")
+    print(f"same answer: planner plan {out} --itl-ms {itl_ms}")
 
 
 def cmd_show(a: argparse.Namespace) -> int:
@@ -269,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, help="http/vllm: output tokens per request (default: the grid's)"
     )
     s.add_argument("--itl-ms", type=float, help="SLA for the closing plan and plots (default: the grid's)")
+    s.add_argument(
+        "--acceptance", type=float, help="random weights: per-position acceptance to store (given)"
+    )
+    s.add_argument("--no-acceptance", action="store_true", help="real weights: do not measure acceptance")
+    s.add_argument("--acceptance-prompts", type=int, help="Spec-Bench prompts per category (default 4)")
+    s.add_argument("--categories", type=_strs, help="Spec-Bench categories to measure (default: all)")
+    s.add_argument("--prompt-lookup-min", type=int, help="ngram window (vLLM's default: = max, or 5)")
+    s.add_argument("--prompt-lookup-max", type=int, help="ngram window (vLLM's default: = min, or 5)")
+    s.add_argument("--kv-blocks", type=int, help="http: the server's KV blocks when /metrics does not say")
+    s.add_argument("--weights", choices=["real", "random"], help="http: what the server runs (required)")
     s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.set_defaults(fn=cmd_sweep)
@@ -315,10 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="Spec-Bench-format JSONL (default: the shipped profiler/data/spec_bench_question.jsonl)",
     )
-    ac.add_argument("--limit", type=int, default=16, help="prompts to use (per category, spread evenly)")
+    ac.add_argument("--limit", type=int, default=16, help="prompts per category (the first ones in the file)")
+    ac.add_argument("--categories", type=_strs, help="e.g. summarization,coding (default: all)")
+    ac.add_argument("--batch", type=int, default=8, help="prompts running at once (sizes the KV pool)")
     ac.add_argument("--max-tokens", type=int, default=64, help="output tokens per prompt")
     ac.add_argument("--draft-model", help="drafter for method 'draft' (default: truncated target)")
+    ac.add_argument("--draft-layers", type=int, help="method draft without --draft-model: truncated target")
+    ac.add_argument("--prompt-lookup-min", type=int, help="ngram window (vLLM's default: = max, or 5)")
+    ac.add_argument("--prompt-lookup-max", type=int, help="ngram window (vLLM's default: = min, or 5)")
     ac.add_argument("--out", type=Path, help="profile to add the acceptance entries to")
+    ac.add_argument("--no-progress", action="store_true")
     ac.set_defaults(fn=cmd_acceptance)
     return use_everywhere(p)
 

@@ -70,6 +70,16 @@ class SweepConfig:
     vllm_python: str | None = None
     max_tokens: int = 64
     requests_per_point: int | None = None  # http: default 2 x concurrency
+    # Acceptance: measured with real weights on the shipped Spec-Bench prompts (engine backend), read
+    # from the server's counters (http/vllm); never measured with random weights.
+    measure_acceptance: bool = True
+    acceptance_prompts: int = 4  # per Spec-Bench category
+    acceptance_batch: int = 8  # prompts running at once (sizes the KV pool)
+    categories: list[str] | None = None  # Spec-Bench categories (None: all)
+    prompt_lookup_min: int | None = None  # ngram window; vLLM's defaults when omitted
+    prompt_lookup_max: int | None = None
+    kv_blocks: int | None = None  # http: the server's KV blocks when its /metrics does not say
+    weights: str | None = None  # http: real|random (a remote server's weights cannot be seen)
 
     def validate(self) -> SweepConfig:
         def ints(name: str, lo: int) -> None:
@@ -120,7 +130,39 @@ class SweepConfig:
             raise GridError("field 'url' is required for backend 'http' (e.g. --url http://host:8000)")
         if self.sla_itl_ms <= 0:
             raise GridError(f"field 'sla_itl_ms' must be > 0, got {self.sla_itl_ms!r}")
+        self._validate_acceptance()
         return self
+
+    def _validate_acceptance(self) -> None:
+        for name in ("acceptance_prompts", "acceptance_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise GridError(f"field '{name}' must be an integer >= 1, got {v!r}")
+        for name in ("prompt_lookup_min", "prompt_lookup_max", "kv_blocks"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise GridError(f"field '{name}' must be an integer >= 1, got {v!r}")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is not None and hi is not None and lo > hi:
+            raise GridError(f"field 'prompt_lookup_min' ({lo}) must be <= prompt_lookup_max ({hi})")
+        if self.acceptance is not None and not 0.0 <= self.acceptance <= 1.0:
+            raise GridError(
+                f"field 'acceptance' must be a per-position acceptance in [0, 1], got {self.acceptance!r}"
+            )
+        if self.weights not in (None, "real", "random"):
+            raise GridError(f"field 'weights' must be real or random, got {self.weights!r}")
+        if self.backend == "http" and self.weights is None:
+            raise GridError(
+                "field 'weights' is required for backend 'http': a remote server's weights cannot be seen "
+                "from here (pass --weights real or --weights random)"
+            )
+        if self.categories is not None and (
+            not isinstance(self.categories, list)
+            or not all(isinstance(c, str) and c for c in self.categories)
+        ):
+            raise GridError(
+                f"field 'categories' must be a list of Spec-Bench categories, got {self.categories!r}"
+            )
 
     def points(self) -> Iterator[PointSpec]:
         """Grid points; method 'none' pairs only with k=0 and speculative methods only with k>0.

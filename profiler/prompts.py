@@ -1,4 +1,5 @@
-"""Prompt text for load generation: Spec-Bench questions, stretched to roughly a target length."""
+"""Prompt text for load generation and acceptance runs: the Spec-Bench questions shipped in
+``profiler/data/`` (Apache-2.0, see NOTICE.md there), stretched to roughly a target length."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# Shipped with the package (profiler/data/NOTICE.md: Apache-2.0, Spec-Bench, Xia et al. 2024).
+# Package data, so a non-editable install finds it too (pyproject.toml lists profiler/data/*.jsonl).
 SPEC_BENCH = Path(str(files("profiler").joinpath("data", "spec_bench_question.jsonl")))
 CHARS_PER_TOKEN = 4  # English BPE average; the server's usage reports the true prompt length
 

@@ -100,11 +100,18 @@ def prefill_table(profile: Profile) -> str:
     return _table(rows, ["tp", "input_len", "TTFT ms", "tok/s/GPU", "error"])
 
 
+def _settings(a) -> str:
+    return " ".join(f"{n}={v}" for n, v in sorted((a.drafter_settings or {}).items())) or "-"
+
+
 def acceptance_table(profile: Profile) -> str:
-    rows = [[a.method, a.k, _f(a.draft_coverage), " ".join(f"{x:.2f}" for x in a.accepted_per_pos),
-             _f(a.tokens_per_step), a.source.kind, a.source.dataset or a.source.detail or ""]
+    rows = [[a.method, a.k, a.workload or "all", _f(a.draft_coverage),
+             " ".join(f"{x:.2f}" for x in a.accepted_per_pos), _f(a.tokens_per_step), a.source.kind,
+             _settings(a), (a.source.dataset or a.source.detail or "")[:60]]
             for a in profile.acceptance]  # fmt: skip
-    return _table(rows, ["method", "k", "coverage", "accepted per pos", "tok/step", "source", "from"])
+    header = ["method", "k", "workload", "coverage", "accepted per pos", "tok/step", "source", "drafter",
+              "from"]  # fmt: skip
+    return _table(rows, header)
 
 
 def describe(profile: Profile) -> str:

@@ -6,6 +6,7 @@ with the field and the value named, not deep inside a step.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,19 @@ from typing import Any
 from engine.errors import ConfigError
 
 METHODS = ("ngram", "draft", "medusa")
+VLLM_PROMPT_LOOKUP_DEFAULT = 5  # vllm/config/speculative.py: the window when neither bound is given
+
+
+def _resolve_lookup(lookup_min: int | None, lookup_max: int | None) -> tuple[int, int]:
+    """vLLM's rule for omitted bounds: neither -> 5..5; only one -> the other equals it.
+
+    The planner applies the same rule (planner.profile.prompt_lookup_window); a test holds them equal."""
+    if lookup_min is None and lookup_max is None:
+        return VLLM_PROMPT_LOOKUP_DEFAULT, VLLM_PROMPT_LOOKUP_DEFAULT
+    lo = lookup_max if lookup_min is None else lookup_min
+    hi = lookup_min if lookup_max is None else lookup_max
+    return int(lo), int(hi)  # type: ignore[arg-type]
+
 
 Tree = tuple[tuple[int, ...], ...]
 
@@ -53,12 +67,14 @@ class SpecConfig:
     ``controlled``: validation only: ``alpha=0.7,coverage=0.8`` (or a ControlledAcceptance) wraps the
     chain proposer so its drafts are the target's recorded greedy continuation, corrupted to that
     acceptance (engine/spec/controlled.py).
+    ``prompt_lookup_min``/``max``: the n-gram window, with vLLM's defaults (see ``_resolve_lookup``),
+    so acceptance measured here transfers to a vLLM server given the same settings.
     """
 
     method: str
     k: int
-    prompt_lookup_min: int = 1
-    prompt_lookup_max: int = 4
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
     draft_model: str | None = None
     draft_layers: int | None = None
     draft_weights: str = "auto"
@@ -76,8 +92,11 @@ class SpecConfig:
             raise ConfigError(f"spec k (num_speculative_tokens) must be an int >= 1, got {self.k!r}")
         for name in ("prompt_lookup_min", "prompt_lookup_max"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"spec {name} must be an int >= 1, got {v!r}")
+        self.prompt_lookup_min, self.prompt_lookup_max = _resolve_lookup(
+            self.prompt_lookup_min, self.prompt_lookup_max
+        )
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ConfigError(
                 f"spec prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
@@ -108,6 +127,23 @@ class SpecConfig:
             if depth > self.k:
                 raise ConfigError(f"spec tree depth {depth} exceeds k={self.k} (number of Medusa heads)")
         self._check_schedule()
+        self._check_controlled()
+
+    def _check_controlled(self) -> None:
+        """``controlled`` (validation only): parsed against k; chain methods only."""
+        if self.controlled is None:
+            return
+        from engine.spec.controlled import ControlledAcceptance
+
+        if self.method == "medusa":
+            raise ConfigError("spec controlled applies to chain methods (ngram, draft), got 'medusa'")
+        if not isinstance(self.controlled, ControlledAcceptance):
+            self.controlled = ControlledAcceptance.parse(self.controlled, self.k)
+        elif len(self.controlled.accepted_per_pos) != self.k:
+            raise ConfigError(
+                f"spec controlled acceptance: {len(self.controlled.accepted_per_pos)} positions for "
+                f"k={self.k}"
+            )
 
     def _check_schedule(self) -> None:
         """``schedule``: ``[[first, last, k], ...]`` like vLLM's num_speculative_tokens_per_batch_size:
@@ -151,18 +187,17 @@ class SpecConfig:
         ks = {self.k} | {k for _, _, k in self.schedule or ()}
         return sorted(1 + (self.num_lookahead_tokens if k == self.k else k) for k in ks if k > 0)
 
-        if self.controlled is not None:
-            from engine.spec.controlled import ControlledAcceptance
-
-            if self.method == "medusa":
-                raise ConfigError("spec controlled applies to chain methods (ngram, draft), got 'medusa'")
-            if not isinstance(self.controlled, ControlledAcceptance):
-                self.controlled = ControlledAcceptance.parse(self.controlled, self.k)
-            elif len(self.controlled.accepted_per_pos) != self.k:
-                raise ConfigError(
-                    f"spec controlled acceptance: {len(self.controlled.accepted_per_pos)} positions for "
-                    f"k={self.k}"
-                )
+    def drafter_settings(self) -> dict[str, str | int | float]:
+        """What shapes the drafts, as a profile's ``Acceptance.drafter_settings`` records it."""
+        if self.method == "ngram":
+            return {"prompt_lookup_min": self.prompt_lookup_min, "prompt_lookup_max": self.prompt_lookup_max}
+        if self.method == "draft":
+            out: dict[str, str | int | float] = {"draft_model": self.draft_model or "target"}
+            if self.draft_layers is not None:
+                out["draft_layers"] = self.draft_layers
+            return out
+        tree = "default" if self.tree is None else json.dumps([list(p) for p in self.tree])
+        return {"medusa_heads": self.medusa_heads or "random", "tree": tree}
 
     @property
     def is_tree(self) -> bool:

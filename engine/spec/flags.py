@@ -27,10 +27,10 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         help="draft tokens per step (Medusa: heads); required with --spec",
     )
     parser.add_argument(
-        "--prompt-lookup-min", type=int, default=1, help="ngram: shortest suffix matched in the context"
+        "--prompt-lookup-min", type=int, default=None, help="ngram window (vLLM's default: = max, or 5)"
     )
     parser.add_argument(
-        "--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix matched in the context"
+        "--prompt-lookup-max", type=int, default=None, help="ngram window (vLLM's default: = min, or 5)"
     )
     parser.add_argument(
         "--draft-model", default=None, help="drafter for --spec draft (default: truncated target)"

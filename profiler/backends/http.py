@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from planner import metrics_def as md
 from planner.daemon.scrape import MetricsSnapshot, parse_metrics, window
@@ -36,6 +37,11 @@ log = logging.getLogger("profiler.http")
 __all__ = [
     "LoadResult",
     "RequestRecord",
+    "ServerInfo",
+    "add_counters",
+    "check_speculation",
+    "served_model_root",
+    "server_info",
     "SpecCounters",
     "counter_delta",
     "exact_prompts",
@@ -271,6 +277,82 @@ def exact_prompts(url: str, model: str, texts: Sequence[str], tokens: int) -> li
     return out
 
 
+@dataclass
+class ServerInfo:
+    """What a server's ``/metrics`` says about its configuration (vLLM names; None = not exported)."""
+
+    speculative_k: int | None  # draft positions of the acceptance counters; None = no speculation
+    kv_blocks: int | None  # vllm:cache_config_info num_gpu_blocks: KV blocks of the whole server
+    block_size: int | None
+
+    def describe(self) -> str:
+        spec = f"speculation with k={self.speculative_k}" if self.speculative_k else "no speculation"
+        return f"{spec}, KV {self.kv_blocks} blocks of {self.block_size} tokens"
+
+
+def _cache_config(text: str) -> dict[str, str]:
+    for family in text_string_to_metric_families(text):
+        if family.name == "vllm:cache_config_info":
+            for sample in family.samples:
+                return dict(sample.labels)
+    return {}
+
+
+def _int_label(labels: dict[str, str], name: str) -> int | None:
+    try:
+        value = int(labels[name])
+    except (KeyError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+def server_info(url: str) -> ServerInfo:
+    """Read speculation and KV capacity from ``url``/metrics; raises RuntimeError when unreadable.
+
+    vLLM registers its spec-decode counters only when speculation is on, with one per-position series
+    per draft token, so their presence and count give the server's num_speculative_tokens."""
+    url = url.rstrip("/")
+    try:
+        r = httpx.get(f"{url}/metrics", timeout=30.0)
+    except httpx.HTTPError as exc:
+        raise RuntimeError(f"cannot read {url}/metrics: {exc}") from None
+    if r.status_code != 200:
+        raise RuntimeError(f"{url}/metrics answered HTTP {r.status_code}")
+    snap = parse_counters(r.text)
+    k = None
+    if snap.drafts is not None:
+        k = max(snap.accepted_per_pos, default=-1) + 1 or None
+    cache = _cache_config(r.text)
+    return ServerInfo(k, _int_label(cache, "num_gpu_blocks"), _int_label(cache, "block_size"))
+
+
+def check_speculation(info: ServerInfo, configs: Sequence[tuple[str, int]], url: str) -> None:
+    """Refuse grid labels the server does not run: ValueError naming the field and both sides."""
+    asked = ", ".join(f"{m} k={k}" for m, k in sorted(set(configs)))
+    if info.speculative_k is None:
+        if any(m != "none" for m, _ in configs):
+            raise ValueError(
+                f"field 'method': the server at {url} runs no speculation (its /metrics has no "
+                f"vllm:spec_decode_* counters) but the grid asks for {asked}; sweep it with --method none "
+                "--k 0, or start it with a --speculative-config"
+            )
+        return
+    wrong = sorted({(m, k) for m, k in configs if m == "none" or k != info.speculative_k})
+    if wrong:
+        raise ValueError(
+            f"field 'k': the server at {url} speculates with k={info.speculative_k} (from its /metrics) but "
+            f"the grid asks for {', '.join(f'{m} k={k}' for m, k in wrong)}; sweep it with that k only"
+        )
+
+
+def served_model_root(url: str) -> str | None:
+    """The model path or id the server was started with (vLLM's ``root`` in ``/v1/models``)."""
+    r = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=30.0)
+    r.raise_for_status()
+    root = r.json()["data"][0].get("root")
+    return str(root) if root else None
+
+
 def served_model_name(url: str) -> str:
     """The first model the server lists at ``/v1/models``."""
     r = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=30.0)
@@ -331,11 +413,36 @@ def to_decode_point(spec: PointSpec, result: LoadResult, gpus: int) -> DecodePoi
     )
 
 
+def add_counters(a: SpecCounters | None, b: SpecCounters) -> SpecCounters:
+    """Counters over two windows together (points of one (method, k) pooled into one acceptance)."""
+    if a is None:
+        return b
+    n = max(len(a.accepted_per_pos), len(b.accepted_per_pos))
+    pad = lambda v: v + [0.0] * (n - len(v))  # noqa: E731
+    return SpecCounters(
+        drafts=a.drafts + b.drafts,
+        draft_tokens=a.draft_tokens + b.draft_tokens,
+        accepted=a.accepted + b.accepted,
+        accepted_per_pos=[
+            x + y for x, y in zip(pad(a.accepted_per_pos), pad(b.accepted_per_pos), strict=True)
+        ],
+        generation_tokens=a.generation_tokens + b.generation_tokens,
+        first_tokens=a.first_tokens + b.first_tokens,
+    )
+
+
 def to_acceptance(
-    spec: PointSpec, result: LoadResult, *, model: str, detail: str | None = None
+    spec: PointSpec,
+    result: LoadResult,
+    *,
+    model: str,
+    detail: str | None = None,
+    settings: dict[str, str | int | float] | None = None,
+    counters: SpecCounters | None = None,
 ) -> Acceptance | None:
-    """Live acceptance of (method, k) from the point's counter deltas; None without drafts."""
-    c = result.counters
+    """Live acceptance of (method, k) from the point's counter deltas (or ``counters``, several points
+    pooled); None without drafts. ``settings``: the drafter settings the server ran, when known."""
+    c = counters if counters is not None else result.counters
     if c is None or spec.method == "none" or c.drafts <= 0 or c.decode_steps <= 0:
         return None
     per_pos = (c.acceptance_per_pos + [0.0] * spec.k)[: spec.k]
@@ -353,4 +460,5 @@ def to_acceptance(
             kind="live", model=model, detail=detail or f"/metrics deltas at concurrency {spec.concurrency}"
         ),
         samples=int(c.decode_steps),
+        drafter_settings=settings,
     )

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from planner.profile import ngram_settings, prompt_lookup_window
+
 log = logging.getLogger("profiler.vllm")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -68,8 +70,8 @@ class VllmLaunch:
     max_num_seqs: int | None = None
     max_model_len: int | None = None
     draft_model: str | None = None
-    prompt_lookup_min: int | None = None
-    prompt_lookup_max: int | None = 4
+    prompt_lookup_min: int | None = None  # None: vLLM's default (= max, or 5 when both are None)
+    prompt_lookup_max: int | None = None
     python: str = field(default_factory=default_python)
     host: str = "127.0.0.1"
     port: int = 0
@@ -93,6 +95,8 @@ class VllmLaunch:
             raise ValueError(f"method {self.method!r} needs draft_model (the drafter checkpoint), got None")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.method == "ngram":
+            prompt_lookup_window(self.prompt_lookup_min, self.prompt_lookup_max)  # min <= max, named
 
     def speculative_config(self) -> dict | None:
         """The ``--speculative-config`` object vLLM expects, or None without speculation."""
@@ -102,12 +106,17 @@ class VllmLaunch:
         cfg["num_speculative_tokens"] = self.k
         if self.method in _METHODS_WITH_MODEL:
             cfg["model"] = self.draft_model
-        if self.method == "ngram":
-            if self.prompt_lookup_max is not None:
-                cfg["prompt_lookup_max"] = self.prompt_lookup_max
-            if self.prompt_lookup_min is not None:
-                cfg["prompt_lookup_min"] = self.prompt_lookup_min
+        if self.method == "ngram":  # both bounds stated, as vLLM resolves them: the command says what runs
+            cfg.update(ngram_settings(self.prompt_lookup_min, self.prompt_lookup_max))
         return cfg
+
+    def drafter_settings(self) -> dict[str, str | int | float] | None:
+        """The drafter settings an acceptance measured on this server was measured under."""
+        if self.method == "ngram":
+            return ngram_settings(self.prompt_lookup_min, self.prompt_lookup_max)
+        if self.method in _METHODS_WITH_MODEL:
+            return {"draft_model": str(self.draft_model)}
+        return None
 
     def command(self, port: int | None = None) -> list[str]:
         """argv of the server (``vllm serve MODEL ...`` spelled as ``PYTHON -m ...api_server``)."""

@@ -2,7 +2,9 @@
 
 Each completion streams ``max_tokens`` tokens in chunks of ``tokens_per_chunk`` (as a speculating
 server does), then a usage chunk; ``/metrics`` exposes vLLM-named counters that advance with every
-request: one draft per chunk after the first, ``tokens_per_chunk - 1`` of its tokens accepted.
+request: one draft per chunk after the first, ``tokens_per_chunk - 1`` of its tokens accepted. With
+``k=0`` it exports no spec-decode counters (a server without speculation, as vLLM does); ``kv_blocks``
+adds vLLM's ``vllm:cache_config_info``; ``/v1/models`` names ``root``, the path it was "started" from.
 """
 
 from __future__ import annotations
@@ -15,8 +17,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FakeServer:
     def __init__(
-        self, tokens_per_chunk: int = 1, chunk_delay_s: float = 0.002, k: int = 4, fail_every: int = 0
+        self,
+        tokens_per_chunk: int = 1,
+        chunk_delay_s: float = 0.002,
+        k: int = 4,
+        fail_every: int = 0,
+        kv_blocks: int | None = None,
+        root: str = "/models/fake",
     ):
+        self.kv_blocks, self.root = kv_blocks, root
         self.tokens_per_chunk, self.chunk_delay_s, self.k, self.fail_every = (
             tokens_per_chunk,
             chunk_delay_s,
@@ -39,7 +48,7 @@ class FakeServer:
                 if self.path == "/metrics":
                     body = outer.metrics().encode()
                 elif self.path == "/v1/models":
-                    body = json.dumps({"data": [{"id": "fake"}]}).encode()
+                    body = json.dumps({"data": [{"id": "fake", "root": outer.root}]}).encode()
                 else:
                     self.send_error(404)
                     return
@@ -50,6 +59,14 @@ class FakeServer:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/tokenize":  # vLLM's tokenizer endpoint: one token per character here
+                    msg = json.dumps({"tokens": list(range(len(body.get("prompt", ""))))}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
                 with outer.lock:
                     outer.requests += 1
                     n = outer.requests
@@ -88,7 +105,7 @@ class FakeServer:
     def count(self, tokens: int, first: bool) -> None:
         with self.lock:
             self.counters["generation"] += tokens
-            if not first:
+            if not first and self.k:
                 self.counters["drafts"] += 1
                 self.counters["draft_tokens"] += self.k
                 self.counters["accepted"] += tokens - 1
@@ -98,14 +115,23 @@ class FakeServer:
     def metrics(self) -> str:
         c = self.counters
         lines = [
+            "# TYPE vllm:generation_tokens counter",
+            f'vllm:generation_tokens_total{{model_name="fake"}} {c["generation"]}',
+        ]
+        if self.kv_blocks is not None:
+            lines += [
+                "# TYPE vllm:cache_config_info gauge",
+                f'vllm:cache_config_info{{block_size="16",num_gpu_blocks="{self.kv_blocks}",engine="0"}} 1.0',
+            ]
+        if self.k == 0:
+            return "\n".join(lines) + "\n"
+        lines += [
             "# TYPE vllm:spec_decode_num_drafts counter",
             f'vllm:spec_decode_num_drafts_total{{model_name="fake"}} {c["drafts"]}',
             "# TYPE vllm:spec_decode_num_draft_tokens counter",
             f'vllm:spec_decode_num_draft_tokens_total{{model_name="fake"}} {c["draft_tokens"]}',
             "# TYPE vllm:spec_decode_num_accepted_tokens counter",
             f'vllm:spec_decode_num_accepted_tokens_total{{model_name="fake"}} {c["accepted"]}',
-            "# TYPE vllm:generation_tokens counter",
-            f'vllm:generation_tokens_total{{model_name="fake"}} {c["generation"]}',
             "# TYPE vllm:spec_decode_num_accepted_tokens_per_pos counter",
         ]
         lines += [

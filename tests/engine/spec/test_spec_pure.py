@@ -30,7 +30,10 @@ def _chi2_p(counts: np.ndarray, probs: np.ndarray) -> float:
     [
         ({"method": "eagle", "k": 2}, "'eagle'"),
         ({"method": "ngram", "k": 0}, "k (num_speculative_tokens)"),
-        ({"method": "ngram", "k": 2, "prompt_lookup_min": 5}, "prompt_lookup_min (5)"),
+        (
+            {"method": "ngram", "k": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 4},
+            "prompt_lookup_min (5)",
+        ),
         ({"method": "ngram", "k": 2, "draft_layers": 2}, "draft_model/draft_layers"),
         ({"method": "draft", "k": 2, "draft_layers": 0}, "draft_layers"),
         ({"method": "medusa", "k": 2, "tree": [[0, 1, 2]]}, "no parent path"),
@@ -293,3 +296,18 @@ def test_compact_accepted_kv_moves_path_to_contiguous_slots() -> None:
 
     assert at(k, 3) == orig_at(5) and at(k, 4) == orig_at(8)
     assert at(v, 3) == -orig_at(5) and at(k, 2) == orig_at(2)
+
+
+@pytest.mark.parametrize(
+    ("given", "window"),
+    [({}, (5, 5)), ({"prompt_lookup_max": 4}, (4, 4)), ({"prompt_lookup_min": 2}, (2, 2)),
+     ({"prompt_lookup_min": 2, "prompt_lookup_max": 4}, (2, 4))],
+)  # fmt: skip
+def test_prompt_lookup_defaults_follow_vllm_and_the_planner(given: dict, window: tuple[int, int]) -> None:
+    from planner.profile import ngram_settings
+
+    cfg = SpecConfig(method="ngram", k=3, **given)
+    assert (cfg.prompt_lookup_min, cfg.prompt_lookup_max) == window
+    assert cfg.drafter_settings() == ngram_settings(
+        given.get("prompt_lookup_min"), given.get("prompt_lookup_max")
+    )
