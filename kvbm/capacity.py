@@ -116,20 +116,26 @@ def reserved_lookahead(model: CapacityModel, method: str, k: int) -> int:
     return 0
 
 
-def max_draft_slots(model: CapacityModel, method: str, k: int) -> int:
-    """Draft tokens a sequence may carry at its last decode step (the worst case)."""
+def max_draft_slots(model: CapacityModel, method: str, k: int, tree_nodes: int | None = None) -> int:
+    """Draft tokens a sequence may carry at its last decode step (the worst case).
+
+    A Medusa tree verifies ``tree_nodes`` candidate tokens at once (``k`` when the tree is unknown)."""
     k = _as_int("k", k, 0)
     if method == "none" or k == 0:
         return 0
+    width = k if tree_nodes is None or method != "medusa" else _as_int("tree_nodes", tree_nodes, 0)
     if _check_model(model) == "engine":
-        return k if method == "medusa" else 0  # chain drafts are cut to the room before max_tokens
-    return k
+        return width if method == "medusa" else 0  # chain drafts are cut to the room before max_tokens
+    return width
 
 
-def peak_slots(model: CapacityModel, method: str, k: int, peak_context: int) -> int:
+def peak_slots(
+    model: CapacityModel, method: str, k: int, peak_context: int, tree_nodes: int | None = None
+) -> int:
     """Slots one sequence of ``isl + osl = peak_context`` holds at its last step, every draft present."""
     ctx = _as_int("peak_context", peak_context, 1)
-    return ctx - 1 + max_draft_slots(model, method, k) + reserved_lookahead(model, method, k)
+    drafts = max_draft_slots(model, method, k, tree_nodes)
+    return ctx - 1 + drafts + reserved_lookahead(model, method, k)
 
 
 def describe_rule(model: CapacityModel, method: str, k: int) -> str:
