@@ -233,10 +233,7 @@ def preemption_probability(
     c = _as_int("concurrency", concurrency, 1)
     waves = _as_int("waves", waves, 1)
     trials = _as_int("trials", trials, 1)
-    if not 0.0 <= coverage <= 1.0:
-        raise ValueError(f"coverage must be in [0, 1], got {coverage!r}")
-    if len(accepted_per_pos) != k or any(not 0.0 <= a <= 1.0 for a in accepted_per_pos):
-        raise ValueError(f"accepted_per_pos must hold k={k} shares in [0, 1], got {accepted_per_pos!r}")
+    _check_acceptance(k, coverage, accepted_per_pos)
     cum = np.minimum.accumulate(np.asarray(accepted_per_pos, dtype=float)) if k else np.zeros(0)
     look = reserved_lookahead(model, method, k)
     prompt_blocks = -(-(isl + look) // bs)
@@ -289,6 +286,106 @@ def preemption_probability(
     return float(preempted.mean())
 
 
+def client_occupancy(
+    model: CapacityModel,
+    block_size: int,
+    isl: int,
+    osl: int,
+    k: int,
+    coverage: float,
+    accepted_per_pos: list[float],
+    *,
+    method: str = "ngram",
+    steps: int,
+) -> tuple[list[float], list[float]]:
+    """Mean and variance of the blocks ONE closed-loop client holds at each of ``steps`` steps.
+
+    A Markov chain over (tokens generated, how far a past draft's blocks reach beyond them): every
+    client starts together after its prefill; at each step it carries a k-token draft with probability
+    ``coverage``, accepts a prefix distributed as ``accepted_per_pos`` and advances by ``1 + accepted``;
+    a finished request is replaced by the next one (prompt blocks during its prefill step). vLLM keeps
+    the high-water mark of a request's blocks; kvbm gives unused lookahead back at commit (module
+    docstring). Exact for one client; clients are independent until the pool runs out.
+    """
+    import numpy as np  # the model is the only numerical code here; kvbm's hot path needs none
+
+    model = _check_model(model)
+    bs = _as_int("block_size", block_size, 1)
+    isl, osl, k = _as_int("isl", isl, 1), _as_int("osl", osl, 1), _as_int("k", k, 0)
+    _check_acceptance(k, coverage, accepted_per_pos)
+    look = reserved_lookahead(model, method, k)
+    vllm = model == "vllm"
+    reach_max = k + look + 1 if vllm else 1  # high-water offsets 0 .. k + look
+    prompt_blocks = -(-(isl + look) // bs)
+    cum = [1.0, *np.minimum.accumulate(np.asarray(accepted_per_pos, dtype=float)).tolist()] if k else [1.0]
+    o = np.arange(osl + 1)[:, None]  # tokens generated so far (rows 1 .. osl-1 are decoding)
+    h = np.arange(reach_max)[None, :]
+    prob = np.zeros((osl + 1, reach_max))
+    prob[min(1, osl), 0] = 1.0
+    admitting = 0.0
+    if osl == 1:  # the prefill's token was the last: every step admits the next request
+        prob[:] = 0.0
+        admitting = 1.0
+    drafts = [(0, 1.0 - coverage), (k, coverage)] if k and coverage > 0 else [(0, 1.0)]
+    # Per (draft, accepted) move, fixed over time: blocks held, the acceptance share (per row for the
+    # engine, whose drafts are cut near the end) and the map to the new high-water offset column.
+    moves = []
+    for d, pd in drafts:
+        dd = np.full(o.shape, d) if vllm else np.minimum(d, np.maximum(osl - o - 1, 0))
+        reach = np.maximum(h, dd + look)  # slots past isl + o this step reserves or still holds
+        blocks = (-(-(isl + o + reach) // bs)).astype(float)
+        shares = []
+        for a in range(d + 1):
+            tail = cum[a + 1] if a + 1 < len(cum) else 0.0
+            pa = np.where(a < dd, cum[a] - tail, np.where(a == dd, cum[min(a, len(cum) - 1)], 0.0))
+            shift = 1 + a
+            regroup = np.zeros((reach_max, reach_max))
+            regroup[np.arange(reach_max), np.clip(reach[0] - shift, 0, reach_max - 1)] = 1.0
+            shares.append((shift, pd * pa, regroup))
+        moves.append((pd * blocks, pd * blocks**2, shares))
+    means: list[float] = []
+    variances: list[float] = []
+    for _ in range(steps):
+        nxt = np.zeros_like(prob)
+        finished = 0.0
+        eb = admitting * prompt_blocks
+        eb2 = admitting * prompt_blocks**2
+        for wb, wb2, shares in moves:
+            eb += float((prob * wb).sum())
+            eb2 += float((prob * wb2).sum())
+            for shift, pa, regroup in shares:
+                spread = (prob * pa) @ regroup
+                finished += float(spread[max(0, osl - shift) :].sum())
+                if osl - shift > 0:
+                    nxt[shift:osl] += spread[: osl - shift]
+        means.append(eb)
+        variances.append(max(0.0, eb2 - eb * eb))
+        nxt[1, 0] += admitting  # last step's admissions decode from here on
+        prob, admitting = nxt, finished
+    return means, variances
+
+
+def _check_acceptance(k: int, coverage: float, accepted_per_pos: list[float]) -> None:
+    if not 0.0 <= coverage <= 1.0:
+        raise ValueError(f"coverage must be in [0, 1], got {coverage!r}")
+    if len(accepted_per_pos) != k or any(not 0.0 <= a <= 1.0 for a in accepted_per_pos):
+        raise ValueError(f"accepted_per_pos must hold k={k} shares in [0, 1], got {accepted_per_pos!r}")
+
+
+def _step_risk(usable: int, concurrency: int, means: list[float], variances: list[float]) -> float:
+    """Largest per-step probability that ``concurrency`` independent clients need more than
+    ``usable`` blocks (normal approximation of their sum, with continuity correction)."""
+    from statistics import NormalDist
+
+    worst = 0.0
+    unit = NormalDist()
+    for m, v in zip(means, variances, strict=True):
+        excess = concurrency * m - (usable + 0.5)
+        p = unit.cdf(excess / (concurrency * v) ** 0.5) if v > 1e-12 else float(excess > 0)
+        worst = max(worst, p)
+    return worst
+
+
 def dynamic_bound(
     model: CapacityModel,
     num_blocks: int,
@@ -301,34 +398,31 @@ def dynamic_bound(
     *,
     method: str = "ngram",
     max_risk: float = DEFAULT_MAX_RISK,
-    waves: int = 4,
-    trials: int = 48,
-    seed: int = 0,
+    waves: int = 2,
 ) -> DynamicBound:
-    """Preemption onset and the largest concurrency whose simulated risk stays within ``max_risk``.
-
-    The static bound (every draft present at every sequence's peak) cannot preempt, so the search
-    starts just above it and walks up until the probability reaches ``ONSET_PROBABILITY``.
-    """
+    """Preemption onset (expected occupancy of the busiest step exceeds the pool) and the largest
+    concurrency whose per-step preemption risk stays within ``max_risk``, for a burst of closed-loop
+    clients over ``waves`` request lengths (``client_occupancy``; ``preemption_probability`` is the
+    Monte Carlo cross-check). Never below the static bound, which cannot preempt."""
     if not 0.0 <= max_risk < ONSET_PROBABILITY:
         raise ValueError(f"max_risk must be in [0, {ONSET_PROBABILITY}), got {max_risk!r}")
+    usable = usable_blocks(model, num_blocks)
     floor = static_bound(model, method, k, num_blocks, isl + osl, block_size).max_concurrency
-    ceiling = usable_blocks(model, num_blocks) // max(1, blocks_for_slots(isl, block_size)) + 1
+    steps = _as_int("waves", waves, 1) * (osl + 2)
+    means, variances = client_occupancy(
+        model, block_size, isl, osl, k, coverage, accepted_per_pos, method=method, steps=steps
+    )
+    prompt_blocks = blocks_for_slots(isl + reserved_lookahead(model, method, k), block_size)
+    ceiling = usable // max(1, prompt_blocks)  # beyond this the prompts alone do not fit
     probs: dict[int, float] = {}
-    c = max(1, floor + 1)
+    c = floor + 1
     while c <= ceiling:
-        p = preemption_probability(
-            model, num_blocks, block_size, isl, osl, k, coverage, accepted_per_pos, c,
-            method=method, waves=waves, trials=trials, seed=seed,
-        )  # fmt: skip
-        probs[c] = p
-        if p >= ONSET_PROBABILITY:
+        probs[c] = _step_risk(usable, c, means, variances)
+        if probs[c] >= ONSET_PROBABILITY:
             break
         c += 1
-    onset = min((c for c, p in probs.items() if p >= ONSET_PROBABILITY), default=ceiling)
-    safe = [c for c, p in probs.items() if p <= max_risk and c < onset]
-    best = max(safe, default=floor)
+    onset = min((c for c, p in probs.items() if p >= ONSET_PROBABILITY), default=ceiling + 1)
+    best = max((c for c, p in probs.items() if p <= max_risk), default=floor)
     return DynamicBound(
-        onset=onset, max_concurrency=max(best, floor), max_risk=max_risk, probabilities=probs,
-        waves=waves, trials=trials,
-    )  # fmt: skip
+        onset=onset, max_concurrency=max(best, floor), max_risk=max_risk, probabilities=probs, waves=waves
+    )

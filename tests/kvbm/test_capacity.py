@@ -94,3 +94,33 @@ def test_bad_acceptance_is_refused() -> None:
         C.preemption_probability("vllm", 64, 32, 40, 40, 4, 0.5, [0.5], 3)
     with pytest.raises(ValueError, match="coverage must be in"):
         C.preemption_probability("vllm", 64, 32, 40, 40, 1, 1.5, [0.5], 3)
+
+
+@pytest.mark.parametrize(
+    ("model", "blocks", "bs", "isl", "osl", "k", "coverage", "acc"),
+    [
+        ("vllm", 128, 32, 60, 70, 4, 0.9, [0.9, 0.8, 0.7, 0.6]),
+        ("vllm", 128, 32, 60, 70, 8, 0.6, [0.6, 0.4, 0.3, 0.2, 0.1, 0.1, 0.05, 0.0]),
+        ("engine", 128, 32, 60, 70, 4, 0.9, [0.9, 0.8, 0.7, 0.6]),
+        ("vllm", 4000, 16, 1000, 256, 4, 0.7, [0.7, 0.5, 0.4, 0.3]),
+    ],
+)
+def test_the_markov_chain_onset_agrees_with_monte_carlo(
+    model: str, blocks: int, bs: int, isl: int, osl: int, k: int, coverage: float, acc: list[float]
+) -> None:
+    """The planner's closed form (exact per client, normal sum) and a direct simulation of c clients."""
+    onset = C.dynamic_bound(model, blocks, bs, isl, osl, k, coverage, acc, waves=2).onset  # type: ignore[arg-type]
+    static = C.static_bound(model, "ngram", k, blocks, isl + osl, bs).max_concurrency  # type: ignore[arg-type]
+    simulated = next(
+        c
+        for c in range(static + 1, onset + 5)
+        if C.preemption_probability(model, blocks, bs, isl, osl, k, coverage, acc, c, waves=2) >= 0.5  # type: ignore[arg-type]
+    )
+    assert abs(onset - simulated) <= 1
+
+
+def test_client_occupancy_without_drafts_is_deterministic() -> None:
+    means, variances = C.client_occupancy("vllm", 32, 60, 70, 0, 0.0, [], steps=140)
+    assert max(variances) == 0.0
+    assert max(means) == C.blocks_for_slots(60 + 70 - 1, 32)  # the last step holds isl + osl - 1
+    assert means[0] == C.blocks_for_slots(61, 32)  # first decode step: prompt + first token
