@@ -23,7 +23,6 @@ from pydantic import BaseModel
 from api.fastpath import PlanFastPath, PlanResponseCache
 from api.metrics import ApiMetrics
 from api.store import ID_PATTERN, ProfileStore, ProfileSummary, summarize
-from kvbm import capacity
 from planner.daemon import CorrectionDaemon, DaemonConfig, make_connector
 from planner.daemon.runner import CorrectionState
 from planner.plan import PlanInputError, Planner, PlanResult
@@ -223,7 +222,7 @@ def create_app(
             context=context,
             block_size=kv.block_size,
             blocks_per_replica=kv.blocks_per_replica,
-            blocks_per_sequence=capacity.blocks_per_sequence(context, k, kv.block_size),
+            blocks_per_sequence=kv.blocks_per_sequence,
             max_concurrency=kv.max_concurrency,
         )
 
