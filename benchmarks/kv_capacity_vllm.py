@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     cases: list[Case] = []
     for method, k, blocks in plans:
         launch = VllmLaunch(
-            model=str(model_dir), method=method, k=k, max_num_seqs=256, max_model_len=1024,
+            model=str(model_dir), method=method, k=k, max_num_seqs=256, max_model_len=256,
             prompt_lookup_max=4, prompt_lookup_min=1, python=args.python,
             extra_args=["--num-gpu-blocks-override", str(blocks), "--block-size", str(args.block_size),
                         "--no-enable-prefix-caching", "--max-num-batched-tokens", "4096", "--enforce-eager"],

@@ -8,62 +8,25 @@ import logging
 import httpx
 import pytest
 
+from benchmarks.kv_capacity_engine import closed_loop, make_engine, measured_acceptance
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.request import Request
 from engine.sampling import SamplingParams
 from engine.serve.app import app_for_engine
 from engine.serve.launcher import ServerThread
-from engine.spec.config import SpecConfig
 from kvbm import capacity
 
 
-def make_engine(num_blocks: int, block_size: int, k: int = 0, **kw) -> LLMEngine:
-    spec = SpecConfig(method="ngram", k=k) if k else None
-    kw.setdefault("max_num_seqs", 256)
+def tiny_pool() -> LLMEngine:
+    """8 blocks of 16 = 128 tokens of KV while max_model_len is 1024 (accepted, with a warning)."""
     return LLMEngine(
-        "tiny",
-        device="cpu",
-        num_gpu_blocks=num_blocks,
-        block_size=block_size,
-        spec=spec,
-        cuda_graphs=False,
-        **kw,
+        "tiny", device="cpu", num_gpu_blocks=8, block_size=16, max_model_len=1024, cuda_graphs=False
     )
 
 
-def prompt(i: int, isl: int) -> list[int]:
-    """A distinct prompt (no shared prefix block) that repeats, so prompt lookup finds matches."""
-    return [256, *f"r{i} ".encode(), *(b"ab cd ef " * 40)][:isl]
-
-
-def closed_loop(engine: LLMEngine, c: int, waves: int, isl: int, osl: int) -> int:
-    """``c`` clients send ``waves`` requests each back to back (all start together); preemptions seen."""
-    params = SamplingParams(max_tokens=osl, ignore_eos=True)
-    sent: dict[str, int] = {}
-    count = 0
-    for _ in range(c):
-        engine.add_request(f"q{count}", prompt(count, isl), params)
-        sent[f"q{count}"] = 1
-        count += 1
-    steps = 0
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                assert out.finish_reason == "length" and len(out.token_ids) == osl
-                wave = sent.pop(out.request_id)
-                if wave < waves:
-                    engine.add_request(f"q{count}", prompt(count, isl), params)
-                    sent[f"q{count}"] = wave + 1
-                    count += 1
-        steps += 1
-        assert steps < 20 * waves * (osl + 2), "the engine stopped making progress"
-    assert engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks
-    return engine.scheduler.num_preemptions
-
-
 def test_a_request_the_pool_can_never_hold_is_refused_with_the_numbers() -> None:
-    engine = make_engine(8, 16, max_model_len=1024)  # 128 tokens of KV, max_model_len accepted
+    engine = tiny_pool()  # 128 tokens of KV, max_model_len accepted
     with pytest.raises(
         RequestError, match=r"needs 199 KV slots \(13 blocks of 16\).*holds 8 blocks \(128 tokens\)"
     ):
@@ -80,12 +43,12 @@ def test_a_request_the_pool_can_never_hold_is_refused_with_the_numbers() -> None
 
 def test_start_warns_when_the_pool_is_smaller_than_max_model_len(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="engine"):
-        make_engine(8, 16, max_model_len=1024)
+        tiny_pool()
     assert "the KV pool holds 128 tokens (8 blocks of 16), fewer than max_model_len=1024" in caplog.text
 
 
 def test_serve_answers_400_naming_the_numbers_and_keeps_serving() -> None:
-    engine = make_engine(8, 16, max_model_len=1024)
+    engine = tiny_pool()
     with ServerThread(app_for_engine(engine, "tiny")) as server:
         url = server.base_url + "/v1/completions"
         body = {"model": "tiny", "prompt": [256] * 100, "max_tokens": 100, "ignore_eos": True}
@@ -99,7 +62,7 @@ def test_serve_answers_400_naming_the_numbers_and_keeps_serving() -> None:
 def test_a_request_too_big_to_run_alone_never_blocks_the_queue() -> None:
     """One that slipped past admission (added to the scheduler directly) ends as 'length'; the next runs.
     Before the fix it preempted itself at every step and held the head of the queue forever."""
-    engine = make_engine(8, 16, max_model_len=1024)
+    engine = tiny_pool()
     engine.scheduler.add(Request("stuck", [256] * 100, SamplingParams(max_tokens=100, ignore_eos=True), 0.0))
     engine.add_request("next", [256] * 20, SamplingParams(max_tokens=10, ignore_eos=True))
     done = {}
@@ -130,10 +93,7 @@ def test_ngram_onset_is_predicted_within_two_sequences(k: int) -> None:
     blocks, bs, isl, osl, waves = 40, 8, 10, 15, 3
     calib = make_engine(blocks, bs, k)
     assert closed_loop(calib, 3, waves, isl, osl) == 0
-    st = calib._spec_stats
-    assert st is not None and st.num_drafts > 0
-    coverage = st.num_drafts / st.num_decode_steps
-    acc = [a / st.num_drafts for a in st.accepted_per_pos[:k]] + [0.0] * max(0, k - len(st.accepted_per_pos))
+    coverage, acc = measured_acceptance(calib, k)
     pred = capacity.dynamic_bound("engine", blocks, bs, isl, osl, k, coverage, acc, waves=waves)
     preempting = [
         c

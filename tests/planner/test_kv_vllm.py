@@ -29,7 +29,7 @@ def probe(smollm2_hf_dir: Path):
 
     python = REPO / "V" / "bin" / "python"
     launch = VllmLaunch(
-        model=str(smollm2_hf_dir), max_num_seqs=64, max_model_len=512, python=str(python),
+        model=str(smollm2_hf_dir), max_num_seqs=64, max_model_len=256, python=str(python),
         extra_args=["--num-gpu-blocks-override", str(BLOCKS), "--block-size", str(BLOCK_SIZE),
                     "--no-enable-prefix-caching", "--enforce-eager"],
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
