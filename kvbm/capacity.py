@@ -27,7 +27,9 @@ speculation.
   - ngram proposes only when the prompt-lookup finds a match, so its drafts take room only then;
   - the block size is what the server reports in ``vllm:cache_config_info``: on CPU vLLM forces 128
     unless ``--block-size`` is given (platforms/cpu.py ``check_and_update_config``);
-  - ``SchedulerConfig.watermark`` defaults to 0 (no blocks held back at admission).
+  - ``SchedulerConfig.watermark`` defaults to 0 (no blocks held back at admission);
+  - v1/core/kv_cache_utils.py refuses to start when the usable pool is smaller than ``max_model_len``
+    (the engine starts with a warning and refuses such requests at admission instead).
 
 A static bound (``static_bound``) assumes every sequence peaks at once with every draft present: exact
 without speculation and for methods that draft at every step. For ngram, where drafts come and go and
