@@ -56,8 +56,10 @@ def test_the_server_uses_the_pool_it_was_given(probe: Probe) -> None:
     assert int(info["block_size"]) == BLOCK_SIZE and int(info["num_gpu_blocks"]) == BLOCKS
 
 
-# isl + osl - 1 = 64 | 65 slots: 2 | 3 blocks per sequence at the last step
-@pytest.mark.parametrize(("isl", "osl"), [(20, 45), (20, 46)])
+# isl + osl - 1 = 64 | 69 slots: 2 | 3 blocks per sequence, the 3rd one needed 5 steps before the end.
+# (At 65 slots the 3rd block is needed only at the very last step: a request that joined the burst one
+# step late has not reached it when the others finish, so vLLM need not preempt; RESULTS.md shows it.)
+@pytest.mark.parametrize(("isl", "osl"), [(20, 45), (20, 50)])
 def test_k0_max_concurrency_is_where_vllm_starts_to_preempt(probe: Probe, isl: int, osl: int) -> None:
     kv = vllm_planner().kv_bound(1, 0, isl + osl)
     assert kv.model == "vllm"
