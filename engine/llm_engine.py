@@ -233,7 +233,7 @@ class LLMEngine:
             fit = pool * bs - prompt_len + 1 - extra
             raise RequestError(
                 f"prompt of {prompt_len} tokens with max_tokens={params.max_tokens} needs {slots} KV "
-                f"slots ({need} blocks of {bs}) at its last step, but the whole KV pool holds {pool} "
+                f"slots ({need} KV blocks of {bs}) at its last step, but the whole KV pool holds {pool} "
                 f"blocks ({pool * bs} tokens); lower max_tokens (at most {max(0, fit)} fits) or the prompt"
             )
 

@@ -28,7 +28,7 @@ def tiny_pool() -> LLMEngine:
 def test_a_request_the_pool_can_never_hold_is_refused_with_the_numbers() -> None:
     engine = tiny_pool()  # 128 tokens of KV, max_model_len accepted
     with pytest.raises(
-        RequestError, match=r"needs 199 KV slots \(13 blocks of 16\).*holds 8 blocks \(128 tokens\)"
+        RequestError, match=r"needs 199 KV slots \(13 KV blocks of 16\).*holds 8 blocks \(128 tokens\)"
     ):
         engine.add_request("big", [256] * 100, SamplingParams(max_tokens=100, ignore_eos=True))
     with pytest.raises(RequestError, match="at most 29 fits"):
@@ -54,7 +54,7 @@ def test_serve_answers_400_naming_the_numbers_and_keeps_serving() -> None:
         body = {"model": "tiny", "prompt": [256] * 100, "max_tokens": 100, "ignore_eos": True}
         r = httpx.post(url, json=body, timeout=60)
         assert r.status_code == 400, r.text
-        assert "13 blocks of 16" in r.text and "8 blocks (128 tokens)" in r.text
+        assert "13 KV blocks of 16" in r.text and "8 blocks (128 tokens)" in r.text
         r = httpx.post(url, json={**body, "max_tokens": 8}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
 
