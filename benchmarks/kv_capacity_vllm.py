@@ -196,7 +196,15 @@ def scan_static(probe: Probe, num_blocks: int, bs: int, isl: int, osl: int, widt
 
 
 def scan_dynamic(
-    probe: Probe, num_blocks: int, bs: int, isl: int, osl: int, waves: int, calib_c: int, width: int
+    probe: Probe,
+    num_blocks: int,
+    bs: int,
+    isl: int,
+    osl: int,
+    waves: int,
+    calib_c: int,
+    width: int,
+    below: int | None = None,
 ) -> Case:
     k = probe.k
     _, before, after = probe.run(isl, osl, calib_c, waves)
@@ -215,7 +223,9 @@ def scan_dynamic(
         f"(static {sb.max_concurrency}, old rule {case.old_rule})",
         flush=True,
     )
-    c, streak = max(1, sb.max_concurrency), 0  # from the worst case up, until preemption twice running
+    # from the worst case (or ``below`` under the predicted onset) up, until preemption twice running
+    start = sb.max_concurrency if below is None else max(sb.max_concurrency, db.onset - below)
+    c, streak = max(1, start), 0
     while streak < 2 and c <= db.onset + width:
         run = probe.run(isl, osl, c, waves)[0]
         case.runs.append(run)
@@ -252,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", default="4,8", help="ngram k values")
     ap.add_argument("--waves", type=int, default=2)
     ap.add_argument("--width", type=int, default=1, help="k=0: concurrencies scanned each side of the rule")
+    ap.add_argument(
+        "--ngram-below",
+        type=int,
+        default=None,
+        help="ngram scan starts this far below the predicted onset (default: at the worst case)",
+    )
     ap.add_argument("--skip-static", action="store_true")
     ap.add_argument("--skip-ngram", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -297,23 +313,34 @@ def main(argv: list[str] | None = None) -> int:
             if method == "none":
                 for isl, osl in pairs(args.contexts):
                     cases.append(scan_static(probe, blocks, args.block_size, isl, osl, args.width))
+                    save(args, cases)
             else:
                 for isl, osl in pairs(args.ngram_contexts):
-                    cases.append(scan_dynamic(probe, blocks, args.block_size, isl, osl, args.waves, 2, 3))
+                    cases.append(
+                        scan_dynamic(
+                            probe, blocks, args.block_size, isl, osl, args.waves, 2, 3, args.ngram_below
+                        )
+                    )
+                    save(args, cases)
         finally:
             server.stop()
     print(table(cases))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "where": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-            "vllm_python": args.python,
-            "model": str(model_dir),
-            "command": " ".join(sys.argv),
-            "cases": [asdict(c) for c in cases],
-        }
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
+
+
+def save(args: argparse.Namespace, cases: list[Case]) -> None:
+    """Write every case so far (an interrupted run keeps what it measured)."""
+    if not args.out:
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "where": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "vllm_python": args.python,
+        "model": args.model,
+        "command": " ".join(sys.argv),
+        "cases": [asdict(c) for c in cases],
+    }
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":
