@@ -8,6 +8,7 @@ kvbm, and apply stop conditions. Serving (engine.serve), the offline ``LLM`` and
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from engine.spec import SpecConfig, SpecStats
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+log = logging.getLogger("engine")
 
 
 @dataclass
@@ -89,6 +91,16 @@ class LLMEngine:
         if not isinstance(budget, int) or budget < 1:
             raise ConfigError(f"max_num_batched_tokens must be an int >= 1, got {max_num_batched_tokens!r}")
         self.scheduler = Scheduler(self.kv_manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+        pool_tokens = self.runner.num_blocks * self.runner.block_size
+        if pool_tokens < self.max_model_len:
+            log.warning(
+                "the KV pool holds %d tokens (%d blocks of %d), fewer than max_model_len=%d: a request "
+                "whose prompt + max_tokens needs more is refused at admission",
+                pool_tokens,
+                self.runner.num_blocks,
+                self.runner.block_size,
+                self.max_model_len,
+            )
         self.seed = seed
         self._requests: dict[str, Request] = {}
         self._num_added = 0
@@ -182,6 +194,7 @@ class LLMEngine:
             raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
         prompt = self._check_prompt(prompt_token_ids)
+        self._check_fits(len(prompt), params)
         gen = None
         if not params.greedy:
             seed = params.seed
@@ -243,13 +256,30 @@ class LLMEngine:
                 f"prompt length {len(prompt)} leaves no room to generate within "
                 f"max_model_len={self.max_model_len}"
             )
-        need = kvbm.capacity.blocks_per_sequence(len(prompt) + 1, 0, self.runner.block_size)
-        if need > self.runner.num_blocks:
-            raise RequestError(
-                f"prompt length {len(prompt)} needs {need} KV blocks but the pool holds "
-                f"{self.runner.num_blocks}"
-            )
         return prompt
+
+    def _peak_slots(self, prompt_len: int, max_tokens: int, speculate: bool = True) -> int:
+        """KV slots the request holds at its last step, by kvbm.capacity's engine rule."""
+        spec = self.spec if speculate else None
+        method, k = (spec.method, spec.k) if spec is not None else ("none", 0)
+        nodes = self.proposer.num_nodes if spec is not None and spec.is_tree else None
+        room = min(max_tokens, self.max_model_len - prompt_len)
+        return kvbm.capacity.peak_slots("engine", method, k, prompt_len + room, tree_nodes=nodes)
+
+    def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        """Refuse a request the whole pool could never hold: it would preempt itself forever."""
+        bs, pool = self.runner.block_size, self.runner.num_blocks
+        slots = self._peak_slots(prompt_len, params.max_tokens, params.speculate)
+        need = kvbm.capacity.blocks_for_slots(slots, bs)
+        if need > pool:
+            room = min(params.max_tokens, self.max_model_len - prompt_len)
+            extra = slots - (prompt_len + room - 1)  # slots a Medusa tree adds at the last step
+            fit = pool * bs - prompt_len + 1 - extra
+            raise RequestError(
+                f"prompt of {prompt_len} tokens with max_tokens={params.max_tokens} needs {slots} KV "
+                f"slots ({need} KV blocks of {bs}) at its last step, but the whole KV pool holds {pool} "
+                f"blocks ({pool * bs} tokens); lower max_tokens (at most {max(0, fit)} fits) or the prompt"
+            )
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
@@ -281,13 +311,18 @@ class LLMEngine:
             if clock is not None:
                 clock.mark("propose")
         scheduled, preempted = self.scheduler.schedule(drafts)
+        dropped = self.scheduler.take_dropped()
         if self.proposer is not None:
-            for req in preempted:
+            for req in preempted + dropped:
                 self.proposer.free(req.request_id)
+        finished: list[RequestOutput] = []  # requests that can never run (finished as "length")
+        for req in dropped:
+            self._requests.pop(req.request_id, None)
+            finished.append(req.output([]))
         if clock is not None:
             clock.mark("schedule")
         if not scheduled:
-            return []
+            return finished
         batch = self._prepare(scheduled)
         if clock is not None:
             clock.mark("prepare")
@@ -313,7 +348,7 @@ class LLMEngine:
         outputs = self._emit(scheduled, new_tokens)
         if clock is not None:
             clock.mark("output")
-        return outputs
+        return finished + outputs
 
     def _prepare(self, scheduled: list[ScheduledSeq]) -> _Batch:
         """The flattened forward of this step: query tokens, KV layout and the logits rows wanted."""

@@ -8,6 +8,13 @@ Policy (FCFS, one flattened batch per step):
 2. If nothing was preempted, waiting requests are admitted while a slot, the token budget and the
    KV pool allow: kvbm registers the prompt (reusing a cached prefix) and grants blocks for all of
    it at once, so an admitted request never stalls mid-prefill for lack of blocks.
+
+KV rule (kvbm.capacity, model "engine"): every block of the pool is usable; a step needs
+``num_tokens + len(draft)`` slots per sequence, and a request of ``isl`` prompt and ``osl`` output
+tokens needs ``isl + osl - 1`` at its last step (drafts are cut to the room before max_tokens). The
+engine refuses at admission a request the whole pool could never hold. Should one still fail to
+allocate while it runs alone, it would preempt itself forever and hold the head of the queue: it is
+finished instead (``finish_reason="length"``) and handed back through ``take_dropped``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._dropped: list[Request] = []
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -76,6 +84,9 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed, budget - len(draft))
             while kv.allocate(req.request_id, n, len(draft)) is None:
                 victim = running.pop()
+                if victim is req and not running:  # alone and still too big: it can never fit
+                    self._drop(req)
+                    break
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
@@ -108,6 +119,17 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+    def _drop(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        req.status = Status.FINISHED
+        req.finish_reason = "length"
+        self._dropped.append(req)
+
+    def take_dropped(self) -> list[Request]:
+        """Requests finished because the pool cannot hold them even alone (since the last call)."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
 
     def finish(self, req: Request, reason: str) -> None:
         """Mark finished and release its blocks (running or waiting)."""

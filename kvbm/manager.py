@@ -109,6 +109,12 @@ def _check_size(name: str, value: object) -> int:
     return value
 
 
+def _unhashable(op: str, seq_id: object, what: str = "sequence id") -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"{op}: {what} must be hashable (a str or an int, say), got {type(seq_id).__name__} {seq_id!r}"
+    )
+
+
 class KVCacheManager:
     """Paged KV block manager with lookahead (speculative) slots and prefix caching.
 
@@ -180,10 +186,16 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ queries
     def has_sequence(self, seq_id: Hashable) -> bool:
-        return seq_id in self._seqs
+        try:
+            return seq_id in self._seqs
+        except TypeError:
+            raise _unhashable("has_sequence", seq_id) from None
 
     def _get(self, op: str, seq_id: Hashable) -> _Seq:
-        seq = self._seqs.get(seq_id)
+        try:
+            seq = self._seqs.get(seq_id)
+        except TypeError:
+            raise _unhashable(op, seq_id) from None
         if seq is None:
             raise UnknownSequenceError(op, seq_id)
         return seq
@@ -198,9 +210,7 @@ class KVCacheManager:
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         """A copy of the sequence's block ids in order; token ``p`` lives in ``table[p // block_size]``."""
-        seq = self._seqs.get(seq_id)
-        if seq is None:
-            raise UnknownSequenceError("block_table", seq_id)
+        seq = self._get("block_table", seq_id)
         return seq.blocks[:]
 
     def token_ids(self, seq_id: Hashable) -> list[int]:
@@ -249,7 +259,10 @@ class KVCacheManager:
         cached blocks), ``[]`` if the table already had room, or ``None`` when the pool cannot
         satisfy the request; ``None`` leaves the manager exactly as it was. Never shrinks a table.
         """
-        seq = self._seqs.get(seq_id)
+        try:
+            seq = self._seqs.get(seq_id)
+        except TypeError:
+            raise _unhashable("allocate", seq_id) from None
         if seq is None:
             return self._register(seq_id, num_new_tokens, num_lookahead_tokens, token_ids, extra_keys)
         if type(num_new_tokens) is not int or num_new_tokens < 0:
@@ -308,7 +321,9 @@ class KVCacheManager:
                     f"allocate: sequence {seq_id!r} is new: len(token_ids) must equal num_new_tokens, "
                     f"got {len(token_ids)} ids for num_new_tokens={n}"
                 )
-            ids = self._as_array("allocate", seq_id, token_ids) if self._caching else array("q")
+            ids = self._as_array("allocate", seq_id, token_ids)  # validated even when not kept
+            if not self._caching:
+                ids = array("q")
         extra_enc = encode_extra_keys(extra_keys)
         bs = self._block_size
         pool = self._pool
@@ -369,6 +384,7 @@ class KVCacheManager:
                 f"got {len(token_ids)} ids for {count} tokens"
             )
         if not self._caching:
+            self._as_array(op, seq_id, token_ids)  # validate: a bad id is the caller's bug either way
             return array("q")
         known = seq.token_ids
         nk = len(known)
@@ -396,7 +412,10 @@ class KVCacheManager:
         rule of the module docstring applies: blocks wholly past ``max(num_computed, num_reserved)``
         go back to the pool before this returns (unless ``release_lookahead=False``).
         """
-        seq = self._seqs.get(seq_id)
+        try:
+            seq = self._seqs.get(seq_id)
+        except TypeError:
+            raise _unhashable("commit", seq_id) from None
         if seq is None:
             raise UnknownSequenceError("commit", seq_id)
         if type(num_tokens) is not int or num_tokens < 0:
@@ -427,11 +446,13 @@ class KVCacheManager:
             if computed // bs > len(seq.hashes):
                 self._cache_full_blocks(seq, computed // bs)
         else:
-            if token_ids is not None and len(token_ids) != num_tokens:
-                raise TokenIdsError(
-                    f"commit: sequence {seq_id!r}: len(token_ids) must equal num_tokens, "
-                    f"got {len(token_ids)} ids for num_tokens={num_tokens}"
-                )
+            if token_ids is not None:
+                if len(token_ids) != num_tokens:
+                    raise TokenIdsError(
+                        f"commit: sequence {seq_id!r}: len(token_ids) must equal num_tokens, "
+                        f"got {len(token_ids)} ids for num_tokens={num_tokens}"
+                    )
+                self._as_array("commit", seq_id, token_ids)
             seq.num_computed = computed
         keep = computed if computed > seq.num_reserved else seq.num_reserved
         seq.num_reserved = keep
@@ -480,7 +501,10 @@ class KVCacheManager:
     # ------------------------------------------------------------------ free / fork
     def free(self, seq_id: Hashable) -> None:
         """Release every block of the sequence, tail first (so a chain's root is evicted last)."""
-        seq = self._seqs.pop(seq_id, None)
+        try:
+            seq = self._seqs.pop(seq_id) if seq_id in self._seqs else None
+        except TypeError:
+            raise _unhashable("free", seq_id) from None
         if seq is None:
             raise UnknownSequenceError("free", seq_id)
         blocks = seq.blocks
@@ -496,7 +520,11 @@ class KVCacheManager:
         OutOfBlocksError (changing nothing) when that one block cannot be had.
         """
         parent = self._get("fork", parent_id)
-        if child_id in self._seqs:
+        try:
+            exists = child_id in self._seqs
+        except TypeError:
+            raise _unhashable("fork", child_id, "child sequence id") from None
+        if exists:
             raise SequenceExistsError(f"fork: child sequence {child_id!r} already exists")
         bs = self._block_size
         computed = parent.num_computed
@@ -559,7 +587,11 @@ class KVCacheManager:
         Pins only what is cached now (compute and commit the prefix first); returns those blocks.
         A pin is a holder like a sequence: ``unpin(name)`` releases it.
         """
-        if name in self._pins:
+        try:
+            exists = name in self._pins
+        except TypeError:
+            raise _unhashable("pin", name, "pin name") from None
+        if exists:
             raise SequenceExistsError(f"pin: a pin named {name!r} already exists")
         blocks = self.match_prefix(token_ids, extra_keys)
         self._pool.touch(blocks)
@@ -567,7 +599,10 @@ class KVCacheManager:
         return blocks[:]
 
     def unpin(self, name: Hashable) -> None:
-        blocks = self._pins.pop(name, None)
+        try:
+            blocks = self._pins.pop(name) if name in self._pins else None
+        except TypeError:
+            raise _unhashable("unpin", name, "pin name") from None
         if blocks is None:
             raise UnknownPinError(name)
         blocks.reverse()

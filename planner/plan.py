@@ -22,10 +22,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from kvbm import capacity
 from planner.commands import engine_args, join, lookup_window, model_max_context, served_model, vllm_args
@@ -79,8 +79,32 @@ class Prediction(BaseModel):
 class KvBound(BaseModel):
     blocks_per_replica: int
     block_size: int
-    blocks_per_sequence: int
-    max_concurrency: int = Field(description="sequences at peak context with k lookahead that fit")
+    blocks_per_sequence: int = Field(
+        description="blocks one sequence holds at its last step, every draft present"
+    )
+    max_concurrency: int = Field(
+        description="largest concurrency the KV pool serves without preemption (for ngram: whose "
+        "simulated preemption risk is at most max_preemption_risk)"
+    )
+    model: Literal["engine", "vllm"] = Field(description="whose KV rule applies (kvbm.capacity)")
+    rule: str = Field(description="the rule in words")
+    worst_case_concurrency: int = Field(description="every sequence at its peak with every draft at once")
+    preemption_onset: int | None = Field(
+        default=None, description="ngram: smallest concurrency whose simulated preemption risk is >= 50%"
+    )
+    max_preemption_risk: float | None = None
+    concurrency: int | None = Field(default=None, description="the concurrency preemption_risk is for")
+    preemption_risk: float | None = Field(
+        default=None, description="simulated probability that a burst of closed-loop clients preempts"
+    )
+    _risk: capacity.DynamicBound | None = PrivateAttr(default=None)
+
+    def at(self, concurrency: int) -> KvBound:
+        """This bound with the preemption risk at ``concurrency`` filled in (0 when it can never preempt)."""
+        risk = (
+            self._risk.probability(concurrency) if self._risk else float(concurrency > self.max_concurrency)
+        )
+        return self.model_copy(update={"concurrency": concurrency, "preemption_risk": risk})
 
 
 class Replicas(BaseModel):
@@ -387,15 +411,66 @@ class Planner:
                 return a.source.drafter
         return None
 
-    def kv_bound(self, tp: int, k: int, context: int) -> KvBound:
+    @property
+    def kv_model(self) -> capacity.CapacityModel:
+        """Whose KV rule applies: the profile's kv_capacity_model, else the engine's for an engine
+        profile and vLLM's for one measured through a server."""
+        meta = self.profile.metadata
+        return meta.kv_capacity_model or ("engine" if meta.backend == "engine" else "vllm")
+
+    def _kv_acceptance(
+        self, method: str, k: int, override: AcceptanceOverride = None, coverage: float | None = None
+    ) -> tuple[float, list[float]] | None:
+        """Draft coverage and per-position acceptance for the KV onset (the ITL's own source order)."""
+        if isinstance(override, float | int) and not isinstance(override, bool):
+            return (1.0 if coverage is None else coverage), [float(override) ** (i + 1) for i in range(k)]
+        found = [a for (m, _), a in override.items() if m == method] if isinstance(override, Mapping) else []
+        found += [a for a in self.profile.acceptance if a.method == method and a.k >= k]
+        for acc in sorted(found, key=lambda a: a.k != k):  # the exact k first, then a larger one
+            if acc.k >= k:
+                return acc.draft_coverage, list(acc.accepted_per_pos[:k])
+        return None
+
+    def kv_bound(
+        self,
+        tp: int,
+        k: int,
+        context: int,
+        method: str | None = None,
+        isl: int | None = None,
+        acceptance: tuple[float, list[float]] | None = None,
+    ) -> KvBound:
+        """Concurrency the KV pool of a tp replica serves at peak context ``isl + osl``.
+
+        Without ``method`` a speculative k counts as a chain drafter that drafts at every step. For
+        ngram with known ``isl`` and acceptance, the onset is simulated (kvbm.capacity.dynamic_bound)."""
         meta = self.profile.metadata
         blocks = self.profile.kv_blocks_per_replica(tp)
-        return KvBound(
+        model = self.kv_model
+        method = method or ("none" if k == 0 else "draft")
+        static = capacity.static_bound(model, method, k, blocks, context, meta.block_size)
+        bound = KvBound(
             blocks_per_replica=blocks,
             block_size=meta.block_size,
-            blocks_per_sequence=capacity.blocks_per_sequence(context, k, meta.block_size),
-            max_concurrency=capacity.max_concurrency(blocks, context, k, meta.block_size),
+            blocks_per_sequence=static.blocks_per_sequence,
+            max_concurrency=static.max_concurrency,
+            model=model,
+            rule=capacity.describe_rule(model, method, k),
+            worst_case_concurrency=static.max_concurrency,
         )
+        if method in capacity.DYNAMIC_METHODS and k and isl is not None and 1 <= isl < context:
+            acc = acceptance or self._kv_acceptance(method, k)
+            if acc is None:
+                bound.rule += " (no acceptance known: worst case, every draft at the peak)"
+                return bound
+            dyn = capacity.dynamic_bound(
+                model, blocks, meta.block_size, isl, context - isl, k, acc[0], acc[1], method=method
+            )
+            bound.max_concurrency = dyn.max_concurrency
+            bound.preemption_onset = dyn.onset
+            bound.max_preemption_risk = dyn.max_risk
+            bound._risk = dyn
+        return bound
 
     def resolve_inputs(
         self,
@@ -480,7 +555,11 @@ class Planner:
         step = step * inp.itl_correction
         itl = step / tps
         thr = c * tps / (step / 1000.0) / tp
-        kv = self._cached(("kv", tp, k, inp.peak_context), lambda: self.kv_bound(tp, k, inp.peak_context))
+        kv_acc = self._kv_acceptance(method, k, override, coverage) if method != "none" else None
+        kv = self._cached(
+            ("kv", tp, method, k, inp.isl, inp.peak_context, str(kv_acc)),
+            lambda: self.kv_bound(tp, k, inp.peak_context, method, inp.isl, kv_acc),
+        )
         ttft = None
         pre = self.surfaces.prefill.get(tp)
         if pre is not None:
@@ -521,7 +600,7 @@ class Planner:
             max_concurrency=c,
             limited_by=limited_by,
             predicted=pred,
-            kv=ev.kv,
+            kv=ev.kv.at(c),
             acceptance_source=None if method == "none" else ev.acc.source,
             acceptance_kind=None if method == "none" else ev.acc.kind,
             flags=flags,

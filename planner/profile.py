@@ -107,6 +107,11 @@ class Metadata(_Strict):
     weights: Literal["real", "random", "none"] = Field(
         description="'none' for a synthetic profile that ran no model at all"
     )
+    kv_capacity_model: Literal["engine", "vllm"] | None = Field(
+        default=None,
+        description="which serving engine's KV admission rule plans apply (kvbm.capacity); "
+        "None = from the backend: 'engine' for the engine backend, 'vllm' otherwise",
+    )
     source: Literal["measured", "synthetic"]
     created_at: datetime
     command: str = Field(description="the exact command that produced this profile")

@@ -123,8 +123,9 @@ def test_capacity_matches_kvbm(client: TestClient) -> None:
     r = client.get("/capacity", params={"tp": 2, "k": 4, "context": 2000}).json()
     blocks = load_profile(SYN).kv_blocks_per_replica(2)
     assert r["blocks_per_replica"] == blocks
-    assert r["blocks_per_sequence"] == capacity.blocks_per_sequence(2000, 4, 16)
-    assert r["max_concurrency"] == capacity.max_concurrency(blocks, 2000, 4, 16)
+    rule = capacity.static_bound("engine", "draft", 4, blocks, 2000, 16)  # a drafter at every step
+    assert r["blocks_per_sequence"] == rule.blocks_per_sequence
+    assert r["max_concurrency"] == rule.max_concurrency
 
 
 def test_correction_health_and_metrics(client: TestClient) -> None:

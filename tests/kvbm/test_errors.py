@@ -105,3 +105,42 @@ def test_numpy_style_ints_are_accepted() -> None:
     assert mgr.allocate("s", Index(), token_ids=[1, 2, 3]) is not None  # type: ignore[arg-type]
     mgr.commit("s", Index())  # type: ignore[arg-type]
     assert mgr.num_computed_tokens("s") == 3
+
+
+@pytest.mark.parametrize("caching", [True, False])
+@pytest.mark.parametrize("bad", [[1, 2.5], [1, "x"], [1, 2**63], [1, None]])
+def test_token_ids_are_validated_with_or_without_prefix_caching(caching: bool, bad: list) -> None:
+    m = kvbm.KVCacheManager(8, 4, enable_prefix_caching=caching)
+    before = snapshot(m)
+    with pytest.raises(kvbm.TokenIdsError, match="token_ids must be ints in the int64 range"):
+        m.allocate("s", 2, token_ids=bad)
+    assert snapshot(m) == before and not m.has_sequence("s")
+    m.allocate("s", 2, 1, token_ids=[1, 2])
+    with pytest.raises(kvbm.TokenIdsError, match="sequence 's': token_ids must be ints"):
+        m.commit("s", 2, token_ids=bad)
+    m.commit("s", 2, token_ids=[1, 2])
+    with pytest.raises(kvbm.TokenIdsError, match="sequence 's': token_ids must be ints"):
+        m.allocate("s", 2, token_ids=bad)
+    check_invariants(m)
+
+
+@pytest.mark.parametrize(
+    ("call", "op"),
+    [
+        (lambda m, bad: m.allocate(bad, 1, token_ids=[1]), "allocate"),
+        (lambda m, bad: m.commit(bad, 1), "commit"),
+        (lambda m, bad: m.free(bad), "free"),
+        (lambda m, bad: m.block_table(bad), "block_table"),
+        (lambda m, bad: m.num_computed_tokens(bad), "num_computed_tokens"),
+        (lambda m, bad: m.has_sequence(bad), "has_sequence"),
+        (lambda m, bad: m.fork(bad, "c"), "fork"),
+        (lambda m, bad: m.fork("a", bad), "fork"),
+        (lambda m, bad: m.pin(bad, [1, 2, 3, 4]), "pin"),
+        (lambda m, bad: m.unpin(bad), "unpin"),
+    ],
+)
+def test_unhashable_ids_give_a_kvbm_error(mgr: kvbm.KVCacheManager, call: Callable, op: str) -> None:
+    before = snapshot(mgr)
+    with pytest.raises(kvbm.InvalidArgumentError, match=rf"{op}: .* must be hashable .*got list \['x'\]"):
+        call(mgr, ["x"])
+    assert snapshot(mgr) == before

@@ -30,7 +30,7 @@ def analytic_ranking(planner: Planner, itl_ms: float, isl: int, osl: int) -> lis
     out = []
     for (tp, method, k), surf in planner.surfaces.decode.items():
         lo, hi = surf.concurrency_bounds(ctx)
-        c_kv = capacity.max_concurrency(M.kv_blocks_per_replica(tp), peak, k, M.block_size)
+        c_kv = planner.kv_bound(tp, k, peak, method, isl).max_concurrency
         best = None
         for c in range(lo, min(hi, c_kv) + 1):
             if M.itl_ms(tp, method, k, c, ctx) <= itl_ms:
@@ -95,8 +95,10 @@ def test_kv_capacity_with_lookahead_bounds_concurrency(planner: Planner) -> None
     assert ch.tp == 1
     blocks = M.kv_blocks_per_replica(1)
     assert ch.kv.blocks_per_replica == blocks
-    assert ch.kv.blocks_per_sequence == math.ceil((isl + osl + 1 + ch.k) / M.block_size)
-    assert ch.kv.max_concurrency == capacity.max_concurrency(blocks, isl + osl, ch.k, M.block_size)
+    worst = capacity.static_bound("engine", ch.method, ch.k, blocks, isl + osl, M.block_size)
+    assert ch.kv.model == "engine"  # the synthetic profile's backend
+    assert ch.kv.blocks_per_sequence == worst.blocks_per_sequence
+    assert ch.kv.worst_case_concurrency == worst.max_concurrency <= ch.kv.max_concurrency
     assert ch.max_concurrency <= ch.kv.max_concurrency
     assert ch.limited_by in {"kv", "measured_range"}
 
