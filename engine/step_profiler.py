@@ -9,7 +9,8 @@ forward, sample or verify, kvbm commit, proposer update, output; a ``PhaseClock`
 Speculative points are measured at a given draft coverage: ``round(coverage * c)`` sequences carry a
 draft of exactly ``k`` tokens (the proposer's own drafts; prompt lookup's are padded with their last
 token where it finds nothing on random tokens: acceptance from such a run means nothing, timing does), the
-others speculate=False and verify only their one token, as a sequence without a draft does in serving.
+others speculate=False and carry no draft, as a sequence without a draft does in serving: where a verify
+CUDA graph exists the engine pads them to ``k`` (``LLMEngine._pad_drafts``) so the step replays it.
 
 Every step appends at least one token, so contexts start half the planned number of steps below ``L``
 and the timed steps straddle it. Timed steps come in repeats of ``steps``; repeats continue until the
@@ -282,6 +283,13 @@ class StepProfiler:
                     break
             settled = settled or max_repeats == 1
             usage = engine.kv_usage
+            running = {r.request_id for r in engine.scheduler.running}
+            if lost := [rid for rid in ids if rid not in running]:
+                raise CapacityError(
+                    f"concurrency {concurrency} at context {context_len}: {len(lost)} sequences stopped "
+                    f"running during the timed steps (reached max_context {engine.max_model_len} or were "
+                    "preempted), so the steps did not run the point"
+                )
         finally:
             engine.clock = None
             for rid in ids:

@@ -210,3 +210,20 @@ def test_prefill_of_max_context_is_measured(sp_short):
     assert not sp_short.engine.has_unfinished()
     with pytest.raises(CapacityError, match="input_len 129 exceeds max_context 128"):
         sp_short.measure_prefill(129, repeats=1)
+
+
+def test_a_point_whose_sequences_stop_running_is_refused(sp, monkeypatch):
+    """A sequence that leaves the batch mid-point (max_context reached, preempted) would time a
+    smaller batch than the point names: the point raises instead."""
+    step = sp.engine.step
+
+    def step_then_finish_one() -> list:
+        out = step()
+        if len(sp.engine.scheduler.running) == 3:
+            sp.engine.abort(sp.engine.scheduler.running[0].request_id)
+        return out
+
+    monkeypatch.setattr(sp.engine, "step", step_then_finish_one)
+    with pytest.raises(CapacityError, match="1 sequences stopped running"):
+        sp.measure_decode(3, 64, steps=3, warmup=1)
+    assert not sp.engine.has_unfinished()
