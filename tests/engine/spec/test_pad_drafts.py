@@ -90,10 +90,15 @@ def test_counters_count_the_proposers_drafts_only(v16) -> None:
     assert b.num_decode_steps == a.num_decode_steps - b.num_pad_accepted_tokens
 
 
-def test_auto_pads_only_where_a_verify_graph_replays(v16) -> None:
-    engine = _engine(SpecConfig(method="ngram", k=3))  # CPU: no CUDA graph, so no padding
+@pytest.mark.parametrize("graph_width", [None, 3, 4])
+def test_auto_pads_only_where_a_verify_graph_replays(v16, graph_width) -> None:
+    """pad_drafts=None pads only when the runner replays a graph for 1 + the drafts' width (k=2: 3);
+    on CPU no width has one."""
+    engine = _engine(SpecConfig(method="draft", k=2, draft_layers=1))
+    if graph_width is not None:
+        engine.runner.has_verify_graphs = lambda q, tree=False: q == graph_width
     _run(engine)
-    assert engine.spec_stats.num_pad_tokens == 0
+    assert (engine.spec_stats.num_pad_tokens > 0) == (graph_width == 3)
 
 
 def test_verify_padding_draws_as_plain_sampling() -> None:
