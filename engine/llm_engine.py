@@ -445,7 +445,8 @@ class LLMEngine:
         speculate=False included), and SpecStats counts pads apart from drafts. Only when every
         sequence of the step decodes (a prefill chunk would break the graph anyway), all real drafts
         share one width with a verify graph (unless ``pad_drafts`` forces it; never for a Medusa
-        tree), and every sequence has room for the pad; otherwise nothing is padded."""
+        tree), and every sequence has room for the pad within the step's token budget and the free KV
+        blocks (a pad never preempts a sequence); otherwise nothing is padded."""
         if not drafts or self.pad_drafts is False or self.spec is None or self.spec.is_tree:
             return set()
         widths = {len(d) for d in drafts.values()}
@@ -462,6 +463,12 @@ class LLMEngine:
         if sched.waiting and len(sched.running) < sched.max_num_seqs:  # a prefill may join this step
             return set()
         if any(self._draft_room(r) < width for r in cands):
+            return set()
+        if len(decoding) * (1 + width) > sched.max_num_batched_tokens:  # pads must not crowd a sequence out
+            return set()
+        # nor cause a preemption: at most this many new blocks per sequence (a conservative bound)
+        per_seq = -(-(1 + width) // self.runner.block_size) + 1
+        if self.kv_manager.num_free_blocks < len(decoding) * per_seq:
             return set()
         for r in cands:
             drafts[r.request_id] = [r.output_token_ids[-1]] * width

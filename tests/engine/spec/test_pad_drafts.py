@@ -61,7 +61,7 @@ def _run(engine: LLMEngine) -> dict[str, list[int]]:
         for o in engine.step():
             if o.finished:
                 done[o.request_id] = list(o.token_ids)
-    assert engine.kv_manager.num_free_blocks == 256
+    assert engine.scheduler.kv.num_free_blocks == 256
     return done
 
 
@@ -117,3 +117,35 @@ def test_verify_padding_draws_as_plain_sampling() -> None:
     expect = [sample(logits[j : j + 1], [1.0], [1.0], [ref])[0] for j in range(2)]
     assert res.tokens == [expect] and res.num_accepted == [1]
     assert gen.get_state().equal(ref.get_state())  # rows after the mismatch were never drawn from
+
+
+def test_pads_never_take_a_sequences_place(v16) -> None:
+    """Pads that would not fit the step's token budget or the free KV blocks are not given (they would
+    push a sequence out of the step or preempt one): the run stays as without padding."""
+    spec = SpecConfig(method="draft", k=2, draft_layers=1)
+    plain = _run(_engine(spec, pad=False))
+    tight_budget = LLMEngine(
+        "tiny-v16",
+        device="cpu",
+        num_gpu_blocks=256,
+        block_size=BLOCK,
+        spec=spec,
+        pad_drafts=True,
+        max_num_batched_tokens=2 * 3 - 1,
+    )  # fmt: skip  (a padded step holds >= 2 sequences of 1 + 2 tokens)
+    assert _run(tight_budget) == plain and tight_budget.spec_stats.num_pad_tokens == 0
+    full_pool = _engine(spec, pad=True)
+    full_pool.kv_manager = _NoFreeBlocks(full_pool.kv_manager)  # what _pad_drafts reads; kvbm itself runs
+    assert _run(full_pool) == plain and full_pool.spec_stats.num_pad_tokens == 0
+
+
+class _NoFreeBlocks:
+    """A view of the engine's kvbm manager that reports a full pool."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    num_free_blocks = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
