@@ -65,7 +65,11 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         cuda_graphs: bool = True,
         gpu_memory_utilization: float = 0.9,
+        pad_drafts: bool | None = None,
     ) -> None:
+        """``pad_drafts``: give sequences without a draft a padded one so the batch keeps one verify
+        width (``_pad_drafts``); None = where that width replays a CUDA graph, True = also without a
+        graph (CPU tests), False = never."""
         if not isinstance(tp, int) or tp < 1:
             raise ConfigError(f"tp must be an int >= 1, got {tp!r}")
         self.source = resolve_model(model, weights=weights)
@@ -108,6 +112,10 @@ class LLMEngine:
         self.proposer: Any = None
         self._spec_stats: SpecStats | None = None
         self.clock: PhaseClock | None = None  # set by the step profiler: per-phase step times
+        if pad_drafts not in (None, True, False):
+            raise ConfigError(f"pad_drafts must be None, True or False, got {pad_drafts!r}")
+        self.pad_drafts = pad_drafts
+        self._padded: set[str] = set()  # request ids verifying a padded draft this step
         if spec is not None:
             self._init_spec(spec)
 
@@ -306,8 +314,10 @@ class LLMEngine:
         if clock is not None:
             clock.start()
         drafts: dict[str, list[int]] = {}
+        self._padded = set()
         if self.proposer is not None:
             drafts = self._propose()
+            self._padded = self._pad_drafts(drafts)
             if clock is not None:
                 clock.mark("propose")
         scheduled, preempted = self.scheduler.schedule(drafts)
@@ -405,7 +415,12 @@ class LLMEngine:
         if self.spec is not None and self.spec.is_tree and hidden is not None:
             self._medusa_observe(batch.kinds, batch.rows, new_tokens, hidden)
         for s, a in zip(scheduled, accepted, strict=True):
-            if self._is_decode(s):
+            if not self._is_decode(s):
+                continue
+            if s.request.request_id in self._padded:  # no proposal: the drafter kept nothing of its own
+                self.proposer.commit(s.request.request_id, 0)
+                self._spec_stats.record_padding(len(s.draft), a)
+            else:
                 self.proposer.commit(s.request.request_id, a)
                 self._spec_stats.record(len(s.draft), a)
 
@@ -436,10 +451,7 @@ class LLMEngine:
         if not cands:
             return {}
         k = self.spec.k_for_batch(len(self.scheduler.running))
-        ks = []
-        for r in cands:
-            room = min(r.params.max_tokens - len(r.output_token_ids), self.max_model_len - r.num_tokens) - 1
-            ks.append(max(0, min(k, room)) if r.params.speculate else 0)
+        ks = [max(0, min(k, self._draft_room(r))) if r.params.speculate else 0 for r in cands]
         seqs = [
             SpecSequence(r.request_id, r.all_token_ids, r.params.temperature, r.params.top_p, r.generator)
             for r in cands
@@ -451,6 +463,51 @@ class LLMEngine:
         if self.spec.is_tree:  # a tree's node list is not cut to k (k = its depth, checked by propose)
             return {r.request_id: list(p) for r, p in zip(cands, proposals, strict=True) if p}
         return {r.request_id: list(p)[:k] for r, p, k in zip(cands, proposals, ks, strict=True) if p}
+
+    def _draft_room(self, req: Request) -> int:
+        """Draft tokens this request can verify this step: it must still have room for the bonus token."""
+        return min(req.params.max_tokens - len(req.output_token_ids), self.max_model_len - req.num_tokens) - 1
+
+    def _pad_drafts(self, drafts: dict[str, list[int]]) -> set[str]:
+        """Give every decoding sequence without a draft a padded draft of the batch's draft width, in
+        place; returns the padded request ids.
+
+        Why: a batch mixing widths 1 + k and 1 (draft coverage < 1: prompt lookup finds nothing, a
+        request has speculate=False) runs its forward eagerly, several times slower on a GPU than the
+        CUDA graph a uniform 1 + k batch replays. The pad repeats the sequence's last token; it is no
+        proposal: ``verify_padding`` keeps a pad token only when it equals the target's own draw, so
+        the output is what the sequence would emit without the pad (greedy or sampled,
+        speculate=False included), and SpecStats counts pads apart from drafts. Only when every
+        sequence of the step decodes (a prefill chunk would break the graph anyway), all real drafts
+        share one width with a verify graph (unless ``pad_drafts`` forces it; never for a Medusa
+        tree), and every sequence has room for the pad within the step's token budget and the free KV
+        blocks (a pad never preempts a sequence); otherwise nothing is padded."""
+        if not drafts or self.pad_drafts is False or self.spec is None or self.spec.is_tree:
+            return set()
+        widths = {len(d) for d in drafts.values()}
+        if len(widths) != 1:
+            return set()
+        width = widths.pop()
+        if self.pad_drafts is None and not self.runner.has_verify_graphs(1 + width):
+            return set()
+        sched = self.scheduler
+        decoding = sched.decode_candidates()
+        if len(decoding) != len(sched.running):
+            return set()
+        cands = [r for r in decoding if r.request_id not in drafts]
+        if sched.waiting and len(sched.running) < sched.max_num_seqs:  # a prefill may join this step
+            return set()
+        if any(self._draft_room(r) < width for r in cands):
+            return set()
+        if len(decoding) * (1 + width) > sched.max_num_batched_tokens:  # pads must not crowd a sequence out
+            return set()
+        # nor cause a preemption: at most this many new blocks per sequence (a conservative bound)
+        per_seq = -(-(1 + width) // self.runner.block_size) + 1
+        if self.kv_manager.num_free_blocks < len(decoding) * per_seq:
+            return set()
+        for r in cands:
+            drafts[r.request_id] = [r.output_token_ids[-1]] * width
+        return {r.request_id for r in cands}
 
     def _sample_or_verify(
         self, kinds: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor | None
@@ -474,6 +531,10 @@ class LLMEngine:
             for q, t in zip(reqs, toks, strict=True):
                 out[q.request_id] = [t]
         verify = [(s, r, n) for s, r, n in kinds if self.proposer is not None and self._is_decode(s)]
+        padded = [v for v in verify if v[0].request.request_id in self._padded]
+        if padded:
+            self._verify_padding(padded, logits, out)
+            verify = [v for v in verify if v[0].request.request_id not in self._padded]
         if verify and self.spec is not None and self.spec.is_tree:
             self._medusa_verify(verify, logits, out)
         elif verify:
@@ -501,6 +562,24 @@ class LLMEngine:
             for q, toks in zip(reqs, res.tokens, strict=True):
                 out[q.request_id] = list(toks)
         return out
+
+    def _verify_padding(
+        self, padded: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor, out: dict[str, list[int]]
+    ) -> None:
+        """Tokens of the sequences that verify a padded draft (see ``_pad_drafts``)."""
+        from engine.spec import verify_padding
+
+        reqs = [s.request for s, _, _ in padded]
+        rows = torch.cat([torch.arange(r, r + n) for _, r, n in padded]).to(logits.device)
+        res = verify_padding(
+            logits.index_select(0, rows),
+            [s.draft for s, _, _ in padded],
+            temperatures=[q.params.temperature for q in reqs],
+            top_ps=[q.params.top_p for q in reqs],
+            generators=[q.generator for q in reqs],
+        )
+        for q, toks in zip(reqs, res.tokens, strict=True):
+            out[q.request_id] = list(toks)
 
     def _medusa_verify(
         self, verify: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor, out: dict[str, list[int]]

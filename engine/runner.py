@@ -72,6 +72,8 @@ class Runner(Protocol):
 
     def enable_verify_graphs(self, queries_per_seq: int, *, tree: bool = False) -> None: ...
 
+    def has_verify_graphs(self, queries_per_seq: int, *, tree: bool = False) -> bool: ...
+
     def move_kv_slots(self, moves: Sequence[tuple[int, int]]) -> None: ...
 
     def fill_kv_random(self, seed: int) -> None: ...
@@ -323,6 +325,10 @@ class ModelRunner:
         chunks of equal length never capture a graph per prompt length."""
         if self.decode_graphs is not None and queries_per_seq > 1:
             self._verify_widths.add((queries_per_seq, tree))
+
+    def has_verify_graphs(self, queries_per_seq: int, *, tree: bool = False) -> bool:
+        """Whether a step where every sequence carries ``queries_per_seq`` queries replays a graph."""
+        return (queries_per_seq, tree) in self._verify_widths
 
     def _graphs_for(self, meta: AttentionMetadata):  # noqa: ANN202 - DecodeGraphs | None
         if meta.is_pure_decode:

@@ -9,7 +9,8 @@ forward, sample or verify, kvbm commit, proposer update, output; a ``PhaseClock`
 Speculative points are measured at a given draft coverage: ``round(coverage * c)`` sequences carry a
 draft of exactly ``k`` tokens (the proposer's own drafts; prompt lookup's are padded with their last
 token where it finds nothing on random tokens: acceptance from such a run means nothing, timing does), the
-others speculate=False and verify only their one token, as a sequence without a draft does in serving.
+others speculate=False and carry no draft, as a sequence without a draft does in serving: where a verify
+CUDA graph exists the engine pads them to ``k`` (``LLMEngine._pad_drafts``) so the step replays it.
 
 Every step appends at least one token, so contexts start half the planned number of steps below ``L``
 and the timed steps straddle it. Timed steps come in repeats of ``steps``; repeats continue until the
@@ -187,12 +188,17 @@ class StepProfiler:
         if c > self.engine.scheduler.max_num_seqs:
             raise CapacityError(f"concurrency {c} exceeds max_num_seqs {self.engine.scheduler.max_num_seqs}")
         limit = self.engine.max_model_len
-        if length + self.lookahead > limit:
+        if length > limit:
+            raise CapacityError(f"context_len {length} exceeds max_context {limit}")
+        # start half the growth below L, and early enough that the last step (its verify tokens
+        # included) still fits: a point at L = max_context is timed on the steps just below it
+        latest = limit - growth - self.lookahead - 1
+        if latest < 2:
             raise CapacityError(
-                f"context_len {length} + {self.lookahead} lookahead tokens exceeds max_context {limit}"
+                f"context_len {length}: {growth} steps of 1 + {self.lookahead} lookahead tokens do not fit "
+                f"within max_context {limit}"
             )
-        # start half the growth below L, and early enough that the last step still fits
-        start = max(2, min(length - growth // 2, limit - growth - self.lookahead - 1))
+        start = max(2, min(length - growth // 2, latest))
         import kvbm
 
         need = kvbm.capacity.blocks_needed(c, start + growth, self.lookahead, self.block_size)
@@ -277,6 +283,13 @@ class StepProfiler:
                     break
             settled = settled or max_repeats == 1
             usage = engine.kv_usage
+            running = {r.request_id for r in engine.scheduler.running}
+            if lost := [rid for rid in ids if rid not in running]:
+                raise CapacityError(
+                    f"concurrency {concurrency} at context {context_len}: {len(lost)} sequences stopped "
+                    f"running during the timed steps (reached max_context {engine.max_model_len} or were "
+                    "preempted), so the steps did not run the point"
+                )
         finally:
             engine.clock = None
             for rid in ids:
@@ -298,11 +311,19 @@ class StepProfiler:
     @torch.inference_mode()
     def measure_prefill(self, input_len: int, *, repeats: int = 3) -> list[float]:
         """Milliseconds from adding one ``input_len``-token request to its first token, through the
-        engine's steps (chunked when longer than the step budget), after one warm-up."""
+        engine's steps (chunked when longer than the step budget), after one warm-up.
+
+        ``input_len == max_context`` times a prompt of ``max_context - 1`` tokens: a served prompt
+        must leave room for the token it generates (``LLMEngine`` refuses a longer one), so that is
+        the longest prefill serving runs; one token less moves the time by about ``1 / input_len``."""
         if not isinstance(repeats, int) or repeats < 1:
             raise ConfigError(f"repeats must be an int >= 1, got {repeats!r}")
         if not isinstance(input_len, int) or input_len < 1:
             raise ConfigError(f"input_len must be an int >= 1, got {input_len!r}")
+        limit = self.engine.max_model_len
+        if input_len > limit:
+            raise CapacityError(f"input_len {input_len} exceeds max_context {limit}")
+        input_len = min(input_len, limit - 1)
         self._check_point(1, input_len + 1, 0)
         gen = torch.Generator().manual_seed(self.seed)
         toks = torch.randint(0, self.config.vocab_size, (input_len,), generator=gen).tolist()

@@ -10,6 +10,12 @@ A step emits ``1 + accepted`` tokens, so tokens per decode step = ``1 + accepted
 ``1 + draft_coverage * acceptance_given_draft`` with ``draft_coverage = drafts / decode_steps`` and
 ``acceptance_given_draft = accepted / drafts = sum_i accepted_per_pos[i] / drafts`` (the metric
 definitions in planner/metrics_def.py).
+
+Padded drafts (``LLMEngine`` gives a sequence without a draft a repeat of its last token so the batch
+keeps one verify width and replays its CUDA graph) are no proposals: such a step is recorded as a decode
+step without a draft, and the pad tokens and the pad tokens kept (the target's own tokens, emitted) are
+counted apart in ``num_pad_tokens`` / ``num_pad_accepted_tokens``, so coverage and acceptance (and the
+vLLM-named /metrics read from them) describe the proposer alone.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ class SpecStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
+    num_pad_tokens: int = 0
+    num_pad_accepted_tokens: int = 0
     # Wall time spent proposing and verifying (seconds), for logs; the profiler times steps itself.
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
@@ -54,11 +62,25 @@ class SpecStats:
         for i in range(num_accepted):
             self.accepted_per_pos[i] += 1
 
+    def record_padding(self, num_pad_tokens: int, num_accepted: int) -> None:
+        """One sequence's decode step verified a padded draft of ``num_pad_tokens`` tokens (not a
+        proposal) and kept ``num_accepted`` of them; counts a decode step without a draft."""
+        if not 0 <= num_accepted <= num_pad_tokens:
+            raise ValueError(
+                f"SpecStats.record_padding: need 0 <= num_accepted ({num_accepted}) <= num_pad_tokens "
+                f"({num_pad_tokens})"
+            )
+        self.record(0, 0)
+        self.num_pad_tokens += num_pad_tokens
+        self.num_pad_accepted_tokens += num_accepted
+
     def merge(self, other: SpecStats) -> None:
         self.num_decode_steps += other.num_decode_steps
         self.num_drafts += other.num_drafts
         self.num_draft_tokens += other.num_draft_tokens
         self.num_accepted_tokens += other.num_accepted_tokens
+        self.num_pad_tokens += other.num_pad_tokens
+        self.num_pad_accepted_tokens += other.num_pad_accepted_tokens
         n = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
         a = self.accepted_per_pos + [0] * (n - len(self.accepted_per_pos))
         b = other.accepted_per_pos + [0] * (n - len(other.accepted_per_pos))
@@ -68,7 +90,8 @@ class SpecStats:
 
     @property
     def tokens_per_step(self) -> float:
-        """Output tokens per decode step: ``1 + accepted / decode_steps`` (1.0 before any step)."""
+        """Output tokens per decode step from the proposer's drafts: ``1 + accepted / decode_steps``
+        (1.0 before any step; pad tokens kept are not in it)."""
         if self.num_decode_steps == 0:
             return 1.0
         return 1.0 + self.num_accepted_tokens / self.num_decode_steps
@@ -102,6 +125,8 @@ class SpecStats:
             "num_draft_tokens": self.num_draft_tokens,
             "num_accepted_tokens": self.num_accepted_tokens,
             "accepted_per_pos": list(self.accepted_per_pos),
+            "num_pad_tokens": self.num_pad_tokens,
+            "num_pad_accepted_tokens": self.num_pad_accepted_tokens,
             "tokens_per_step": self.tokens_per_step,
             "draft_coverage": self.draft_coverage,
             "acceptance_given_draft": self.acceptance_given_draft,

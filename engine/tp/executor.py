@@ -324,6 +324,10 @@ class TPExecutor:
             self._raise_failed(exc)
         runner.enable_verify_graphs(queries_per_seq, tree=tree)
 
+    def has_verify_graphs(self, queries_per_seq: int, *, tree: bool = False) -> bool:
+        """Every rank enables the same widths, so rank 0's runner answers for all."""
+        return self._check().has_verify_graphs(queries_per_seq, tree=tree)
+
     def move_kv_slots(self, moves: Sequence[tuple[int, int]]) -> None:
         """Apply KV slot moves (Medusa's path compaction) on every rank's cache shard."""
         from engine.spec.medusa import move_kv_slots

@@ -182,3 +182,48 @@ def test_bad_arguments(sp):
         sp.measure_decode(2, 64, coverage=1.5)
     with pytest.raises(ConfigError, match="min_repeats"):
         sp.measure_decode(2, 64, min_repeats=3, max_repeats=2)
+
+
+@pytest.fixture(scope="module")
+def sp_short() -> StepProfiler:
+    return StepProfiler("tiny", device="cpu", num_blocks=100, block_size=16, max_context=128)
+
+
+@pytest.mark.parametrize("method", ["none", "ngram"])
+def test_decode_point_at_max_context_is_measured(method):
+    k = SPECS[method][0]
+    sp = StepProfiler("tiny", device="cpu", method=method, k=k, num_blocks=100, max_context=128)
+    try:
+        t = sp.measure_decode(2, 128, steps=4, warmup=1)
+        assert len(t.step_ms) == 4
+        with pytest.raises(CapacityError, match="context_len 129 exceeds max_context 128"):
+            sp.measure_decode(2, 129, steps=4, warmup=1)
+        with pytest.raises(CapacityError, match="do not fit within max_context 128"):
+            sp.measure_decode(2, 128, steps=130, warmup=1)
+    finally:
+        sp.close()
+
+
+def test_prefill_of_max_context_is_measured(sp_short):
+    ms = sp_short.measure_prefill(128, repeats=1)
+    assert len(ms) == 1 and ms[0] > 0
+    assert not sp_short.engine.has_unfinished()
+    with pytest.raises(CapacityError, match="input_len 129 exceeds max_context 128"):
+        sp_short.measure_prefill(129, repeats=1)
+
+
+def test_a_point_whose_sequences_stop_running_is_refused(sp, monkeypatch):
+    """A sequence that leaves the batch mid-point (max_context reached, preempted) would time a
+    smaller batch than the point names: the point raises instead."""
+    step = sp.engine.step
+
+    def step_then_finish_one() -> list:
+        out = step()
+        if len(sp.engine.scheduler.running) == 3:
+            sp.engine.abort(sp.engine.scheduler.running[0].request_id)
+        return out
+
+    monkeypatch.setattr(sp.engine, "step", step_then_finish_one)
+    with pytest.raises(CapacityError, match="1 sequences stopped running"):
+        sp.measure_decode(3, 64, steps=3, warmup=1)
+    assert not sp.engine.has_unfinished()

@@ -80,3 +80,29 @@ def test_lm_head_inside_the_graph_matches_eager():
     _, one_row = runner.execute(ids, pos, meta, runner.index_tensor([2]))
     torch.testing.assert_close(one_row, eager[2:], rtol=1e-4, atol=1e-4)
     assert sorted(runner.decode_graphs._graphs) == [(4, False), (4, True)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_partial_draft_coverage_replays_the_verify_graph():
+    """One request drafts, the other has speculate=False: the engine pads the latter (pad_drafts
+    auto), so the mixed batch replays the 1 + k verify graph; greedy output equals plain decoding."""
+    from engine.llm_engine import LLMEngine
+    from engine.sampling import SamplingParams
+    from engine.spec import SpecConfig
+
+    def run(spec):
+        engine = LLMEngine(
+            "tiny", dtype="float32", device="cuda", num_gpu_blocks=64, weights="random", spec=spec
+        )
+        for i in range(2):
+            params = SamplingParams(max_tokens=12, ignore_eos=True, speculate=i == 0)
+            engine.add_request(f"r{i}", list(range(3 + i, 20 + i)), params)
+        out = {}
+        while engine.has_unfinished():
+            out.update({o.request_id: list(o.token_ids) for o in engine.step() if o.finished})
+        return engine, out
+
+    engine, padded = run(SpecConfig(method="draft", k=2, draft_layers=1))
+    assert padded == run(None)[1]
+    assert engine.spec_stats.num_pad_tokens > 0
+    assert engine.runner._verify_graphs[(3, False)].captured_sizes  # the verify graph did replay

@@ -1,0 +1,151 @@
+"""Padded drafts (LLMEngine._pad_drafts): sequences without a draft verify a repeat of their last token
+so the batch keeps one verify width. Forced on CPU (``pad_drafts=True``): output stays the target's
+(greedy, seeded sampling, speculate=False), and the spec-decode counters count the proposer's drafts
+only, exactly as without padding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from engine import llm_engine
+from engine.llm_engine import LLMEngine
+from engine.presets import resolve_model
+from engine.sampling import SamplingParams, sample
+from engine.spec import SpecConfig, verify_greedy, verify_padding
+
+BLOCK = 8
+N_NEW = 24
+
+
+@pytest.fixture
+def v16(monkeypatch) -> None:
+    """The tiny preset with a 16-token vocabulary: its greedy choice often repeats the last token, so
+    pads do get kept and the paths that emit them are exercised."""
+    base = resolve_model("tiny", weights="random")
+    src = dataclasses.replace(base, config=base.config.replace(name="tiny-v16", vocab_size=16))
+    monkeypatch.setattr(llm_engine, "resolve_model", lambda *a, **kw: src)
+
+
+def _engine(spec: SpecConfig | None, pad: bool | None = None) -> LLMEngine:
+    return LLMEngine(
+        "tiny-v16", device="cpu", num_gpu_blocks=256, block_size=BLOCK, spec=spec, pad_drafts=pad
+    )
+
+
+def _prompts() -> list[list[int]]:
+    rng = np.random.default_rng(1)
+    out = []
+    for n in (5, 9, 13, 20):
+        base = rng.integers(0, 16, size=n).tolist()
+        out.append(base + base[: n // 2])
+    return out
+
+
+def _params(i: int) -> SamplingParams:
+    """Requests 0, 1 speculate greedily; 2 is greedy with speculate=False; 3 samples with a seed,
+    speculate=False."""
+    if i == 3:
+        return SamplingParams(max_tokens=N_NEW, ignore_eos=True, temperature=1.0, seed=7, speculate=False)
+    return SamplingParams(max_tokens=N_NEW, ignore_eos=True, speculate=i < 2)
+
+
+def _run(engine: LLMEngine) -> dict[str, list[int]]:
+    for i, p in enumerate(_prompts()):
+        engine.add_request(f"s{i}", p, _params(i))
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = list(o.token_ids)
+    assert engine.scheduler.kv.num_free_blocks == 256
+    return done
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: SpecConfig(method="ngram", k=3), lambda: SpecConfig(method="draft", k=2, draft_layers=1)]
+)
+def test_padding_is_lossless(v16, make) -> None:
+    plain = _run(_engine(None))
+    padded = _engine(make(), pad=True)
+    assert _run(padded) == plain
+    st = padded.spec_stats
+    assert st.num_pad_tokens > 0 and st.num_pad_accepted_tokens > 0  # pads were verified, some kept
+
+
+def test_counters_count_the_proposers_drafts_only(v16) -> None:
+    """The draft model drafts k for every speculating request at every step, so padding only touches
+    the speculate=False requests: the proposer's counters must equal those of the unpadded run."""
+    spec = SpecConfig(method="draft", k=2, draft_layers=1)
+    off, on = _engine(spec, pad=False), _engine(spec, pad=True)
+    assert _run(off) == _run(on)
+    a, b = off.spec_stats, on.spec_stats
+    assert a.num_pad_tokens == 0 and b.num_pad_tokens > 0
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_pos"):
+        assert getattr(b, name) == getattr(a, name), name
+    # kept pads save decode steps of the padded requests; none of them counts as a draft
+    assert b.num_decode_steps == a.num_decode_steps - b.num_pad_accepted_tokens
+
+
+@pytest.mark.parametrize("graph_width", [None, 3, 4])
+def test_auto_pads_only_where_a_verify_graph_replays(v16, graph_width) -> None:
+    """pad_drafts=None pads only when the runner replays a graph for 1 + the drafts' width (k=2: 3);
+    on CPU no width has one."""
+    engine = _engine(SpecConfig(method="draft", k=2, draft_layers=1))
+    if graph_width is not None:
+        engine.runner.has_verify_graphs = lambda q, tree=False: q == graph_width
+    _run(engine)
+    assert (engine.spec_stats.num_pad_tokens > 0) == (graph_width == 3)
+
+
+def test_verify_padding_draws_as_plain_sampling() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4 + 3, 16)
+    pads = [[5, 5, 5], [2, 2]]
+    assert verify_padding(logits, pads, temperatures=[0, 0], top_ps=[1, 1], generators=[None, None]) == (
+        verify_greedy(logits, pads)
+    )
+    # pad 0 equal to the sampled token, then a pad that cannot be drawn (zero probability after top-p)
+    gen = torch.Generator().manual_seed(3)
+    first = sample(logits[0:1], [1.0], [1.0], [torch.Generator().manual_seed(3)])[0]
+    logits[1, 9] = -1e9
+    res = verify_padding(logits[:4], [[first, 9, 9]], temperatures=[1.0], top_ps=[1.0], generators=[gen])
+    ref = torch.Generator().manual_seed(3)
+    expect = [sample(logits[j : j + 1], [1.0], [1.0], [ref])[0] for j in range(2)]
+    assert res.tokens == [expect] and res.num_accepted == [1]
+    assert gen.get_state().equal(ref.get_state())  # rows after the mismatch were never drawn from
+
+
+def test_pads_never_take_a_sequences_place(v16) -> None:
+    """Pads that would not fit the step's token budget or the free KV blocks are not given (they would
+    push a sequence out of the step or preempt one): the run stays as without padding."""
+    spec = SpecConfig(method="draft", k=2, draft_layers=1)
+    plain = _run(_engine(spec, pad=False))
+    tight_budget = LLMEngine(
+        "tiny-v16",
+        device="cpu",
+        num_gpu_blocks=256,
+        block_size=BLOCK,
+        spec=spec,
+        pad_drafts=True,
+        max_num_batched_tokens=2 * 3 - 1,
+    )  # fmt: skip  (a padded step holds >= 2 sequences of 1 + 2 tokens)
+    assert _run(tight_budget) == plain and tight_budget.spec_stats.num_pad_tokens == 0
+    full_pool = _engine(spec, pad=True)
+    full_pool.kv_manager = _NoFreeBlocks(full_pool.kv_manager)  # what _pad_drafts reads; kvbm itself runs
+    assert _run(full_pool) == plain and full_pool.spec_stats.num_pad_tokens == 0
+
+
+class _NoFreeBlocks:
+    """A view of the engine's kvbm manager that reports a full pool."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    num_free_blocks = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
