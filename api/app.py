@@ -301,7 +301,7 @@ def create_app(
     @app.get("/capacity", response_model=CapacityAnswer, responses=ERRORS)
     def get_capacity(
         tp: Annotated[int, Query(ge=1, le=1024)],
-        context: Annotated[int, Query(ge=0, le=10_000_000, description="tokens per sequence")],
+        context: Annotated[int, Query(ge=1, le=10_000_000, description="tokens per sequence at its peak")],
         k: Annotated[int, Query(ge=0, le=64, description="lookahead (speculative) slots")] = 0,
         profile: Annotated[str | None, Query(max_length=100)] = None,
     ) -> CapacityAnswer:
