@@ -401,11 +401,14 @@ def dynamic_bound(
     method: str = "ngram",
     max_risk: float = DEFAULT_MAX_RISK,
     waves: int = 2,
+    up_to: int | None = None,
 ) -> DynamicBound:
     """Preemption onset (expected occupancy of the busiest step exceeds the pool) and the largest
     concurrency whose per-step preemption risk stays within ``max_risk``, for a burst of closed-loop
     clients over ``waves`` request lengths (``client_occupancy``; ``preemption_probability`` is the
-    Monte Carlo cross-check). Never below the static bound, which cannot preempt."""
+    Monte Carlo cross-check). Never below the static bound, which cannot preempt. ``up_to``: the
+    largest concurrency the caller can use (a planner's measured range); the search stops there, so a
+    huge pool costs no more than a small one (the onset is then reported as beyond ``up_to``)."""
     if not 0.0 <= max_risk < ONSET_PROBABILITY:
         raise ValueError(f"max_risk must be in [0, {ONSET_PROBABILITY}), got {max_risk!r}")
     usable = usable_blocks(model, num_blocks)
@@ -416,6 +419,8 @@ def dynamic_bound(
     )
     prompt_blocks = blocks_for_slots(isl + reserved_lookahead(model, method, k), block_size)
     ceiling = usable // max(1, prompt_blocks)  # beyond this the prompts alone do not fit
+    if up_to is not None:
+        ceiling = min(ceiling, max(floor, _as_int("up_to", up_to, 1)))
     probs: dict[int, float] = {}
     c = floor + 1
     while c <= ceiling:

@@ -464,7 +464,16 @@ class Planner:
                 bound.rule += " (no acceptance known: worst case, every draft at the peak)"
                 return bound
             dyn = capacity.dynamic_bound(
-                model, blocks, meta.block_size, isl, context - isl, k, acc[0], acc[1], method=method
+                model,
+                blocks,
+                meta.block_size,
+                isl,
+                context - isl,
+                k,
+                acc[0],
+                acc[1],
+                method=method,
+                up_to=self.surfaces.max_concurrency,
             )
             bound.max_concurrency = dyn.max_concurrency
             bound.preemption_onset = dyn.onset

@@ -247,3 +247,5 @@ class Surfaces:
                 self.prefill[tp] = PrefillSurface(tp, pts)
         ctxs = sorted({p.context_len for p in profile.decode if p.ok})
         self.median_context = ctxs[len(ctxs) // 2] if ctxs else 0
+        # the largest measured concurrency: nothing above it is ever planned (no extrapolation)
+        self.max_concurrency = max((p.concurrency for p in profile.decode if p.ok), default=1)
