@@ -345,6 +345,9 @@ def _describe_source(src: AcceptanceSource) -> str:
     return ", ".join(parts)
 
 
+# Longest output the ngram KV occupancy model (kvbm.capacity.dynamic_bound) is run for; longer outputs
+# get the static worst case. The chain's cost grows with osl squared (osl states over ~2 osl steps).
+DYNAMIC_KV_MAX_OSL = 4096
 MEMO_BYTES = 64 * 2**20  # per planner: a few hundred step curves of a wide measured range
 
 
@@ -459,6 +462,9 @@ class Planner:
             worst_case_concurrency=static.max_concurrency,
         )
         if method in capacity.DYNAMIC_METHODS and k and isl is not None and 1 <= isl < context:
+            if context - isl > DYNAMIC_KV_MAX_OSL:  # the occupancy chain costs O(osl^2): keep plans fast
+                bound.rule += f" (osl > {DYNAMIC_KV_MAX_OSL}: worst case, every draft at the peak)"
+                return bound
             acc = acceptance or self._kv_acceptance(method, k)
             if acc is None:
                 bound.rule += " (no acceptance known: worst case, every draft at the peak)"
