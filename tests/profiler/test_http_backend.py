@@ -208,7 +208,9 @@ def test_engine_serve_tiny(k: int) -> None:
     assert point.ok and point.samples == 8
     assert point.itl_ms.mean == pytest.approx(sum(result.itl_ms()) / 8)
     assert point.itl_ms.p90 == pytest.approx(md.percentile(result.itl_ms(), 90))
-    assert point.throughput_per_gpu == pytest.approx(96 / result.window_s)
+    w = result.steady  # throughput over the window in which all 4 were in flight, not the whole run
+    assert w is not None and 0 < w.duration_s <= result.window_s and 0 < w.output_tokens <= 96
+    assert point.throughput_per_gpu == pytest.approx(w.output_tokens / w.duration_s)
     if not k:
         assert result.counters is None or result.counters.drafts == 0
         assert point.tokens_per_step == 1.0
