@@ -38,6 +38,8 @@ from engine.serve.protocol import (
     DeltaMessage,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     UsageInfo,
     new_id,
     now_s,
@@ -177,6 +179,13 @@ def build_app(
     async def prometheus_metrics() -> Response:
         body = metrics.exposition() if metrics is not None else b""
         return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's endpoint: clients (the profiler's exact-length prompts) cut ids instead of probing."""
+        check_model(req.model)
+        ids = served.tokenizer.encode(req.prompt)
+        return TokenizeResponse(count=len(ids), max_model_len=served.max_model_len, tokens=ids)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:

@@ -299,6 +299,21 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's): the ids a completion of ``prompt`` would be given."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # e.g. add_special_tokens: not silently ignored
+
+    model: str | None = None
+    prompt: str
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

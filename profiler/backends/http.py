@@ -227,7 +227,8 @@ def _probe_prompt_tokens(client: httpx.Client, url: str, model: str, text: str) 
 
 def _cut_to_tokens(client: httpx.Client, url: str, model: str, text: str, tokens: int) -> str | None:
     """The prefix of ``text`` the server counts as exactly ``tokens`` tokens: interpolation search on
-    the cut (a few probes: tokens grow about linearly with characters); None when no cut gives it."""
+    the cut (a few probes: tokens grow about linearly with characters), bisection after a cut the server
+    rejects as too long (it says nothing about the count); None when no cut gives it."""
     lo, n_lo = 0, 0  # count(text[:lo]) = n_lo < tokens
     hi, n_hi = len(text) + 1, None  # count(text[:hi]) > tokens (None: unknown or rejected as too long)
     guess = min(len(text), 4 * tokens)
@@ -239,7 +240,9 @@ def _cut_to_tokens(client: httpx.Client, url: str, model: str, text: str, tokens
             lo, n_lo = guess, n
         else:
             hi, n_hi = guess, n
-        if n_hi is not None and n_hi > n_lo:
+        if n is None:
+            est = (lo + hi) / 2
+        elif n_hi is not None and n_hi > n_lo:
             est = lo + (tokens - n_lo) * (hi - lo) / (n_hi - n_lo)
         else:
             est = lo + (tokens - n_lo) * (lo / n_lo if n_lo > 0 else 4.0)

@@ -255,8 +255,15 @@ def test_real_vllm_point_with_live_acceptance(vllm_server: str) -> None:
         assert acc.accepted_per_pos == pytest.approx([n / c.drafts for n in c.accepted_per_pos])
 
 
-def _mock_server(monkeypatch: pytest.MonkeyPatch, *, tokenize: bool) -> list[str]:
-    """httpx.Client in the http backend talks to a handler: words + BOS are tokens, > 400 is too long."""
+def _words(text: str) -> int:
+    return len(text.split()) + 1  # words + BOS
+
+
+def _mock_server(
+    monkeypatch: pytest.MonkeyPatch, *, tokenize: bool, count=_words, limit: int = 400
+) -> list[str]:
+    """httpx.Client in the http backend talks to a handler: ``count(prompt)`` tokens, > ``limit`` is too
+    long (HTTP 400)."""
     seen: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -264,10 +271,10 @@ def _mock_server(monkeypatch: pytest.MonkeyPatch, *, tokenize: bool) -> list[str
         if request.url.path == "/tokenize":
             if not tokenize:
                 return httpx.Response(404, json={"detail": "Not Found"})
-            return httpx.Response(200, json={"tokens": list(range(len(body["prompt"].split()) + 1))})
+            return httpx.Response(200, json={"tokens": list(range(count(body["prompt"])))})
         seen.append(body["prompt"])
-        n = len(body["prompt"].split()) + 1
-        if n > 400:
+        n = count(body["prompt"])
+        if n > limit:
             return httpx.Response(400, json={"error": {"message": "prompt too long"}})
         return httpx.Response(200, json={"usage": {"prompt_tokens": n, "completion_tokens": 1}})
 
@@ -288,3 +295,14 @@ def test_exact_prompts_have_the_labelled_length(monkeypatch: pytest.MonkeyPatch,
     else:
         assert [len(p.split()) + 1 for p in prompts] == [50, 50]  # as the server counts them
         assert len(seen) < 2 * 12  # interpolation search: a few probes per prompt
+
+
+def test_exact_prompts_bisect_when_the_server_rejects_the_guess(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A byte-level tokenizer (a token per character) with a 300-token context: the first guess (4
+    characters per token) is rejected as too long, and the search must not then walk down one character
+    per probe (it did: hundreds of probes, each a prefill, for every prompt)."""
+    seen = _mock_server(monkeypatch, tokenize=False, count=lambda text: len(text) + 1, limit=300)
+    texts = ["the quick brown fox jumps over the lazy dog " * 5]
+    prompts = httpb.exact_prompts("http://mock", "m", texts, 200)
+    assert [len(p) + 1 for p in prompts] == [200]
+    assert len(seen) < 20

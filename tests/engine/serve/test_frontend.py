@@ -283,3 +283,17 @@ def test_engine_failure_fails_requests_not_server(fake, fake_server, promtext) -
         fams = _metrics(server, promtext)
         assert promtext.value(fams, "vllm:request_success_total", finished_reason="error") == 1
         assert promtext.value(fams, "vllm:request_success_total", finished_reason="length") == 1
+
+
+def test_tokenize_gives_the_ids_a_completion_is_given(fake_server) -> None:
+    """vLLM's /tokenize: the profiler cuts exact-length prompts from these ids (no probing)."""
+    with fake_server() as (server, _):
+        r = httpx.post(server.base_url + "/tokenize", json={"model": "fake", "prompt": "hi there"})
+        assert r.status_code == 200
+        body = r.json()
+        done = _client(server).completions.create(model="fake", prompt="hi there", max_tokens=1)
+        assert body["count"] == len(body["tokens"]) == done.usage.prompt_tokens
+        assert body["tokens"] == list(b"hi there") and body["max_model_len"] > 0
+        bad = httpx.post(server.base_url + "/tokenize", json={"prompt": "x", "add_special_tokens": False})
+        assert bad.status_code == 400 and "add_special_tokens" in bad.text
+        assert httpx.post(server.base_url + "/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
