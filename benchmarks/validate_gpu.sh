@@ -11,7 +11,9 @@
 # Knobs: K (the k validated for ngram and draft, default 4), POINTS (per config, default 3), OSL
 # (output tokens per request, default 128), WAVES (closed-loop rounds per point, default 3),
 # CONTROLLED (default alpha=0.7,coverage=0.8), SWEEP_LIMIT_S, VALIDATE_LIMIT_S, PROFILE (skip the
-# sweep and validate this profile), DATASET (prompts JSONL; default: the packaged Spec-Bench set).
+# sweep and validate this profile), SWEEP_ARGS (sweep flags instead of the default GPU grid, e.g. a
+# smaller grid), DRAFT (draft model, default llama-68m), DATASET (prompts JSONL; default: the packaged
+# Spec-Bench set).
 # The GPU host has torch, triton, httpx, scipy but not pydantic/fastapi/uvicorn: they travel as wheels
 # in .whl/ (ignored by git; carry it). Fill it on a machine with network access for the host's Python:
 #   pip download -d .whl --only-binary=:all: --python-version 3.12 pydantic fastapi uvicorn \
@@ -33,8 +35,9 @@ PROFILE="${PROFILE:-}"
 if [ -z "$PROFILE" ]; then
     PROFILE="$OUT/vicuna7b.json"
     t0=$(date +%s)
-    timeout "${SWEEP_LIMIT_S:-300}" python3 -m profiler.cli sweep --out "$PROFILE" --no-progress \
-        > "$OUT/sweep.log" 2>&1
+    # shellcheck disable=SC2086  # SWEEP_ARGS is a list of flags
+    timeout "${SWEEP_LIMIT_S:-300}" python3 -m profiler.cli sweep ${SWEEP_ARGS:-} --out "$PROFILE" \
+        --no-progress --no-plots > "$OUT/sweep.log" 2>&1
     rc=$?
     echo "sweep rc=$rc in $(($(date +%s) - t0)) s"
     tail -25 "$OUT/sweep.log"
@@ -46,7 +49,7 @@ t0=$(date +%s)
 timeout "${VALIDATE_LIMIT_S:-500}" python3 -m profiler.cli validate "$PROFILE" \
     --method none,ngram,draft --k "0,$K" --points "${POINTS:-3}" --max-tokens "${OSL:-128}" \
     --requests-per-seq "${WAVES:-3}" --controlled "${CONTROLLED:-alpha=0.7,coverage=0.8}" \
-    --draft-model llama-68m ${data[@]+"${data[@]}"} 2>&1 | tee "$OUT/validate.txt"
+    --draft-model "${DRAFT:-llama-68m}" ${data[@]+"${data[@]}"} 2>&1 | tee "$OUT/validate.txt"
 rc=${PIPESTATUS[0]}
 echo "validate rc=$rc in $(($(date +%s) - t0)) s"
 exit $rc
