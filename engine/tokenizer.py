@@ -21,6 +21,7 @@ _DEFAULT_TEMPLATE = (
 
 # llama.cpp pre-tokenizer names whose splitting rule is GPT-2's regex, optionally with single digits.
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "deepseek-coder"}
+_REPLACEMENT = "\ufffd".encode()  # what a byte tokenizer shows for an id that is no byte
 
 
 class Tokenizer:
@@ -62,9 +63,21 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         if self._tok is None:
-            data = bytes(i for i in ids if 0 <= i < 256)
-            return data.decode("utf-8", errors="replace")
+            return self._decode_bytes(ids, skip_special_tokens)
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def _decode_bytes(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        """Byte tokenizer: ids below 256 are bytes; any other id (a random-weight model draws from its
+        whole vocabulary) is U+FFFD, so every generated token shows as text (a stream whose tokens decode
+        to nothing would carry no timing to its client)."""
+        special = {self.bos_token_id, *self.eos_token_ids} if skip_special_tokens else set()
+        data = bytearray()
+        for i in ids:
+            if 0 <= i < 256:
+                data.append(i)
+            elif i not in special:
+                data += _REPLACEMENT
+        return data.decode("utf-8", errors="replace")
 
     # -- chat -------------------------------------------------------------------------------------
     def apply_chat_template(

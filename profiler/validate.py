@@ -298,8 +298,11 @@ def measure_point(
     acc = httpb.to_acceptance(spec, res, model=model, detail=f"validate window at c={t.concurrency}")
     if t.method != "none" and acc is None:
         raise RuntimeError("the server's /metrics showed no drafts in the window: acceptance unknown")
+    itls = res.itl_ms()
+    if not itls:
+        raise RuntimeError("no request streamed two timed tokens: the ITL cannot be measured")
     pred_itl, pred_thr, tps = predict(profile, t, acc)
-    stats = md.summarize(res.itl_ms())
+    stats = md.summarize(itls)
     w = res.steady
     outcome = Outcome(
         t, pred_itl, stats.mean, pred_thr, res.throughput_per_gpu(t.tp), len(res.ok),

@@ -296,4 +296,5 @@ def test_tokenize_gives_the_ids_a_completion_is_given(fake_server) -> None:
         assert body["tokens"] == list(b"hi there") and body["max_model_len"] > 0
         bad = httpx.post(server.base_url + "/tokenize", json={"prompt": "x", "add_special_tokens": False})
         assert bad.status_code == 400 and "add_special_tokens" in bad.text
-        assert httpx.post(server.base_url + "/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+        unknown = httpx.post(server.base_url + "/tokenize", json={"model": "nope", "prompt": "x"})
+        assert unknown.status_code == 404
