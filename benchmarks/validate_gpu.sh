@@ -13,7 +13,7 @@
 # CONTROLLED (default alpha=0.7,coverage=0.8), SWEEP_LIMIT_S, VALIDATE_LIMIT_S, PROFILE (skip the
 # sweep and validate this profile), SWEEP_ARGS (sweep flags instead of the default GPU grid, e.g. a
 # smaller grid), DRAFT (draft model, default llama-68m), DATASET (prompts JSONL; default: the packaged
-# Spec-Bench set).
+# Spec-Bench set), METHODS (validated methods, default none,ngram,draft).
 # The GPU host has torch, triton, httpx, scipy but not pydantic/fastapi/uvicorn: they travel as wheels
 # in .whl/ (ignored by git; carry it). Fill it on a machine with network access for the host's Python:
 #   pip download -d .whl --only-binary=:all: --python-version 3.12 pydantic fastapi uvicorn \
@@ -47,7 +47,7 @@ data=()
 [ -n "${DATASET:-}" ] && data=(--dataset "$DATASET")
 t0=$(date +%s)
 timeout "${VALIDATE_LIMIT_S:-500}" python3 -m profiler.cli validate "$PROFILE" \
-    --method none,ngram,draft --k "0,$K" --points "${POINTS:-3}" --max-tokens "${OSL:-128}" \
+    --method "${METHODS:-none,ngram,draft}" --k "0,$K" --points "${POINTS:-3}" --max-tokens "${OSL:-128}" \
     --requests-per-seq "${WAVES:-3}" --controlled "${CONTROLLED:-alpha=0.7,coverage=0.8}" \
     --draft-model "${DRAFT:-llama-68m}" ${data[@]+"${data[@]}"} 2>&1 | tee "$OUT/validate.txt"
 rc=${PIPESTATUS[0]}

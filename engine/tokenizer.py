@@ -21,7 +21,7 @@ _DEFAULT_TEMPLATE = (
 
 # llama.cpp pre-tokenizer names whose splitting rule is GPT-2's regex, optionally with single digits.
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "deepseek-coder"}
-_REPLACEMENT = "\ufffd".encode()  # what a byte tokenizer shows for an id that is no byte
+_NOT_A_BYTE = "\u25a1".encode()  # a byte tokenizer shows an id that is no byte as a white square
 
 
 class Tokenizer:
@@ -68,15 +68,16 @@ class Tokenizer:
 
     def _decode_bytes(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         """Byte tokenizer: ids below 256 are bytes; any other id (a random-weight model draws from its
-        whole vocabulary) is U+FFFD, so every generated token shows as text (a stream whose tokens decode
-        to nothing would carry no timing to its client)."""
+        whole vocabulary) is a white square (U+25A1), so every generated token shows as text: a stream whose
+        tokens decode to nothing, or to U+FFFD (which detokenizers hold back as a partial character),
+        carries no timing to its client."""
         special = {self.bos_token_id, *self.eos_token_ids} if skip_special_tokens else set()
         data = bytearray()
         for i in ids:
             if 0 <= i < 256:
                 data.append(i)
             elif i not in special:
-                data += _REPLACEMENT
+                data += _NOT_A_BYTE
         return data.decode("utf-8", errors="replace")
 
     # -- chat -------------------------------------------------------------------------------------
