@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,28 @@ def build_model(
             source.config, tp_rank=tp_rank, tp_size=tp_size, group=group, attn_backend=attn_backend
         )
     # random weights: generate each full tensor on the device itself, in the target dtype
-    model.load_weights(iter_weights(source, seed=seed, dtype=torch_dtype, device=dev))
+    tensors = iter_weights(source, seed=seed, dtype=torch_dtype, device=dev)
+    model.load_weights(_with_progress(tensors, source, show=tp_rank == 0))
     model.set_attn_backend(attn_backend)
     return model.eval().requires_grad_(False)
+
+
+def _with_progress(
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    source: ModelSource,
+    *,
+    show: bool,
+    file: TextIO | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A progress bar (stderr, terminals only) over the tensors as they load: a 7B model takes tens of
+    seconds, which a user should see move. The total is the model's Hugging Face tensor count."""
+    from tqdm import tqdm
+
+    from engine.weights.random import hf_shapes
+
+    total = sum(1 for _ in hf_shapes(source.config))
+    desc = f"loading {source.config.name} ({source.weights} weights)"
+    bar = tqdm(
+        tensors, total=total, desc=desc, unit="tensor", disable=None if show else True, leave=False, file=file
+    )
+    yield from bar

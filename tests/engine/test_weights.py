@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -113,3 +114,25 @@ def test_presets_have_public_shapes(name):
     }
     if name in expected_params:
         assert cfg.num_params == expected_params[name]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_loading_shows_progress_on_a_terminal_only() -> None:
+    """Weights pass through unchanged while a bar counts them to the model's tensor total; no bar for
+    a log file (not a terminal) or for tensor-parallel ranks other than 0."""
+    from engine.model.loader import _with_progress
+
+    source = resolve_model("tiny")
+    names = [name for name, _ in hf_shapes(source.config)]
+    tensors = [(n, torch.zeros(1)) for n in names]
+    term = _Terminal()
+    assert [n for n, _ in _with_progress(iter(tensors), source, show=True, file=term)] == names
+    assert f"0/{len(names)} " in term.getvalue() and "loading tiny (random weights)" in term.getvalue()
+    log, other_rank = io.StringIO(), _Terminal()
+    list(_with_progress(iter(tensors), source, show=True, file=log))
+    list(_with_progress(iter(tensors), source, show=False, file=other_rank))
+    assert log.getvalue() == other_rank.getvalue() == ""
