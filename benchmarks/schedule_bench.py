@@ -35,6 +35,20 @@ def goodput(ev, c: int, sla: float) -> float:
     return float(ev.thr[i]) if float(ev.itl[i]) <= sla else 0.0
 
 
+def planned_schedule(pl: Planner, inp, method: str, tp: int) -> tuple[dict, list[list[int]]] | None:
+    """The evaluations per fixed k (0 = no speculation) of ``method`` at ``tp`` and the planner's k
+    schedule over them; None when the profile lacks none or the method."""
+    evals = {
+        key: ev for key, ev in pl.evaluations(inp).items() if key[0] == tp and key[1] in ("none", method)
+    }
+    fixed = {key[2]: ev for key, ev in evals.items()}
+    if 0 not in fixed or len(fixed) < 2:
+        return None
+    hi = max(int(ev.c[-1]) for ev in fixed.values())
+    curves = {k: KCurve(ev.c, ev.itl, ev.c_kv) for k, ev in fixed.items()}
+    return fixed, k_schedule(curves, hi, inp.itl_ms)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default=str(REPO / "configs/profiles/vicuna-7b-h100-engine.json"))
@@ -52,16 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(a.profile)
     pl = Planner(load_profile(path), path.stem)
     inp = pl.resolve_inputs(a.itl_ms, None, a.isl, a.osl, None, None, 1.0, a.workload)
-    evals = {
-        key: ev for key, ev in pl.evaluations(inp).items() if key[0] == a.tp and key[1] in ("none", a.method)
-    }
-    fixed = {key[2]: ev for key, ev in evals.items()}
-    if 0 not in fixed or len(fixed) < 2:
+    planned = planned_schedule(pl, inp, a.method, a.tp)
+    if planned is None:
         print(f"error: the profile needs tp={a.tp} points for none and {a.method}", file=sys.stderr)
         return 2
-    hi = max(int(ev.c[-1]) for ev in fixed.values())
-    curves = {k: KCurve(ev.c, ev.itl, ev.c_kv) for k, ev in fixed.items()}
-    sched = k_schedule(curves, hi, a.itl_ms)
+    fixed, sched = planned
     ks = sorted(fixed)
     meta = pl.profile.metadata
     src = next(ev.acc.source for k, ev in fixed.items() if k)

@@ -1,0 +1,134 @@
+"""End-to-end goodput of the planner's k schedule vs every fixed k vs no speculation, through `engine serve`.
+
+`schedule_bench.py` computes the schedule's gain from a profile; this script measures it. For one profile
+and method it takes the planner's k schedule (``schedule_bench.planned_schedule``: the planner's own
+surfaces and acceptance), then starts one `engine serve` per config (no speculation, each fixed k the
+profile measured, the schedule via ``--spec-schedule``) and drives each at every concurrency with the
+profiler's closed-loop HTTP load generator (Spec-Bench prompts of exactly ``isl`` tokens, a warm-up pass,
+then a measured pass), as `profiler validate` does. Goodput at a concurrency is the measured decode
+throughput over the steady window when the measured mean ITL meets the SLA, else 0.
+
+Speculation here is the engine's real drafter with the model's real weights (acceptance is what the
+prompts give); a random-weight profile accepts nothing and is refused.
+
+    python benchmarks/schedule_serve_bench.py --profile runs/sched/smollm2.json --itl-ms 40 \
+        [--method ngram] [--concurrency 1,2,4,8] [--isl 256] [--osl 64] [--waves 2] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from schedule_bench import planned_schedule  # noqa: E402
+
+from planner.plan import Planner  # noqa: E402
+from planner.profile import load_profile  # noqa: E402
+from planner.schedule import k_at  # noqa: E402
+from profiler.backends import http as httpb  # noqa: E402
+from profiler.prompts import prompts_of_length  # noqa: E402
+from profiler.validate import _free_port, running_server  # noqa: E402
+
+
+def serve_command(model: str, port: int, config: str, k: int, sched, max_seqs: int, max_len: int, meta):
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", meta.dtype, "--max-num-seqs", str(max_seqs),
+           "--max-model-len", str(max_len), "--log-level", "warning"]  # fmt: skip
+    if config == "none":
+        return cmd
+    cmd += ["--spec", config.split()[0], "--k", str(k)]
+    if config.endswith("schedule"):
+        cmd += ["--spec-schedule", json.dumps(sched, separators=(",", ":"))]
+    return cmd
+
+
+def measure(url: str, model: str, c: int, isl: int, osl: int, waves: int, k: int) -> dict:
+    """Warm-up then measured closed-loop pass at concurrency ``c``: mean ITL and steady throughput."""
+    n = waves * c
+    prompts = httpb.exact_prompts(url, model, prompts_of_length(n, isl, None), isl)
+    httpb.run_load(url, model, prompts, scrape=False, concurrency=c, num_requests=n, max_tokens=osl + k + 1)
+    res = httpb.run_load(url, model, prompts, concurrency=c, num_requests=n, max_tokens=osl)
+    failed = [r.error for r in res.records if r.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed: {failed[0]}")
+    itl = res.itl_ms()
+    tps = res.counters.tokens_per_step if res.counters else 1.0
+    return {"itl_ms": statistics.mean(itl), "thr": res.throughput_per_gpu(1), "tokens_per_step": tps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", required=True, help="a measured real-weights profile with none and --method")
+    ap.add_argument("--model", default=None, help="engine serve --model (default: the profile's model)")
+    ap.add_argument("--method", default="ngram", help="speculative method to schedule (default ngram)")
+    ap.add_argument("--itl-ms", type=float, required=True, help="ITL SLA in ms")
+    ap.add_argument("--concurrency", default=None, help="e.g. 1,2,4,8 (default: the profile's)")
+    ap.add_argument("--isl", type=int, default=256, help="input length (default 256)")
+    ap.add_argument("--osl", type=int, default=64, help="output tokens per request (default 64)")
+    ap.add_argument("--waves", type=int, default=2, help="closed-loop rounds per point (default 2)")
+    ap.add_argument("--out", default=None, help="write the measurements as JSON here")
+    a = ap.parse_args(argv)
+
+    path = Path(a.profile)
+    profile = load_profile(path)
+    meta = profile.metadata
+    if meta.weights != "real":
+        print(f"error: {path.name} has {meta.weights} weights: their acceptance is not real", file=sys.stderr)
+        return 2
+    pl = Planner(profile, path.stem)
+    inp = pl.resolve_inputs(a.itl_ms, None, a.isl, a.osl, None, None, 1.0, None)
+    planned = planned_schedule(pl, inp, a.method, 1)
+    if planned is None:
+        print(f"error: {path.name} needs tp=1 points for none and {a.method}", file=sys.stderr)
+        return 2
+    fixed, sched = planned
+    conc = [int(x) for x in a.concurrency.split(",")] if a.concurrency else sorted(
+        {int(p.concurrency) for p in profile.decode if p.tp == 1}
+    )  # fmt: skip
+    model = a.model or meta.model.name
+    ks = sorted(k for k in fixed if k)
+    configs = ["none", *(f"{a.method} k={k}" for k in ks), f"{a.method} schedule"]
+    print(f"{path.name}: {meta.model.name} on {meta.hardware.gpu_name}; SLA {a.itl_ms:g} ms; isl {a.isl} "
+          f"osl {a.osl}; schedule {sched}", flush=True)  # fmt: skip
+    rows: dict[str, dict[int, dict]] = {}
+    for config in configs:
+        k = 0 if config == "none" else max(ks) if config.endswith("schedule") else int(config.split("=")[1])
+        port = _free_port()
+        cmd = serve_command(model, port, config, k, sched, max(conc), a.isl + a.osl + k + 2, meta)
+        t0 = time.monotonic()
+        with running_server(cmd, port, timeout_s=600) as url:
+            for c in conc:
+                kc = k_at(sched, c) if config.endswith("schedule") else k
+                m = measure(url, model, c, a.isl, a.osl, a.waves, kc)
+                m["goodput"] = m["thr"] if m["itl_ms"] <= a.itl_ms else 0.0
+                rows.setdefault(config, {})[c] = m
+                print(f"  {config:>16} c={c:<3} ITL {m['itl_ms']:7.2f} ms  {m['thr']:8.1f} tok/s  "
+                      f"{m['tokens_per_step']:.2f} tok/step", flush=True)  # fmt: skip
+        print(f"  ({config}: {time.monotonic() - t0:.0f} s)", flush=True)
+
+    print()
+    head = ["c", *configs, "sched k", "sched / best fixed", "sched / none"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for c in conc:
+        g = {cfg: rows[cfg][c]["goodput"] for cfg in configs}
+        sg = g[configs[-1]]
+        best = max(g[cfg] for cfg in configs[:-1])
+        cells = [str(c), *(f"{g[cfg]:.0f}" for cfg in configs), str(k_at(sched, c))]
+        cells += [f"{sg / best:.3f}" if best else "-", f"{sg / g['none']:.3f}" if g["none"] else "-"]
+        print("| " + " | ".join(cells) + " |")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"schedule": sched, "sla_ms": a.itl_ms, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
