@@ -299,8 +299,9 @@ def resolve_acceptance(
     """Tokens per step, coverage and source for (method, k), or the reason there is none.
 
     Precedence: live (the daemon's override) > given (``acceptance=``) > measured (the profile's entries
-    for ``workload``, emitted with the drafter settings they were measured with; else a real-weights
-    sweep's own decode points) > literature prior (planner.priors, for the profile's model)."""
+    for ``workload``, emitted with the drafter settings they were measured with) > literature prior
+    (planner.priors, for the profile's model). A sweep's decode points never stand in for acceptance:
+    their sequences decode from random tokens at a forced draft coverage, real weights or not."""
     if method == "none":
         return ResolvedAcceptance(1.0, "none")
     wl = check_workload(workload)
@@ -320,13 +321,6 @@ def resolve_acceptance(
     hit = _measured_for_workload([a for a in measured if a.source.kind != "prior"], k, wl)
     if hit is not None:
         return hit
-    if profile.metadata.weights == "real":  # a sweep with real weights measured tokens per step itself
-        points = [p for p in profile.decode if p.ok and p.method == method and p.k == k and p.samples > 0]
-        if points:
-            steps = sum(p.samples for p in points)
-            tps = sum(p.tokens_per_step * p.samples for p in points) / steps  # type: ignore[operator]
-            src = f"measured in the sweep's decode points ({len(points)} points, real weights)"
-            return ResolvedAcceptance(tps, src, None, "measured")
     hit = _measured_for_workload([a for a in measured if a.source.kind == "prior"], k, wl)
     if hit is not None:
         return hit
