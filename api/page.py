@@ -15,8 +15,9 @@ from urllib.parse import urlencode
 import numpy as np
 
 from planner.pareto import frontier
-from planner.plan import Planner
+from planner.plan import Planner, PlanResult
 from planner.priors import MIX, workloads
+from planner.render import speculation_lines
 
 METHOD_COLORS = {"none": "black", "ngram": "tab:blue", "draft": "tab:orange", "medusa": "tab:green"}
 K_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">"]
@@ -42,7 +43,7 @@ class PageQuery:
         return q
 
 
-def _figure_svg(planner: Planner, q: PageQuery) -> tuple[str, str]:
+def _figure_svg(planner: Planner, q: PageQuery) -> tuple[str, PlanResult]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +114,16 @@ def _figure_svg(planner: Planner, q: PageQuery) -> tuple[str, str]:
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     svg = buf.getvalue()
-    return svg[svg.index("<svg") :], res.message
+    return svg[svg.index("<svg") :], res
+
+
+def _speculation_html(res: PlanResult) -> str:
+    """The text answer's 'speculation:' section: why each speculative method won, lost or was excluded."""
+    lines = speculation_lines(res.speculation)
+    if not lines:
+        return "<p>speculation: no speculative configuration in this profile</p>"
+    text = html.escape("\n".join(lines))
+    return f'<pre style="white-space:pre-wrap;background:#f4f4f4;padding:.5em">{text}</pre>'
 
 
 def _chooser(pid: str, planners: dict[str, Planner], default: str | None) -> str:
@@ -151,7 +161,7 @@ def render_page(
     default_reason: str | None,
 ) -> str:
     planner = planners[pid]
-    svg, message = _figure_svg(planner, query)
+    svg, res = _figure_svg(planner, query)
     meta = planner.profile.metadata
     warn = (
         '<p style="color:#b00"><b>Synthetic profile</b>: numbers come from an analytic model, not a '
@@ -185,7 +195,8 @@ input{{width:5em}} code{{background:#eee}}</style></head>
  ({html.escape(meta.backend)} backend, weights {html.escape(meta.weights)},
  source {html.escape(meta.source)})</p>
 {warn}
-<p><b>{html.escape(message)}</b> (<a href="/plan?{urlencode(query.params(pid))}">JSON</a>,
+<p><b>{html.escape(res.message)}</b> (<a href="/plan?{urlencode(query.params(pid))}">JSON</a>,
  <a href="/docs">API</a>)</p>
+{_speculation_html(res)}
 {svg}
 </body></html>"""

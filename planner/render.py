@@ -46,7 +46,7 @@ def render_plan(res: PlanResult) -> str:
         out.append(f"  assumed: {note}")
     out.append(("FEASIBLE: " if res.feasible else "INFEASIBLE: ") + res.message)
     if res.choice is None:
-        out += _speculation(res.speculation)
+        out += speculation_lines(res.speculation)
         return "\n".join(out)
     header = ["", "tp", "method", "k", "max_conc", "limited_by", "ITL_ms", "TTFT_ms", "tok/step", "tok/s/GPU"]
     rows = [_row("choice" if res.feasible else "lowest ITL", res.choice)]
@@ -59,7 +59,7 @@ def render_plan(res: PlanResult) -> str:
     )
     if ch.acceptance_source:
         out.append(f"acceptance: {ch.acceptance_source}")
-    out += _speculation(res.speculation)
+    out += speculation_lines(res.speculation)
     if ch.speculation_breakeven is not None:
         b = ch.speculation_breakeven
         where = (
@@ -90,7 +90,7 @@ def render_plan(res: PlanResult) -> str:
     return "\n".join(out)
 
 
-def _speculation(items: list[MethodSummary]) -> list[str]:
+def speculation_lines(items: list[MethodSummary]) -> list[str]:
     """One line per speculative method: its best config and why it won, lost or was excluded."""
     if not items:
         return []

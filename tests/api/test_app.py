@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 from pathlib import Path
@@ -156,6 +157,15 @@ def test_dashboard_draws_the_surfaces(client: TestClient) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "<svg" in r.text and "SLA ITL 15 ms" in r.text and "chosen: tp=" in r.text
     assert "Synthetic profile" in r.text
+
+
+def test_dashboard_says_why_each_speculative_method_won_or_lost(client: TestClient) -> None:
+    """The text answer's 'speculation:' section is on the page too: chosen or refused, with the reason."""
+    plan = client.get("/plan", params={"itl_ms": 15, "isl": 512, "osl": 256}).json()
+    page = client.get("/", params={"itl_ms": 15, "isl": 512, "osl": 256}).text
+    assert plan["speculation"] and "speculation:" in page
+    for m in plan["speculation"]:
+        assert f"{m['method']} {m['status']}" in page and html.escape(m["reason"]) in page
 
 
 def test_response_cache_replays_bytes_and_is_cleared_by_uploads(client: TestClient) -> None:
