@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.fastpath import PlanResponseCache
+from api.plan_response_cache import PlanResponseCache
 from api.store import ProfileStore
 from planner.plan import Planner
 from planner.profile import load_profile, parse_profile
