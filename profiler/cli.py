@@ -133,11 +133,11 @@ def _run_sweep(cfg, out: Path, a: argparse.Namespace):
 
         return sweep_engine(cfg, out, **kwargs)
     if cfg.backend == "http":
-        from profiler.remote import sweep_http
+        from profiler.server_sweep import sweep_http
 
         return sweep_http(cfg, out, **kwargs)
     if cfg.backend == "vllm":
-        from profiler.remote import sweep_vllm
+        from profiler.server_sweep import sweep_vllm
 
         return sweep_vllm(cfg, out, **kwargs)
     return None
