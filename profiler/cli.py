@@ -188,14 +188,11 @@ def _check_categories(categories: list[str]) -> None:
 
 
 def _print_plan(out: Path, itl_ms: float, acceptance: float | None) -> None:
-    """The recommended plan for the default SLA (planner imported lazily: it is optional here)."""
-    try:
-        from planner.plan import Planner
-        from planner.profile import load_profile
-        from planner.render import render_plan
-    except ImportError as exc:
-        print(f"(planner not available: {exc}; run `planner plan {out} --itl-ms {itl_ms}`)")
-        return
+    """The recommended plan for the default SLA, as ``planner plan`` prints it."""
+    from planner.plan import Planner
+    from planner.profile import load_profile
+    from planner.render import render_plan
+
     profile = load_profile(out)
     try:  # the acceptance the profile stores (measured, or the grid's given one): what `planner plan` uses
         res = Planner(profile, out.stem).plan(itl_ms=itl_ms)
