@@ -28,7 +28,9 @@ class CapacityAnswer(BaseModel):
 def get_capacity(
     state: Server,
     tp: Annotated[int, Query(ge=1, le=1024)],
-    context: Annotated[int, Query(ge=1, le=10_000_000, description="tokens per sequence at its peak")],
+    context: Annotated[
+        int, Query(ge=2, le=10_000_000, description="tokens per sequence at its peak (isl + osl, >= 2)")
+    ],
     k: Annotated[int, Query(ge=0, le=64, description="lookahead (speculative) slots")] = 0,
     profile: Annotated[str | None, Query(max_length=100)] = None,
 ) -> CapacityAnswer:

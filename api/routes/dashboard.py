@@ -34,7 +34,7 @@ def dashboard(
     acceptance: Annotated[Annotated[float, Field(ge=0, le=1)] | None, Blank, Query()] = None,
     draft_coverage: Annotated[Annotated[float, Field(ge=0, le=1)] | None, Blank, Query()] = None,
     profile: Annotated[str | None, Query(max_length=100)] = None,
-    workload: Annotated[str | None, Blank, Query(max_length=40)] = None,
+    workload: Annotated[Annotated[str, Field(max_length=40)] | None, Blank, Query()] = None,
 ) -> HTMLResponse:
     from api.dashboard_page import PageQuery, render_page
 

@@ -62,6 +62,20 @@ def test_non_finite_numbers_are_a_422_naming_the_field(
     assert not (profiles_dir / "inf.json").exists()
 
 
+def test_a_one_token_capacity_context_is_a_422_naming_it(client: TestClient) -> None:
+    """A peak context of one token (no output) divided by zero blocks per sequence: a 500."""
+    r = client.get("/capacity?tp=1&k=0&context=1")
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "context"]
+    assert client.get("/capacity?tp=1&k=0&context=2").json()["max_concurrency"] > 0
+
+
+def test_the_dashboard_takes_an_empty_workload_as_not_given(client: TestClient) -> None:
+    """The form sends an empty field as ``workload=``: the length check on None was a 500."""
+    r = client.get("/?workload=&itl_ms=30")
+    assert r.status_code == 200 and "workload mix" in r.text
+    assert client.get("/?workload=" + "x" * 41).status_code == 422
+
+
 # ---------------------------------------------------------------- 5: bounded declarations, event loop
 
 
