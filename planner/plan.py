@@ -913,7 +913,10 @@ class Planner:
             survey.evals[ev.key] = ev
             survey.note_lowest(ev, inp.max_gpus)
             verdict = self._judge(ev, inp)
-            (survey.rejected if isinstance(verdict, Rejected) else survey.feasible).append(verdict)  # type: ignore[arg-type]
+            if isinstance(verdict, Rejected):
+                survey.rejected.append(verdict)
+            else:
+                survey.feasible.append(verdict)
         survey.feasible.sort(key=lambda f: (-f.throughput, f.ev.key[0], f.ev.key[2]))
         return survey
 
