@@ -22,7 +22,7 @@ ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
 API_KEY_ENV = "SPECPLAN_API_KEY"
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # a measured profile is tens to hundreds of KB
 
-_bearer = HTTPBearer(auto_error=False, description=f"the server's API token (--api-key or {API_KEY_ENV})")
+bearer = HTTPBearer(auto_error=False, description=f"the server's API token (--api-key or {API_KEY_ENV})")
 
 
 class WriteGuard:
@@ -34,9 +34,7 @@ class WriteGuard:
         self._key = api_key.encode() if api_key is not None else None
         self.read_only = read_only
 
-    def __call__(
-        self, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None
-    ) -> None:
+    def __call__(self, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> None:
         if self.read_only:
             raise HTTPException(
                 403, "this server is read-only (planner serve --read-only): writes are refused"

@@ -89,8 +89,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_body_bytes=DEFAULT_MAX_BODY_BYTES if a.max_body_bytes is None else a.max_body_bytes,
         default_profile=a.default_profile,
     )
-    store = app.state.store
-    chosen = app.state.default_profile()
+    store = app.state.server.store
+    chosen = app.state.server.default_profile()
     print(f"planner serve: loaded {len(store.ids())} profiles from {a.profiles}: {', '.join(store.ids())}")
     for pid, err in store.load_errors.items():
         print(f"planner serve: skipped {pid}: {err}")

@@ -16,12 +16,14 @@ carries no serve command. A speculative choice also gets the best k per batch si
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -225,6 +227,50 @@ class _Eval:
     ttft: float | None
     flags: list[str]
 
+    @cached_property
+    def admitted(self) -> np.ndarray:
+        """Concurrencies the KV pool holds whose ITL is finite: the only ones a plan may choose."""
+        return (self.c <= self.c_kv) & np.isfinite(self.itl)
+
+    @cached_property
+    def lowest_itl_index(self) -> int | None:
+        """Index of the lowest ITL among the admitted concurrencies (None: the KV admits none)."""
+        if not self.admitted.any():
+            return None
+        return int(np.argmin(np.where(self.admitted, self.itl, np.inf)))
+
+
+@dataclass
+class _Feasible:
+    """A config that meets every limit, at the concurrency that maximises its throughput per GPU."""
+
+    ev: _Eval
+    idx: int
+    limited_by: str
+    replicas: Replicas | None
+
+    @property
+    def throughput(self) -> float:
+        return float(self.ev.thr[self.idx])
+
+
+@dataclass
+class _Survey:
+    """Every config of the profile judged against the inputs: what a plan chooses from and explains."""
+
+    evals: dict[ConfigKey, _Eval] = dataclasses.field(default_factory=dict)
+    feasible: list[_Feasible] = dataclasses.field(default_factory=list)  # best first once sorted
+    rejected: list[Rejected] = dataclasses.field(default_factory=list)
+    lowest: tuple[float, _Eval, int] | None = None  # lowest ITL within max_gpus, its config and index
+
+    def note_lowest(self, ev: _Eval, max_gpus: int | None) -> None:
+        """Keep ``ev`` as the lowest-ITL config when it beats the one kept (the first of equals wins)."""
+        i = ev.lowest_itl_index
+        if i is None or (max_gpus is not None and ev.key[0] > max_gpus):
+            return
+        if self.lowest is None or float(ev.itl[i]) < self.lowest[0]:
+            self.lowest = (float(ev.itl[i]), ev, i)
+
 
 class ResolvedAcceptance(NamedTuple):
     """Acceptance a plan used for (method, k): tokens per step, its printed source, and the drafter
@@ -305,29 +351,46 @@ def resolve_acceptance(
     if method == "none":
         return ResolvedAcceptance(1.0, "none")
     wl = check_workload(workload)
-    if isinstance(override, float | int) and not isinstance(override, bool):
-        cov = 1.0 if coverage is None else coverage
-        per_pos = [float(override) ** (i + 1) for i in range(k)]
-        return ResolvedAcceptance(
-            _tokens_per_step(cov, per_pos), f"given: alpha={override} coverage={cov}", cov, "given"
-        )
-    if isinstance(override, Mapping):
-        live = [a for a in override.values() if a.method == method]
-        for kind in ("live", "given", "measured", "prior"):
-            hit = _pick([a for a in live if a.source.kind == kind], k)
-            if hit is not None:
-                return hit
+    if _is_number(override):
+        return _given(override, k, coverage)  # type: ignore[arg-type]
     measured = [a for a in profile.acceptance if a.method == method]
-    hit = _measured_for_workload([a for a in measured if a.source.kind != "prior"], k, wl)
-    if hit is not None:
-        return hit
-    hit = _measured_for_workload([a for a in measured if a.source.kind == "prior"], k, wl)
+    hit = (
+        _from_override(override, method, k)
+        or _measured_for_workload([a for a in measured if a.source.kind != "prior"], k, wl)
+        or _measured_for_workload([a for a in measured if a.source.kind == "prior"], k, wl)
+    )
     if hit is not None:
         return hit
     prior = prior_acceptance(profile.metadata.model.name, method, k, wl, prior_model)
     if isinstance(prior, str):
         return f"no acceptance for method={method} k={k}: pass acceptance= or measure it ({prior})"
     return _from_entry(prior, k)
+
+
+def _is_number(override: object) -> bool:
+    """A given per-position acceptance rate (a bool is not one)."""
+    return isinstance(override, float | int) and not isinstance(override, bool)
+
+
+def _given(alpha: float, k: int, coverage: float | None) -> ResolvedAcceptance:
+    """A given per-position rate ``alpha``: the i-th draft position is accepted at alpha^(i+1)."""
+    cov = 1.0 if coverage is None else coverage
+    per_pos = [float(alpha) ** (i + 1) for i in range(k)]
+    return ResolvedAcceptance(
+        _tokens_per_step(cov, per_pos), f"given: alpha={alpha} coverage={cov}", cov, "given"
+    )
+
+
+def _from_override(override: AcceptanceOverride, method: str, k: int) -> ResolvedAcceptance | None:
+    """The daemon's entries for ``method``, live counters first."""
+    if not isinstance(override, Mapping):
+        return None
+    entries = [a for a in override.values() if a.method == method]
+    for kind in ("live", "given", "measured", "prior"):
+        hit = _pick([a for a in entries if a.source.kind == kind], k)
+        if hit is not None:
+            return hit
+    return None
 
 
 def _describe_source(src: AcceptanceSource) -> str:
@@ -419,7 +482,7 @@ class Planner:
         self, method: str, k: int, override: AcceptanceOverride = None, coverage: float | None = None
     ) -> tuple[float, list[float]] | None:
         """Draft coverage and per-position acceptance for the KV onset (the ITL's own source order)."""
-        if isinstance(override, float | int) and not isinstance(override, bool):
+        if _is_number(override):
             return (1.0 if coverage is None else coverage), [float(override) ** (i + 1) for i in range(k)]
         found = [a for (m, _), a in override.items() if m == method] if isinstance(override, Mapping) else []
         found += [a for a in self.profile.acceptance if a.method == method and a.k >= k]
@@ -732,12 +795,8 @@ class Planner:
         prior_model: str | None = None,
     ) -> dict[ConfigKey, _Eval]:
         """Every config that has acceptance (for ``inp.workload``), evaluated over its measured range."""
-        out = {}
-        for key, surf in self.surfaces.decode.items():
-            ev = self._evaluate(surf, inp, acceptance, draft_coverage, prior_model)
-            if not isinstance(ev, str):
-                out[key] = ev
-        return out
+        candidates = self._candidates(inp, acceptance, draft_coverage, prior_model)
+        return {ev.key: ev for ev in candidates if isinstance(ev, _Eval)}
 
     def curves(
         self, inp: Inputs, acceptance: AcceptanceOverride = None, draft_coverage: float | None = None
@@ -774,25 +833,14 @@ class Planner:
         workload: str | None = None,
         prior_model: str | None = None,
     ) -> PlanResult:
-        """The feasible config with the highest throughput per GPU; see the module docstring."""
-        is_number = isinstance(acceptance, float | int) and not isinstance(acceptance, bool)
-        if is_number and not 0.0 <= acceptance <= 1.0:  # type: ignore[operator]
-            raise PlanInputError("acceptance", acceptance, "must be within [0, 1]")
-        if draft_coverage is not None and not 0.0 <= draft_coverage <= 1.0:
-            raise PlanInputError("draft_coverage", draft_coverage, "must be within [0, 1]")
-        if prior_model is not None and prior_model not in load_priors().models:
-            known = ", ".join(sorted(load_priors().models))
-            raise PlanInputError("prior_model", prior_model, f"no literature prior for it; known: {known}")
+        """The feasible config with the highest throughput per GPU; see the module docstring.
+
+        Steps: check the inputs; evaluate every measured config (candidates); judge each against the
+        SLA, TTFT, KV and GPU limits, naming the binding one; choose by throughput per GPU; size the
+        replicas; explain per speculative method why it won, lost or was excluded."""
+        _check_acceptance_inputs(acceptance, draft_coverage, prior_model)
         inp = self.resolve_inputs(itl_ms, ttft_ms, isl, osl, request_rate, max_gpus, itl_correction, workload)
-        meta = self.profile.metadata
-        common = {
-            "profile": self.name,
-            "source": meta.source,
-            "warning": SYNTHETIC_WARNING if meta.source == "synthetic" else None,
-            "model": meta.model.name,
-            "hardware": f"{meta.hardware.gpu_name} x{meta.hardware.gpu_count}",
-            "inputs": inp,
-        }
+        header = self._header(inp)
         too_long = self._context_limit(inp)
         if too_long is not None:
             return PlanResult(
@@ -800,125 +848,143 @@ class Planner:
                 choice=None,
                 binding="context",
                 message=f"infeasible (context): {too_long}",
-                **common,
+                **header,
             )
-        evals: dict[ConfigKey, _Eval] = {}
-        rejected: list[Rejected] = []
-        lowest: tuple[float, _Eval, int] | None = None
-        feasible: list[tuple[float, _Eval, int, str, Replicas | None]] = []
-        for key, surf in self.surfaces.decode.items():
-            tp, method, k = key
+        survey = self._survey(inp, acceptance, draft_coverage, prior_model)
+        choices = self._choose(survey, inp, alternatives)
+        if choices:
+            return self._feasible_result(choices, survey, inp, header)
+        return self._infeasible_result(survey, inp, header)
+
+    def _header(self, inp: Inputs) -> dict[str, object]:
+        """The fields every answer carries, feasible or not: which profile, its provenance, the inputs."""
+        meta = self.profile.metadata
+        return {
+            "profile": self.name,
+            "source": meta.source,
+            "warning": SYNTHETIC_WARNING if meta.source == "synthetic" else None,
+            "model": meta.model.name,
+            "hardware": f"{meta.hardware.gpu_name} x{meta.hardware.gpu_count}",
+            "inputs": inp,
+        }
+
+    def _candidates(
+        self,
+        inp: Inputs,
+        acceptance: AcceptanceOverride,
+        draft_coverage: float | None,
+        prior_model: str | None,
+    ) -> Iterator[_Eval | Rejected]:
+        """Every measured (tp, method, k) evaluated over its measured range, or rejected for want of
+        acceptance."""
+        for (tp, method, k), surf in self.surfaces.decode.items():
             ev = self._evaluate(surf, inp, acceptance, draft_coverage, prior_model)
             if isinstance(ev, str):
-                rejected.append(Rejected(tp=tp, method=method, k=k, reason=ev, limit="acceptance"))
-                continue
-            evals[key] = ev
-            fits_kv = ev.c <= ev.c_kv
-            valid = fits_kv & np.isfinite(ev.itl)
-            if not valid.any():
-                rejected.append(
-                    Rejected(
-                        tp=tp, method=method, k=k, limit="kv",
-                        reason=f"KV holds {ev.c_kv} sequences at context {inp.peak_context} with k={k}, "
-                        f"below the smallest measured concurrency {int(ev.c[0])}",
-                    )
-                )  # fmt: skip
-                continue
-            i_min = int(np.argmin(np.where(valid, ev.itl, np.inf)))
-            best_itl = float(ev.itl[i_min])
-            if (max_gpus is None or tp <= max_gpus) and (lowest is None or best_itl < lowest[0]):
-                lowest = (best_itl, ev, i_min)
-            ok = valid & (ev.itl <= inp.itl_ms)
-            meets = bool(ok.any())
-            reason, limit = None, "sla"
-            if max_gpus is not None and tp > max_gpus:
-                reason, limit = f"tp={tp} exceeds max_gpus={max_gpus}", "max_gpus"
-            elif inp.ttft_ms is not None and ev.ttft is not None and ev.ttft > inp.ttft_ms:
-                reason, limit = (
-                    f"TTFT {ev.ttft:.1f} ms at isl={inp.isl} exceeds ttft_ms={inp.ttft_ms:g}",
-                    "ttft",
-                )
-            elif inp.ttft_ms is not None and ev.ttft is None:
-                reason, limit = f"no prefill measured for tp={tp}: cannot check ttft_ms", "ttft"
-            if reason is None and not meets:
-                reason = f"lowest ITL {best_itl:.2f} ms exceeds itl_ms={inp.itl_ms:g}"
-            if reason is not None:
-                rejected.append(
-                    Rejected(
-                        tp=tp,
-                        method=method,
-                        k=k,
-                        reason=reason,
-                        limit=limit,
-                        meets_itl=meets,
-                        best_itl_ms=best_itl,
-                    )
-                )
-                continue
-            thr = np.where(ok, ev.thr, -np.inf)
-            idx = int(np.flatnonzero(thr == thr.max())[-1])
-            last_ok = int(np.flatnonzero(ok)[-1])
-            if idx < last_ok:
-                limited = "throughput"
-            elif idx == len(ev.c) - 1:
-                limited = "measured_range"
-            elif not fits_kv[idx + 1]:
-                limited = "kv"
+                yield Rejected(tp=tp, method=method, k=k, reason=ev, limit="acceptance")
             else:
-                limited = "sla"
-            reps = self._replicas(tp, int(ev.c[idx]), float(ev.itl[idx]), inp)
-            if max_gpus is not None and reps is not None and reps.gpus_total > max_gpus:
-                rejected.append(
-                    Rejected(
-                        tp=tp, method=method, k=k, best_itl_ms=best_itl, limit="max_gpus", meets_itl=True,
-                        reason=f"request_rate={inp.request_rate:g} needs {reps.gpus_total} GPUs "
-                        f"> max_gpus={max_gpus}",
-                    )
-                )  # fmt: skip
+                yield ev
+
+    def _survey(
+        self,
+        inp: Inputs,
+        acceptance: AcceptanceOverride,
+        draft_coverage: float | None,
+        prior_model: str | None,
+    ) -> _Survey:
+        """Every candidate judged: feasible ones sorted best first, rejected ones with their reason."""
+        survey = _Survey()
+        for ev in self._candidates(inp, acceptance, draft_coverage, prior_model):
+            if isinstance(ev, Rejected):
+                survey.rejected.append(ev)
                 continue
-            feasible.append((float(ev.thr[idx]), ev, idx, limited, reps))
-        feasible.sort(key=lambda f: (-f[0], f[1].key[0], f[1].key[2]))
-        choices = []
-        for _, ev, idx, limited, reps in feasible[: 1 + alternatives]:
-            ch = self._choice(ev, idx, inp, limited, evals)
-            ch.replicas = reps
-            self._attach_commands(ch, ev, inp)
-            choices.append(ch)
-        common["rejected"] = rejected
-        lowest_itl = lowest[0] if lowest else None
-        if choices:
-            best = choices[0]
-            best.speculation_breakeven = self._breakeven_for(best, evals)
-            summary = self._speculation(best, feasible, rejected, evals, inp)
-            return PlanResult(
-                feasible=True,
-                choice=best,
-                alternatives=choices[1:],
-                lowest_achievable_itl_ms=lowest_itl,
-                binding=best.limited_by,
-                speculation=summary,
-                message=(
-                    f"tp={best.tp} {best.method} k={best.k} at up to {best.max_concurrency} concurrent "
-                    f"sequences per replica: ITL {best.predicted.itl_ms:.2f} ms, "
-                    f"{best.predicted.throughput_per_gpu:.0f} tok/s/GPU "
-                    f"(concurrency bound: {LIMIT_LABELS.get(best.limited_by, best.limited_by)})"
-                ),
-                **common,
+            survey.evals[ev.key] = ev
+            survey.note_lowest(ev, inp.max_gpus)
+            verdict = self._judge(ev, inp)
+            if isinstance(verdict, Rejected):
+                survey.rejected.append(verdict)
+            else:
+                survey.feasible.append(verdict)
+        survey.feasible.sort(key=lambda f: (-f.throughput, f.ev.key[0], f.ev.key[2]))
+        return survey
+
+    def _judge(self, ev: _Eval, inp: Inputs) -> _Feasible | Rejected:
+        """Whether one config meets every limit; a rejection names the binding one."""
+        tp, method, k = ev.key
+        i_min = ev.lowest_itl_index
+        if i_min is None:
+            return Rejected(
+                tp=tp, method=method, k=k, limit="kv",
+                reason=f"KV holds {ev.c_kv} sequences at context {inp.peak_context} with k={k}, "
+                f"below the smallest measured concurrency {int(ev.c[0])}",
+            )  # fmt: skip
+        best_itl = float(ev.itl[i_min])
+        ok = ev.admitted & (ev.itl <= inp.itl_ms)
+        meets = bool(ok.any())
+        excluded = _excluded_by(ev, inp, best_itl, meets)
+        if excluded is not None:
+            reason, limit = excluded
+            return Rejected(
+                tp=tp, method=method, k=k, reason=reason, limit=limit, meets_itl=meets, best_itl_ms=best_itl
             )
+        idx, limited_by = _operating_point(ev, ok)
+        reps = self._replicas(tp, int(ev.c[idx]), float(ev.itl[idx]), inp)
+        if inp.max_gpus is not None and reps is not None and reps.gpus_total > inp.max_gpus:
+            return Rejected(
+                tp=tp, method=method, k=k, best_itl_ms=best_itl, limit="max_gpus", meets_itl=True,
+                reason=f"request_rate={inp.request_rate:g} needs {reps.gpus_total} GPUs "
+                f"> max_gpus={inp.max_gpus}",
+            )  # fmt: skip
+        return _Feasible(ev, idx, limited_by, reps)
+
+    def _choose(self, survey: _Survey, inp: Inputs, alternatives: int) -> list[Choice]:
+        """The best feasible config and up to ``alternatives`` runners-up, each with its serve commands."""
+        choices = []
+        for f in survey.feasible[: 1 + alternatives]:
+            ch = self._choice(f.ev, f.idx, inp, f.limited_by, survey.evals)
+            ch.replicas = f.replicas
+            self._attach_commands(ch, f.ev, inp)
+            choices.append(ch)
+        return choices
+
+    def _feasible_result(
+        self, choices: list[Choice], survey: _Survey, inp: Inputs, header: dict[str, object]
+    ) -> PlanResult:
+        best = choices[0]
+        best.speculation_breakeven = self._breakeven_for(best, survey.evals)
+        return PlanResult(
+            feasible=True,
+            choice=best,
+            alternatives=choices[1:],
+            lowest_achievable_itl_ms=survey.lowest[0] if survey.lowest else None,
+            rejected=survey.rejected,
+            binding=best.limited_by,
+            speculation=self._speculation(best, survey, inp),
+            message=(
+                f"tp={best.tp} {best.method} k={best.k} at up to {best.max_concurrency} concurrent "
+                f"sequences per replica: ITL {best.predicted.itl_ms:.2f} ms, "
+                f"{best.predicted.throughput_per_gpu:.0f} tok/s/GPU "
+                f"(concurrency bound: {LIMIT_LABELS.get(best.limited_by, best.limited_by)})"
+            ),
+            **header,  # type: ignore[arg-type]
+        )
+
+    def _infeasible_result(self, survey: _Survey, inp: Inputs, header: dict[str, object]) -> PlanResult:
+        """No config meets every limit: the lowest-ITL one for reference (no command, no replicas)."""
         choice = None
-        if lowest is not None:
-            _, ev, i_min = lowest
-            choice = self._choice(ev, i_min, inp, "sla")  # shown for reference: no command, no replicas
-            choice.speculation_breakeven = self._breakeven_for(choice, evals)
-        binding, message = self._why_infeasible(rejected, inp, lowest)
+        if survey.lowest is not None:
+            _, ev, i_min = survey.lowest
+            choice = self._choice(ev, i_min, inp, "sla")
+            choice.speculation_breakeven = self._breakeven_for(choice, survey.evals)
+        binding, message = self._why_infeasible(survey.rejected, inp, survey.lowest)
         return PlanResult(
             feasible=False,
             choice=choice,
-            lowest_achievable_itl_ms=lowest_itl,
+            lowest_achievable_itl_ms=survey.lowest[0] if survey.lowest else None,
+            rejected=survey.rejected,
             binding=binding,
-            speculation=self._speculation(None, feasible, rejected, evals, inp),
+            speculation=self._speculation(None, survey, inp),
             message=message,
-            **common,
+            **header,  # type: ignore[arg-type]
         )
 
     def _why_infeasible(
@@ -952,53 +1018,94 @@ class Planner:
             else "infeasible: no configuration of this profile can run the requested context"
         )
 
-    def _speculation(
-        self,
-        best: Choice | None,
-        feasible: list[tuple[float, _Eval, int, str, Replicas | None]],
-        rejected: list[Rejected],
-        evals: dict[ConfigKey, _Eval],
-        inp: Inputs,
-    ) -> list[MethodSummary]:
+    def _speculation(self, best: Choice | None, survey: _Survey, inp: Inputs) -> list[MethodSummary]:
         """Per speculative method in the profile: its best config and why it won, lost or was excluded."""
         out = []
-        methods = sorted({key[1] for key in self.surfaces.decode} - {"none"})
-        for method in methods:
-            mine = [f for f in feasible if f[1].key[1] == method]
-            if mine:
-                thr, ev, idx, _, _ = mine[0]  # feasible is sorted best first
-                tp, _, k = ev.key
-                sched = self.schedule(tp, method, int(ev.c[idx]), inp, evals)
-                common = dict(
-                    method=method, tp=tp, k=k, max_concurrency=int(ev.c[idx]), itl_ms=float(ev.itl[idx]),
-                    throughput_per_gpu=thr, acceptance_source=ev.acc.source,
-                    k_schedule=sched if len({b[2] for b in sched}) > 1 else None,
-                )  # fmt: skip
-                if best is not None and (best.tp, best.method, best.k) == ev.key:
-                    out.append(MethodSummary(status="chosen", reason="highest throughput per GPU", **common))
-                else:
-                    assert best is not None
-                    reason = (
-                        f"lost to {best.method} k={best.k} (tp={best.tp}): {thr:.0f} vs "
-                        f"{best.predicted.throughput_per_gpu:.0f} tok/s/GPU within the SLA"
-                    )
-                    out.append(MethodSummary(status="lost", reason=reason, **common))
+        for method in sorted({key[1] for key in self.surfaces.decode} - {"none"}):
+            mine = next((f for f in survey.feasible if f.ev.key[1] == method), None)  # sorted best first
+            if mine is not None:
+                out.append(self._method_feasible(mine, best, survey.evals, inp))
                 continue
-            rej = [r for r in rejected if r.method == method]
-            if not rej:
-                continue
-            scored = [r for r in rej if r.best_itl_ms is not None]
-            top = min(scored, key=lambda r: r.best_itl_ms) if scored else rej[0]  # type: ignore[arg-type,return-value]
-            ev = evals.get((top.tp, method, top.k))
-            ks = sorted({r.k for r in rej})
-            out.append(
-                MethodSummary(
-                    method=method, status="excluded", tp=top.tp, k=top.k, itl_ms=top.best_itl_ms,
-                    acceptance_source=ev.acc.source if ev else None,
-                    reason=f"k={ks[0]}..{ks[-1]} excluded; best k={top.k}: {top.reason}",
-                )
-            )  # fmt: skip
+            rej = [r for r in survey.rejected if r.method == method]
+            if rej:
+                out.append(_method_excluded(method, rej, survey.evals))
         return out
+
+    def _method_feasible(
+        self, mine: _Feasible, best: Choice | None, evals: dict[ConfigKey, _Eval], inp: Inputs
+    ) -> MethodSummary:
+        """A method with a feasible config: chosen, or lost to ``best`` on throughput per GPU."""
+        ev, idx, thr = mine.ev, mine.idx, mine.throughput
+        tp, method, k = ev.key
+        sched = self.schedule(tp, method, int(ev.c[idx]), inp, evals)
+        common = dict(
+            method=method, tp=tp, k=k, max_concurrency=int(ev.c[idx]), itl_ms=float(ev.itl[idx]),
+            throughput_per_gpu=thr, acceptance_source=ev.acc.source,
+            k_schedule=sched if len({b[2] for b in sched}) > 1 else None,
+        )  # fmt: skip
+        assert best is not None  # a feasible config exists, so a choice was made
+        if (best.tp, best.method, best.k) == ev.key:
+            return MethodSummary(status="chosen", reason="highest throughput per GPU", **common)
+        reason = (
+            f"lost to {best.method} k={best.k} (tp={best.tp}): {thr:.0f} vs "
+            f"{best.predicted.throughput_per_gpu:.0f} tok/s/GPU within the SLA"
+        )
+        return MethodSummary(status="lost", reason=reason, **common)
+
+
+def _method_excluded(method: str, rej: list[Rejected], evals: dict[ConfigKey, _Eval]) -> MethodSummary:
+    """A method every config of which was rejected: its lowest-ITL config and what excluded it."""
+    scored = [r for r in rej if r.best_itl_ms is not None]
+    top = min(scored, key=lambda r: r.best_itl_ms) if scored else rej[0]  # type: ignore[arg-type,return-value]
+    ev = evals.get((top.tp, method, top.k))
+    ks = sorted({r.k for r in rej})
+    return MethodSummary(
+        method=method, status="excluded", tp=top.tp, k=top.k, itl_ms=top.best_itl_ms,
+        acceptance_source=ev.acc.source if ev else None,
+        reason=f"k={ks[0]}..{ks[-1]} excluded; best k={top.k}: {top.reason}",
+    )  # fmt: skip
+
+
+def _check_acceptance_inputs(
+    acceptance: AcceptanceOverride, draft_coverage: float | None, prior_model: str | None
+) -> None:
+    """Reject an acceptance, coverage or prior model a plan cannot use, naming the field."""
+    if _is_number(acceptance) and not 0.0 <= acceptance <= 1.0:  # type: ignore[operator]
+        raise PlanInputError("acceptance", acceptance, "must be within [0, 1]")
+    if draft_coverage is not None and not 0.0 <= draft_coverage <= 1.0:
+        raise PlanInputError("draft_coverage", draft_coverage, "must be within [0, 1]")
+    if prior_model is not None and prior_model not in load_priors().models:
+        known = ", ".join(sorted(load_priors().models))
+        raise PlanInputError("prior_model", prior_model, f"no literature prior for it; known: {known}")
+
+
+def _excluded_by(ev: _Eval, inp: Inputs, best_itl: float, meets_itl: bool) -> tuple[str, str] | None:
+    """(reason, limit) of the first limit that excludes a config the KV admits, or None: max_gpus, then
+    TTFT, then the ITL SLA."""
+    tp = ev.key[0]
+    if inp.max_gpus is not None and tp > inp.max_gpus:
+        return f"tp={tp} exceeds max_gpus={inp.max_gpus}", "max_gpus"
+    if inp.ttft_ms is not None and ev.ttft is not None and ev.ttft > inp.ttft_ms:
+        return f"TTFT {ev.ttft:.1f} ms at isl={inp.isl} exceeds ttft_ms={inp.ttft_ms:g}", "ttft"
+    if inp.ttft_ms is not None and ev.ttft is None:
+        return f"no prefill measured for tp={tp}: cannot check ttft_ms", "ttft"
+    if not meets_itl:
+        return f"lowest ITL {best_itl:.2f} ms exceeds itl_ms={inp.itl_ms:g}", "sla"
+    return None
+
+
+def _operating_point(ev: _Eval, ok: np.ndarray) -> tuple[int, str]:
+    """The concurrency index with the highest throughput among ``ok`` (the largest on ties), and what
+    stopped concurrency there: the throughput peak, the measured range, the KV pool or the SLA."""
+    thr = np.where(ok, ev.thr, -np.inf)
+    idx = int(np.flatnonzero(thr == thr.max())[-1])
+    if idx < int(np.flatnonzero(ok)[-1]):
+        return idx, "throughput"
+    if idx == len(ev.c) - 1:
+        return idx, "measured_range"
+    if ev.c[idx + 1] > ev.c_kv:
+        return idx, "kv"
+    return idx, "sla"
 
 
 LIMIT_LABELS = {

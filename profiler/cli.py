@@ -39,9 +39,43 @@ def _has_gpu() -> bool:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
+    """Steps: the grid from config and flags (checked before anything runs), the backend's sweep,
+    acceptance, then the summary, plots and the plan for the grid's SLA."""
     from planner.profile import ProfileMismatchError, ProfileWriteError
     from profiler.sweep import SweepError
 
+    try:
+        cfg, n_points = _sweep_config(a)
+    except GridError as exc:
+        print(f"profiler sweep: {exc}", file=sys.stderr)
+        return 2
+    out = (
+        Path(a.out) / f"{Path(cfg.model).name}-{cfg.backend}.json"
+        if not str(a.out).endswith(".json")
+        else Path(a.out)
+    )
+    print(f"sweep: {cfg.model} backend={cfg.backend} {n_points} decode points -> {out}", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        profile = _run_sweep(cfg, out, a)
+    except (ProfileMismatchError, GridError) as exc:
+        print(f"profiler sweep: {exc}", file=sys.stderr)
+        return 2
+    except ProfileWriteError as exc:
+        print(f"profiler sweep: {exc.strerror}; rerun with --resume once there is room", file=sys.stderr)
+        return 1
+    except SweepError as exc:
+        print(f"profiler sweep: {exc}", file=sys.stderr)
+        return 1
+    if profile is None:
+        print(f"profiler sweep: backend {cfg.backend!r} is not available for sweeps yet", file=sys.stderr)
+        return 2
+    return _finish_sweep(cfg, out, profile.metadata.weights, a, t0)
+
+
+def _sweep_config(a: argparse.Namespace):
+    """The sweep grid from ``--config`` and the flags, with what the backend needs checked up front
+    (GridError names the field). Returns the config and its number of decode points."""
     overrides = dict(
         model=a.model, backend=a.backend, tp=a.tp, method=a.method, k=a.k, concurrency=a.concurrency,
         context=a.context, url=a.url, vllm_python=a.vllm_python, draft_model=a.draft_model, steps=a.steps,
@@ -51,51 +85,29 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         acceptance_prompts=a.acceptance_prompts, categories=a.categories, kv_blocks=a.kv_blocks,
         prompt_lookup_min=a.prompt_lookup_min, prompt_lookup_max=a.prompt_lookup_max, weights=a.weights,
     )  # fmt: skip
-    try:
-        cfg = load_config(a.config, gpu=_has_gpu(), overrides=overrides)
-        if a.quick:
-            cfg = quick(cfg)
-        points = list(cfg.points())
-        if cfg.categories:
-            _check_categories(cfg.categories)
-        if cfg.backend == "engine":
-            _check_model(cfg.model)
-        elif cfg.backend == "hf" and not (Path(cfg.model) / "config.json").is_file():
-            raise GridError(f"field 'model': backend 'hf' needs a Hugging Face directory, got {cfg.model!r}")
-        elif cfg.backend == "vllm":
-            _check_vllm(cfg.vllm_python)
-    except GridError as exc:
-        print(f"profiler sweep: {exc}", file=sys.stderr)
-        return 2
-    out = (
-        Path(a.out) / f"{Path(cfg.model).name}-{cfg.backend}.json"
-        if not str(a.out).endswith(".json")
-        else Path(a.out)
-    )
-    print(f"sweep: {cfg.model} backend={cfg.backend} {len(points)} decode points -> {out}", file=sys.stderr)
-    t0 = time.perf_counter()
-    try:
-        profile = _run_sweep(cfg, out, a)
-    except ProfileMismatchError as exc:
-        print(f"profiler sweep: {exc}", file=sys.stderr)
-        return 2
-    except ProfileWriteError as exc:
-        print(f"profiler sweep: {exc.strerror}; rerun with --resume once there is room", file=sys.stderr)
-        return 1
-    except GridError as exc:
-        print(f"profiler sweep: {exc}", file=sys.stderr)
-        return 2
-    except SweepError as exc:
-        print(f"profiler sweep: {exc}", file=sys.stderr)
-        return 1
-    if profile is None:
-        print(f"profiler sweep: backend {cfg.backend!r} is not available for sweeps yet", file=sys.stderr)
-        return 2
+    cfg = load_config(a.config, gpu=_has_gpu(), overrides=overrides)
+    if a.quick:
+        cfg = quick(cfg)
+    n_points = len(list(cfg.points()))
+    if cfg.categories:
+        _check_categories(cfg.categories)
+    if cfg.backend == "engine":
+        _check_model(cfg.model)
+    elif cfg.backend == "hf" and not (Path(cfg.model) / "config.json").is_file():
+        raise GridError(f"field 'model': backend 'hf' needs a Hugging Face directory, got {cfg.model!r}")
+    elif cfg.backend == "vllm":
+        _check_vllm(cfg.vllm_python)
+    return cfg, n_points
+
+
+def _finish_sweep(cfg, out: Path, weights: str, a: argparse.Namespace, t0: float) -> int:
+    """After the decode and prefill points: acceptance, the summary, plots and the plan; 1 when the
+    acceptance failed or every decode point did."""
     from planner.profile import load_profile
     from profiler.acceptance import AcceptanceError, sweep_acceptance
 
     try:
-        sweep_acceptance(cfg, out, profile.metadata.weights, in_process=cfg.backend in ("engine", "hf"),
+        sweep_acceptance(cfg, out, weights, in_process=cfg.backend in ("engine", "hf"),
                          progress=not a.no_progress)  # fmt: skip
     except AcceptanceError as exc:
         print(f"profiler sweep: acceptance: {exc}", file=sys.stderr)
@@ -133,11 +145,11 @@ def _run_sweep(cfg, out: Path, a: argparse.Namespace):
 
         return sweep_engine(cfg, out, **kwargs)
     if cfg.backend == "http":
-        from profiler.remote import sweep_http
+        from profiler.server_sweep import sweep_http
 
         return sweep_http(cfg, out, **kwargs)
     if cfg.backend == "vllm":
-        from profiler.remote import sweep_vllm
+        from profiler.server_sweep import sweep_vllm
 
         return sweep_vllm(cfg, out, **kwargs)
     return None
@@ -188,14 +200,11 @@ def _check_categories(categories: list[str]) -> None:
 
 
 def _print_plan(out: Path, itl_ms: float, acceptance: float | None) -> None:
-    """The recommended plan for the default SLA (planner imported lazily: it is optional here)."""
-    try:
-        from planner.plan import Planner
-        from planner.profile import load_profile
-        from planner.render import render_plan
-    except ImportError as exc:
-        print(f"(planner not available: {exc}; run `planner plan {out} --itl-ms {itl_ms}`)")
-        return
+    """The recommended plan for the default SLA, as ``planner plan`` prints it."""
+    from planner.plan import Planner
+    from planner.profile import load_profile
+    from planner.render import render_plan
+
     profile = load_profile(out)
     try:  # the acceptance the profile stores (measured, or the grid's given one): what `planner plan` uses
         res = Planner(profile, out.stem).plan(itl_ms=itl_ms)

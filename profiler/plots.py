@@ -82,55 +82,10 @@ def _pareto(profile: Profile, out: Path, alpha: float | None, itl_ms: float, nam
     paths = []
     for method in sorted({key[1] for key in evals}):
         keys = sorted(key for key in evals if key[1] == method)
-        ks = sorted({key[2] for key in keys})
         fig, ax = plt.subplots(figsize=(WIDTH_IN, 6.2))
         if method != "none":
-            for key in (key for key in evals if key[1] == "none"):
-                ev = evals[key]
-                fits = ev.c <= ev.c_kv
-                ax.plot(ev.thr[fits], ev.itl[fits], color="0.6", linestyle=TP_STYLES[tps.index(key[0]) % 4],
-                        linewidth=1, label=f"tp={key[0]} none (baseline)")  # fmt: skip
-        all_thr, all_itl = [], []
-        flagged = False
-        for tp, _, k in keys:
-            ev = evals[(tp, method, k)]
-            fits = ev.c <= ev.c_kv
-            if not fits.any():
-                continue
-            color = _k_color(k, ks) if method != "none" else "black"
-            label = f"tp={tp}" + (f" k={k}" if method != "none" else "")
-            thr, itl, c = ev.thr[fits], ev.itl[fits], ev.c[fits]
-            ax.plot(thr, itl, color=color, linestyle=TP_STYLES[tps.index(tp) % 4], linewidth=1.2, label=label)
-            at = [i for i, ci in enumerate(c) if int(ci) in measured[(tp, method, k)]]
-            ax.plot(
-                thr[at], itl[at], color=color, marker=K_MARKERS[k % len(K_MARKERS)], linestyle="none", ms=6
-            )
-            for i in at:
-                ax.annotate(f"{int(c[i])}", (thr[i], itl[i]), textcoords="offset points", xytext=(4, -9),
-                            fontsize=7, color=color)  # fmt: skip
-                if (tp, method, k, int(c[i])) in unstable:
-                    flagged = True
-                    ax.plot(
-                        thr[i], itl[i], marker="o", ms=13, mfc="none", mec="red", mew=1.5, linestyle="none"
-                    )
-            all_thr.append(thr)
-            all_itl.append(itl)
-        if all_thr:
-            thr_all, itl_all = np.concatenate(all_thr), np.concatenate(all_itl)
-            front = frontier(thr_all, itl_all)
-            ax.plot(thr_all[front], itl_all[front], color="crimson", linewidth=3.5, alpha=0.45,
-                    label=f"Pareto frontier ({method})", zorder=1)  # fmt: skip
-        if flagged:
-            ax.plot(
-                [],
-                [],
-                marker="o",
-                ms=10,
-                mfc="none",
-                mec="red",
-                linestyle="none",
-                label="unstable measurement",
-            )
+            _draw_baseline(ax, evals, tps)
+        _draw_method(ax, method, [evals[key] for key in keys], tps, measured, unstable)
         ax.axhline(itl_ms, color="red", linestyle="--", linewidth=1.2, label=f"SLA ITL {itl_ms:g} ms")
         ch = res.choice
         if ch is not None and ch.method == method:
@@ -161,6 +116,51 @@ def _pareto(profile: Profile, out: Path, alpha: float | None, itl_ms: float, nam
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _draw_baseline(ax, evals: dict, tps: list[int]) -> None:
+    """The no-speculation curves in grey, for reference on a speculative method's figure."""
+    for key in (key for key in evals if key[1] == "none"):
+        ev = evals[key]
+        fits = ev.c <= ev.c_kv
+        ax.plot(ev.thr[fits], ev.itl[fits], color="0.6", linestyle=TP_STYLES[tps.index(key[0]) % 4],
+                linewidth=1, label=f"tp={key[0]} none (baseline)")  # fmt: skip
+
+
+def _draw_method(ax, method: str, evs: list, tps: list[int], measured: dict, unstable: set) -> None:
+    """One curve per (tp, k) of ``method`` within the KV bound, its measured concurrencies marked and
+    labelled (unstable ones ringed red), and the method's Pareto frontier."""
+    ks = sorted({ev.key[2] for ev in evs})
+    all_thr, all_itl = [], []
+    flagged = False
+    for ev in evs:
+        tp, _, k = ev.key
+        fits = ev.c <= ev.c_kv
+        if not fits.any():
+            continue
+        color = _k_color(k, ks) if method != "none" else "black"
+        label = f"tp={tp}" + (f" k={k}" if method != "none" else "")
+        thr, itl, c = ev.thr[fits], ev.itl[fits], ev.c[fits]
+        ax.plot(thr, itl, color=color, linestyle=TP_STYLES[tps.index(tp) % 4], linewidth=1.2, label=label)
+        at = [i for i, ci in enumerate(c) if int(ci) in measured[ev.key]]
+        ax.plot(thr[at], itl[at], color=color, marker=K_MARKERS[k % len(K_MARKERS)], linestyle="none", ms=6)
+        for i in at:
+            ax.annotate(f"{int(c[i])}", (thr[i], itl[i]), textcoords="offset points", xytext=(4, -9),
+                        fontsize=7, color=color)  # fmt: skip
+            if (tp, method, k, int(c[i])) in unstable:
+                flagged = True
+                ax.plot(thr[i], itl[i], marker="o", ms=13, mfc="none", mec="red", mew=1.5, linestyle="none")
+        all_thr.append(thr)
+        all_itl.append(itl)
+    if all_thr:
+        thr_all, itl_all = np.concatenate(all_thr), np.concatenate(all_itl)
+        front = frontier(thr_all, itl_all)
+        ax.plot(thr_all[front], itl_all[front], color="crimson", linewidth=3.5, alpha=0.45,
+                label=f"Pareto frontier ({method})", zorder=1)  # fmt: skip
+    if flagged:
+        ax.plot(
+            [], [], marker="o", ms=10, mfc="none", mec="red", linestyle="none", label="unstable measurement"
+        )
 
 
 def _tokens_per_step(profile: Profile, method: str, k: int, point_tps: float, alpha: float | None) -> float:

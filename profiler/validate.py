@@ -44,7 +44,7 @@ import numpy as np
 from planner import metrics_def as md
 from planner.plan import Planner
 from planner.profile import Acceptance, Profile, ProfileError, load_profile
-from planner.surface import Surfaces
+from planner.surface import DecodeSurface, Surfaces
 from profiler.prompts import load_questions
 
 DEFAULT_CONTROLLED = "alpha=0.7,coverage=0.8"
@@ -128,6 +128,24 @@ def choose_targets(
     surf = Surfaces(profile)
     if not surf.decode:
         raise ValidateError("profile: no successful decode point to validate")
+    isls = _off_grid_input_lengths(profile, osl)
+    keys = [
+        key for key in sorted(surf.decode) if (not methods or key[1] in methods) and (not ks or key[2] in ks)
+    ]
+    if not keys:
+        raise ValidateError(f"method/k: no decode config of the profile matches methods={methods} k={ks}")
+    out = [t for key in keys for t in _targets_of(profile, surf.decode[key], isls, osl, n)]
+    if not out:
+        raise ValidateError(
+            "profile: no off-grid concurrency lies inside a measured range (need >= 2 "
+            "concurrencies per config with a gap, e.g. 1 and 4)"
+        )
+    return out
+
+
+def _off_grid_input_lengths(profile: Profile, osl: int) -> list[int]:
+    """Input lengths whose requests start and end inside the measured contexts, off the measured ones
+    where possible."""
     ctxs = sorted({p.context_len for p in profile.decode if p.ok})
     lo, hi = ctxs[0], ctxs[-1]
     if hi - lo <= osl:
@@ -136,34 +154,24 @@ def choose_targets(
             "a request must start and end inside the measured range"
         )
     isls = [int(lo + f * (hi - osl - lo)) for f in (0.5, 0.25, 0.75, 0.1, 0.9)]
-    isls = [x for x in isls if x not in ctxs] or isls
-    out: list[Target] = []
-    keys = [
-        key for key in sorted(surf.decode) if (not methods or key[1] in methods) and (not ks or key[2] in ks)
-    ]
-    if not keys:
-        raise ValidateError(f"method/k: no decode config of the profile matches methods={methods} k={ks}")
-    for key in keys:
-        ds = surf.decode[key]
-        cs = sorted({p.concurrency for p in profile.decode if p.ok and (p.tp, p.method, p.k) == key})
-        row = []
-        for i, c in enumerate(_off_grid(cs)):
-            isl = isls[i % len(isls)]
-            if np.isfinite(ds.step_ms(c, isl)).all() and np.isfinite(ds.step_ms(c, isl + osl)).all():
-                row.append(Target(key[0], key[1], key[2], c, isl, osl))
-        if len(row) > n:  # spread over the measured range rather than the lowest concurrencies
-            row = (
-                [row[round(i * (len(row) - 1) / max(1, n - 1))] for i in range(n)]
-                if n > 1
-                else [row[len(row) // 2]]
-            )
-        out += row
-    if not out:
-        raise ValidateError(
-            "profile: no off-grid concurrency lies inside a measured range (need >= 2 "
-            "concurrencies per config with a gap, e.g. 1 and 4)"
-        )
-    return out
+    return [x for x in isls if x not in ctxs] or isls
+
+
+def _targets_of(profile: Profile, ds: DecodeSurface, isls: list[int], osl: int, n: int) -> list[Target]:
+    """Up to ``n`` off-grid concurrencies of one config whose step time is known over the request,
+    spread over the measured range rather than the lowest ones."""
+    key = ds.key
+    cs = sorted({p.concurrency for p in profile.decode if p.ok and (p.tp, p.method, p.k) == key})
+    row = []
+    for i, c in enumerate(_off_grid(cs)):
+        isl = isls[i % len(isls)]
+        if np.isfinite(ds.step_ms(c, isl)).all() and np.isfinite(ds.step_ms(c, isl + osl)).all():
+            row.append(Target(key[0], key[1], key[2], c, isl, osl))
+    if len(row) <= n:
+        return row
+    return (
+        [row[round(i * (len(row) - 1) / max(1, n - 1))] for i in range(n)] if n > 1 else [row[len(row) // 2]]
+    )
 
 
 def predict(profile: Profile, t: Target, acceptance: Acceptance | None = None) -> tuple[float, float, float]:

@@ -360,10 +360,6 @@ class CorrectionDaemon:
         self._last_sent_itl = d["predicted_itl_ms"]
 
     # ---------------------------------------------------------------- the loop
-    def ingest(self, text: str) -> None:
-        """Process one scrape body (exposed so a test can feed a real server's body directly)."""
-        self.ingest_snapshot(parse_metrics(text))
-
     def ingest_snapshot(self, cur: MetricsSnapshot) -> None:
         """Check one parsed scrape, then fold the window since the previous good one.
 

@@ -127,12 +127,6 @@ class LoadResult:
     def output_tokens(self) -> int:
         return sum(r.output_tokens for r in self.ok)
 
-    def token_count_sources(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in self.ok:
-            out[r.token_count_source] = out.get(r.token_count_source, 0) + 1
-        return out
-
     def tokens_per_chunk(self) -> float | None:
         """Output tokens per streamed chunk after the first (vLLM streams one chunk per engine step)."""
         tokens = sum(r.output_tokens - 1 for r in self.ok if len(r.chunk_times) > 1)

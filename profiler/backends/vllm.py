@@ -1,5 +1,5 @@
-"""Launch a real vLLM OpenAI server per (tp, method, k); ``profiler.remote.sweep_vllm`` measures each
-with the http backend and the test suite's ``vllm_server`` fixture starts its server through it.
+"""Launch a real vLLM OpenAI server per (tp, method, k); ``profiler.server_sweep.sweep_vllm`` measures
+each with the http backend and the test suite's ``vllm_server`` fixture starts its server through it.
 
 The command is the ``vllm serve`` equivalent built from the sweep's own config (``--tensor-parallel-size``,
 ``--speculative-config`` JSON, ``--max-num-seqs``) and logged before it starts, so any point can be

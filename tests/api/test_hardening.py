@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.fastpath import PlanResponseCache
+from api.plan_response_cache import PlanResponseCache
 from api.store import ProfileStore
 from planner.plan import Planner
 from planner.profile import load_profile, parse_profile
@@ -60,6 +60,20 @@ def test_non_finite_numbers_are_a_422_naming_the_field(
     assert detail[0]["loc"] == ["body", "decode", 0, field]
     assert detail[0]["input"] in ("inf", "-inf", "nan")
     assert not (profiles_dir / "inf.json").exists()
+
+
+def test_a_one_token_capacity_context_is_a_422_naming_it(client: TestClient) -> None:
+    """A peak context of one token (no output) divided by zero blocks per sequence: a 500."""
+    r = client.get("/capacity?tp=1&k=0&context=1")
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "context"]
+    assert client.get("/capacity?tp=1&k=0&context=2").json()["max_concurrency"] > 0
+
+
+def test_the_dashboard_takes_an_empty_workload_as_not_given(client: TestClient) -> None:
+    """The form sends an empty field as ``workload=``: the length check on None was a 500."""
+    r = client.get("/?workload=&itl_ms=30")
+    assert r.status_code == 200 and "workload mix" in r.text
+    assert client.get("/?workload=" + "x" * 41).status_code == 422
 
 
 # ---------------------------------------------------------------- 5: bounded declarations, event loop

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 MODULES = [
-    "api.app", "api.page", "api.store", "api.fastpath", "api.metrics",
+    "api.app", "api.dashboard_page", "api.store", "api.plan_response_cache", "api.metrics",
     "planner.cli", "planner.plan", "planner.surface", "planner.synthetic", "planner.render",
     "planner.daemon", "planner.daemon.runner", "planner.daemon.scrape", "planner.daemon.connectors",
 ]  # fmt: skip

@@ -176,7 +176,7 @@ def test_sweep_records_a_config_that_cannot_start(
     fake_vllm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from profiler.grid import SweepConfig
-    from profiler.remote import sweep_vllm
+    from profiler.server_sweep import sweep_vllm
 
     monkeypatch.setenv("FAKE_VLLM_MODE", "crash")
     model = tmp_path / "model"
@@ -207,13 +207,13 @@ def test_real_vllm_sweep_points_with_live_acceptance(
     The prompts repeat a pattern the model continues, so prompt lookup finds 4-gram matches and the
     window is sure to hold drafts (Spec-Bench questions at 24 output tokens may hold none).
     """
-    from profiler import remote
+    from profiler import server_sweep
     from profiler.grid import SweepConfig
-    from profiler.remote import sweep_http
+    from profiler.server_sweep import sweep_http
 
     patterns = ["1 2 3 4 5 6 7 8 ", "red green blue red green blue ", "one, two, three, one, two, three, "]
     monkeypatch.setattr(
-        remote, "prompts_of_length",
+        server_sweep, "prompts_of_length",
         lambda n, approx_tokens, path=None: [f"Continue: {patterns[i % 3] * 8}" for i in range(n)],
     )  # fmt: skip
 

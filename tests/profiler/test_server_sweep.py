@@ -11,7 +11,7 @@ import pytest
 from profiler.backends import http as httpb
 from profiler.cli import main
 from profiler.grid import GridError, SweepConfig
-from profiler.remote import sweep_http
+from profiler.server_sweep import sweep_http
 
 _spec = importlib.util.spec_from_file_location("fake_openai", Path(__file__).with_name("fake_openai.py"))
 fake_openai = importlib.util.module_from_spec(_spec)
