@@ -2,7 +2,8 @@
 # Issue 8's device run, from the repo root on a host with 2 (or 4) GPUs: the GPU tests (Triton kernels,
 # CUDA graphs, tp 2 == tp 1 with the symmetric-memory all-reduce), tp_bench's variants, and a
 # `profiler sweep` over the tp sizes. OUT=dir TP=1,2 bash benchmarks/tp_gpu_run.sh
-# (wheels for a host without pydantic/pytest: `pip download` them into build/gpuwheels, see RESULTS.md).
+# (a host without pydantic/pytest: `pip download -d build/gpuwheels --only-binary=:all: --python-version 3.12
+# pydantic pytest pyyaml tqdm` on a machine with network access, and carry build/gpuwheels).
 set -uo pipefail
 OUT="${OUT:-runs/tp}"
 TP="${TP:-1,2}"

@@ -3,8 +3,8 @@
 Runs on a CUDA device. Without one it is skipped, unless ``TRITON_INTERPRET=1`` is set and Triton is
 installed: then the same checks run (on smaller shapes) through Triton's CPU interpreter, which is how
 the kernel is checked on a machine without a GPU. (With Triton 3.6 and numpy 2.4 the interpreter fails
-on this kernel's data-dependent loop bounds -- a TypeError inside triton/runtime/interpreter.py, seen in
-session 3 -- so today these checks run on GPUs: 123 passed on an H200 pair, benchmarks/RESULTS.md.)
+on this kernel's data-dependent loop bounds -- a TypeError inside triton/runtime/interpreter.py -- so
+today these checks run on GPUs: 122 passed on an H200 pair, benchmarks/RESULTS.md.)
 """
 
 from __future__ import annotations
