@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--prompt-lookup-min", type=int, help="ngram window (vLLM's default: = max, or 5)")
     ac.add_argument("--prompt-lookup-max", type=int, help="ngram window (vLLM's default: = min, or 5)")
     ac.add_argument("--out", type=Path, help="profile to add the acceptance entries to")
-    ac.add_argument("--no-progress", action="store_true")
+    ac.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     ac.set_defaults(fn=cmd_acceptance)
     return use_everywhere(p)
 
