@@ -8,7 +8,6 @@ replaced is never served afterwards (it sits under an old revision that no reade
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from planner.profile import Profile, ProfileError, atomic_write_text, dump_profi
 log = logging.getLogger("api.store")
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-_ID_RE = re.compile(ID_PATTERN)
 
 
 class ProfileSummary(BaseModel):
@@ -82,10 +80,6 @@ class ProfileStore:
                 msg = str(exc) if isinstance(exc, ProfileError) else f"{path}: {type(exc).__name__}: {exc}"
                 self.load_errors[path.stem] = msg
                 log.warning("skipping %s", msg)
-
-    @staticmethod
-    def valid_id(pid: str) -> bool:
-        return bool(_ID_RE.match(pid))
 
     def ids(self) -> list[str]:
         with self._lock:  # an upload may add an id meanwhile

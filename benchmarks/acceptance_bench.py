@@ -4,7 +4,7 @@ For each category, greedy generation through LLMEngine with speculation on (defa
 k = 4) over the first N questions' first turn (chat template applied), and the engine's SpecStats
 counters over that category: decode steps, drafts, draft coverage, acceptance rate per draft
 position, acceptance given a draft and tokens per decode step (definitions in engine/spec/stats.py
-and planner/metrics_def.py). Prints a markdown table and writes a JSON document.
+and common/metrics.py). Prints a markdown table and writes a JSON document.
 
     python benchmarks/acceptance_bench.py --method ngram --k 4 --num-prompts 10 --max-tokens 128
 """

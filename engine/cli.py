@@ -7,7 +7,8 @@ import argparse
 import statistics
 import sys
 
-from engine.cli_help import use_everywhere
+from common.cli_help import use_everywhere
+from common.metrics import request_itl
 from engine.errors import CapacityError, EngineError
 from engine.spec.flags import add_spec_arguments, spec_config
 
@@ -117,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(f"--- [{i}] ({out.finish_reason})")
             print(out.text)
             if args.stats and len(out.token_times) > 1:
-                itl = (out.token_times[-1] - out.token_times[0]) / (len(out.token_times) - 1)
+                itl = request_itl(out.token_times[0], out.token_times[-1], len(out.token_times))
                 print(f"[{len(out.token_ids)} tokens, ITL {itl * 1e3:.1f} ms]", file=sys.stderr)
         stats = llm.engine.spec_stats
         if args.stats and stats is not None:

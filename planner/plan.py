@@ -27,9 +27,9 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, Field, PrivateAttr
 
+from common.metrics import tokens_per_step as _tokens_per_step
 from kvbm import capacity
 from planner.commands import engine_args, join, lookup_window, model_max_context, served_model, vllm_args
-from planner.metrics_def import tokens_per_step as _tokens_per_step
 from planner.priors import MIX, check_workload, load_priors, prior_acceptance, prior_drafter, workloads
 from planner.profile import Acceptance, AcceptanceSource, Profile
 from planner.schedule import GPU_NOTE, KCurve, Schedule, k_schedule

@@ -22,8 +22,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from planner.metrics_def import LatencyStats
-from planner.metrics_def import tokens_per_step as _tokens_per_step
+from common.metrics import LatencyStats
+from common.metrics import tokens_per_step as _tokens_per_step
 
 SCHEMA_VERSION = 1
 
@@ -301,7 +301,7 @@ class Acceptance(_Strict):
 
     @property
     def tokens_per_step(self) -> float:
-        """Expected tokens per decode step (see planner.metrics_def)."""
+        """Expected tokens per decode step (see common.metrics)."""
         return _tokens_per_step(self.draft_coverage, self.accepted_per_pos)
 
     @property

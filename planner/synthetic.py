@@ -27,7 +27,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from planner.metrics_def import LatencyStats, decode_throughput_per_gpu, itl_from_step
+from common.metrics import LatencyStats, decode_throughput_per_gpu, itl_from_step
 from planner.profile import (
     Acceptance,
     AcceptanceSource,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner import metrics_def as md
+from common import metrics as md
 from planner.profile import (
     Acceptance,
     AcceptanceSource,

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from planner.cli_help import use_everywhere
+from common.cli_help import use_everywhere
 from profiler.grid import GridError, load_config, quick
 
 
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--prompt-lookup-min", type=int, help="ngram window (vLLM's default: = max, or 5)")
     ac.add_argument("--prompt-lookup-max", type=int, help="ngram window (vLLM's default: = min, or 5)")
     ac.add_argument("--out", type=Path, help="profile to add the acceptance entries to")
-    ac.add_argument("--no-progress", action="store_true")
+    ac.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     ac.set_defaults(fn=cmd_acceptance)
     return use_everywhere(p)
 

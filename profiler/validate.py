@@ -41,7 +41,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from planner import metrics_def as md
+from common import metrics as md
 from planner.plan import Planner
 from planner.profile import Acceptance, Profile, ProfileError, load_profile
 from planner.surface import Surfaces

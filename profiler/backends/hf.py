@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from planner import metrics_def as md
+from common import metrics as md
 from planner.profile import DecodePoint, PrefillPoint
 
 if TYPE_CHECKING:
