@@ -8,6 +8,7 @@ import statistics
 import sys
 
 from common.cli_help import use_everywhere
+from common.methods import METHODS, WEIGHT_CHOICES
 from common.metrics import request_itl
 from engine.errors import CapacityError, EngineError
 from engine.spec.flags import add_spec_arguments, spec_config
@@ -27,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset name, HF directory or .gguf file")
     p.add_argument(
         "--weights",
-        choices=("auto", "real", "random"),
+        choices=WEIGHT_CHOICES,
         default="auto",
         help="real: the preset's shipped weights (error if none); random: seeded random weights at the "
         "model's shape (true timing, meaningless text); auto: real when available",
@@ -60,9 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bench)
     bench.add_argument("--batch", type=_int_list, default=[1, 8, 32], help="concurrencies, e.g. 1,8,32")
     bench.add_argument("--context", type=_int_list, default=[512], help="context lengths, e.g. 512,2048")
-    bench.add_argument(
-        "--method", choices=("none", "ngram", "draft", "medusa"), default="none", help="speculative method"
-    )
+    bench.add_argument("--method", choices=METHODS, default="none", help="speculative method")
     bench.add_argument(
         "--k", type=int, default=0, help="draft tokens verified per step (0 with --method none)"
     )

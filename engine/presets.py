@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import configs
+from common.methods import WEIGHT_CHOICES
 from engine.config import ModelConfig
 from engine.errors import ConfigError
 
 PRESET_DIR = configs.MODELS
-
-WEIGHT_KINDS = ("auto", "real", "random")
 
 
 @dataclass(frozen=True)
@@ -100,8 +99,8 @@ def resolve_model(model: str | Path, *, weights: str = "auto") -> ModelSource:
     weights: ``auto`` (real when available, else random), ``real`` (error if none), ``random``
     (seeded random weights at the model's shape).
     """
-    if weights not in WEIGHT_KINDS:
-        raise ConfigError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
+    if weights not in WEIGHT_CHOICES:
+        raise ConfigError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     text = str(model)
     path = Path(text).expanduser()
     if path.suffix == ".gguf" or path.is_file():

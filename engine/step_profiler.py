@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.methods import METHODS
 from engine.errors import CapacityError, ConfigError
 from engine.llm_engine import LLMEngine
 from engine.phases import PhaseClock
 from engine.sampling import SamplingParams
 from engine.spec.base import SpecSequence
 
-METHODS = ("none", "ngram", "draft", "medusa")
 MAX_SPREAD = 0.25  # (p90 - p10) / median of the repeat medians above this: the point is noisy
 
 

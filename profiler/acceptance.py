@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common import metrics as md
+from common.methods import SPEC_METHODS
 from planner.profile import (
     Acceptance,
     AcceptanceSource,
@@ -30,8 +31,6 @@ from planner.profile import (
     append_point,
     now_utc,
 )
-
-SPEC_METHODS = ("ngram", "draft", "medusa")
 
 
 class AcceptanceError(ValueError):

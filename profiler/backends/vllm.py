@@ -29,14 +29,14 @@ from pathlib import Path
 
 import httpx
 
+from common.methods import PROFILE_METHODS, vllm_method
 from planner.profile import ngram_settings, prompt_lookup_window
 
 log = logging.getLogger("profiler.vllm")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Methods whose drafter is a separate checkpoint (a draft model, Medusa heads, an EAGLE head).
-_METHODS_WITH_MODEL = {"draft": "draft_model", "medusa": "medusa", "eagle": "eagle", "eagle3": "eagle3"}
-_METHODS_WITHOUT_MODEL = {"ngram": "ngram", "mtp": "mtp"}
+_METHODS_WITH_MODEL = ("draft", "medusa", "eagle", "eagle3")
 
 
 class VllmServerError(RuntimeError):
@@ -88,9 +88,8 @@ class VllmLaunch:
             raise ValueError(f"k must be >= 0, got {self.k}")
         if (self.method == "none") != (self.k == 0):
             raise ValueError(f"method {self.method!r} with k={self.k}: k is 0 exactly when method is 'none'")
-        if self.method not in ("none", *_METHODS_WITH_MODEL, *_METHODS_WITHOUT_MODEL):
-            known = ", ".join(["none", *_METHODS_WITH_MODEL, *_METHODS_WITHOUT_MODEL])
-            raise ValueError(f"method must be one of {known}, got {self.method!r}")
+        if self.method not in PROFILE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(PROFILE_METHODS)}, got {self.method!r}")
         if self.method in _METHODS_WITH_MODEL and not self.draft_model:
             raise ValueError(f"method {self.method!r} needs draft_model (the drafter checkpoint), got None")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
@@ -102,7 +101,7 @@ class VllmLaunch:
         """The ``--speculative-config`` object vLLM expects, or None without speculation."""
         if self.method == "none":
             return None
-        cfg: dict = {"method": _METHODS_WITH_MODEL.get(self.method) or _METHODS_WITHOUT_MODEL[self.method]}
+        cfg: dict = {"method": vllm_method(self.method)}
         cfg["num_speculative_tokens"] = self.k
         if self.method in _METHODS_WITH_MODEL:
             cfg["model"] = self.draft_model
