@@ -14,6 +14,7 @@ from typing import Any
 
 import configs
 from common.methods import WEIGHT_CHOICES
+from common.presets import PresetError, preset
 from engine.config import ModelConfig
 from engine.errors import ConfigError
 
@@ -53,12 +54,10 @@ def _package_file(package: str, filename: str) -> Path | None:
 
 
 def load_preset_dict(name: str) -> dict[str, Any]:
-    data = configs.load_preset(name)
-    if data is None:
-        raise ConfigError(f"model {name!r}: no such preset (presets: {', '.join(list_presets())})")
-    if not isinstance(data, dict) or "model" not in data:
-        raise ConfigError(f"preset file {configs.preset_file(name)}: expected a mapping with a 'model' key")
-    return data
+    try:
+        return preset(name)
+    except PresetError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _resolve_preset(name: str, weights: str) -> ModelSource:

@@ -15,8 +15,8 @@ from functools import lru_cache
 
 import yaml
 
-import configs
 from common.methods import vllm_method
+from common.presets import PresetError, preset
 
 ENGINE_LOOKUP_DEFAULTS = {"prompt_lookup_min": 1, "prompt_lookup_max": 4}  # engine/spec/flags.py
 Schedule = list[list[int]]
@@ -24,11 +24,11 @@ Schedule = list[list[int]]
 
 @lru_cache(maxsize=64)
 def _model_config(name: str) -> dict:
+    """The preset's ``model`` mapping; empty for a model without a (readable) preset."""
     try:
-        model = (configs.load_preset(name) or {}).get("model", {})
-    except (OSError, yaml.YAMLError, AttributeError):
+        return preset(name)["model"]
+    except (PresetError, OSError, yaml.YAMLError):
         return {}
-    return model if isinstance(model, dict) else {}
 
 
 def served_model(name: str) -> str:
