@@ -20,6 +20,7 @@ from typing import Any
 
 from common import metrics as md
 from common.methods import SPEC_METHODS
+from common.tables import text_table
 from planner.profile import (
     Acceptance,
     AcceptanceSource,
@@ -304,15 +305,6 @@ def package_version() -> str:
         return "unknown"
 
 
-def fmt(rows: list[list[Any]], header: list[str]) -> str:
-    """A right-aligned plain-text table."""
-    cells = [[str(c) for c in r] for r in [header, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def parse_ks(value: str) -> list[int]:
     """``"1..8"``, ``"2,4"`` or ``"1..3,6"`` -> sorted unique ints >= 1; errors name field k."""
     out: set[int] = set()
@@ -350,7 +342,7 @@ def table(results: list[AcceptanceResult]) -> str:
                     " ".join(f"{x:.2f}" for x in per),
                 ]
             )
-    return fmt(
+    return text_table(
         rows, ["method", "k", "category", "steps", "coverage", "tok/draft", "tok/step", "per position"]
     )
 
