@@ -20,7 +20,6 @@ running median of the repeat medians moves by less than ``rel_tol`` (at least ``
 
 from __future__ import annotations
 
-import platform
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.metadata import cpu_description
 from common.methods import METHODS
 from engine.errors import CapacityError, ConfigError
 from engine.llm_engine import LLMEngine
@@ -65,6 +65,13 @@ class StepTiming:
     @property
     def stable(self) -> bool:
         return self.settled and self.spread <= MAX_SPREAD
+
+
+def describe_device(device: torch.device) -> str:
+    """The GPU's name, or the CPU and its threads: where a measurement ran, as its profile records it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_description(torch.get_num_threads())
 
 
 class _PaddedDrafts:
@@ -173,10 +180,7 @@ class StepProfiler:
 
     @property
     def device_name(self) -> str:
-        dev = self.runner.device
-        if dev.type == "cuda":
-            return torch.cuda.get_device_name(dev)
-        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return describe_device(self.runner.device)
 
     # -- setup -------------------------------------------------------------------------------------
     def _check_point(self, c: int, length: int, growth: int) -> int:
