@@ -133,6 +133,7 @@ def create_app(
 
     metrics = ApiMetrics()
     responses = PlanResponseCache(lambda: store.revision)
+    store.on_change(responses.clear)  # cached answers may name or depend on the replaced profile set
     can_write = WriteGuard(api_key, read_only)
     holder: dict[str, CorrectionDaemon] = {}
 
@@ -294,7 +295,6 @@ def create_app(
             reason = f"profile {id!r} not written: {exc.strerror or exc}; nothing was changed"
             log.error("%s", reason)
             raise HTTPException(507 if exc.errno in _NO_SPACE else 500, reason) from None
-        responses.clear()  # cached answers may name or depend on the replaced profile set
         metrics.profiles.set(len(store.ids()))
         return summarize(id, profile)
 
