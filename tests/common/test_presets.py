@@ -28,15 +28,20 @@ def test_qwen_bias_is_counted_once_per_projection_output() -> None:
     assert shape.params - no_bias.params == shape.layers * shape.head_dim * (shape.heads + 2 * shape.kv_heads)
 
 
-def test_hf_config_of_qwen2_has_biases_unless_it_says_otherwise(tmp_path: Path) -> None:
-    hf = {
-        "model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1000, "tie_word_embeddings": True,
-    }  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    shape = presets.model_shape(str(tmp_path))
-    assert shape.qkv_bias and shape.tied and shape.head_dim == 16 and shape.name == tmp_path.name
-    assert not presets.hf_shape({**hf, "attention_bias": False}, "q").qkv_bias
+def test_hf_config_of_qwen2_has_biases_unless_it_says_otherwise() -> None:
+    hf = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=9)
+    assert presets.hf_shape({**hf, "model_type": "qwen2"}, "q").qkv_bias
+    assert not presets.hf_shape({**hf, "model_type": "qwen2", "attention_bias": False}, "q").qkv_bias
+    assert not presets.hf_shape({**hf, "model_type": "llama"}, "l").qkv_bias
+
+
+def test_a_directory_with_config_json_is_read_before_presets(tmp_path: Path) -> None:
+    model = tmp_path / "tiny"  # a preset's name: the directory still wins
+    model.mkdir()
+    hf = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=7)
+    (model / "config.json").write_text(json.dumps({**hf, "tie_word_embeddings": True}))
+    shape = presets.model_shape(str(model))
+    assert (shape.name, shape.layers, shape.kv_heads, shape.head_dim, shape.tied) == ("tiny", 3, 2, 16, True)
     assert set(shape.profile_fields()) == set(ModelShape.model_fields)
 
 
