@@ -25,11 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from common.metadata import cpu_description
 from common.methods import METHODS
+from common.metrics import percentile
 from engine.errors import CapacityError, ConfigError
 from engine.llm_engine import LLMEngine
 from engine.phases import PhaseClock
@@ -59,7 +59,7 @@ class StepTiming:
         """(p90 - p10) / median of the repeat medians (0 with one repeat)."""
         if len(self.repeat_medians) < 2:
             return 0.0
-        p10, p90 = np.percentile(self.repeat_medians, [10, 90])
+        p10, p90 = percentile(self.repeat_medians, 10), percentile(self.repeat_medians, 90)
         return float((p90 - p10) / self.median_ms)
 
     @property
