@@ -17,6 +17,10 @@ METHODS: tuple[str, ...] = get_args(EngineMethod)
 SPEC_METHODS: tuple[str, ...] = METHODS[1:]  # the engine's speculative methods
 PROFILE_METHODS: tuple[str, ...] = get_args(Method)
 
+# Methods whose drafter is a separate checkpoint (a draft model, Medusa heads, an EAGLE head); prompt lookup
+# and MTP draft from the target itself.
+DRAFTER_METHODS: tuple[str, ...] = ("draft", "medusa", "eagle", "eagle3")
+
 # vLLM's SpeculativeConfig.method where it differs from ours (vLLM 0.32 calls a draft model "draft_model").
 _VLLM_METHOD = {"draft": "draft_model"}
 
