@@ -85,11 +85,13 @@ def _server_state(
                 f"daemon_profile={daemon_profile!r}: name one of the loaded profiles {store.ids()}"
             )
         daemons[pid] = CorrectionDaemon(store.planners[pid], daemon, make_connector(connector))
+    responses = PlanResponseCache(lambda: store.revision)
+    store.on_change(responses.clear)  # cached answers may name or depend on the replaced profile set
     return ServerState(
         store=store,
         daemons=daemons,
         metrics=ApiMetrics(),
-        responses=PlanResponseCache(lambda: store.revision),
+        responses=responses,
         write_guard=write_guard,
         host_gpus=host_gpu_names(),
         configured_default=default_profile,

@@ -1,14 +1,17 @@
 """Profiles a server answers from: loaded from a directory, planners built once, uploads atomic.
 
-Every upload bumps ``revision``. A cached plan is stored under the revision it was computed at, read
-before the planner it was computed with, so a plan that was being computed while its profile was
-replaced is never served afterwards (it sits under an old revision that no reader asks for).
+Every upload bumps ``revision`` and is the one place plan caches are invalidated: the store's own, and
+every cache registered with ``on_change`` (the app's response cache). A planner's memo of step curves
+goes with its planner, which an upload replaces.
+
+A cached plan is stored under the revision it was computed at, read before the planner it was computed
+with, so a plan that was being computed while its profile was replaced is never served afterwards (it
+sits under an old revision that no reader asks for).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,7 +26,6 @@ from planner.profile import Profile, ProfileError, atomic_write_text, dump_profi
 log = logging.getLogger("api.store")
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-_ID_RE = re.compile(ID_PATTERN)
 
 
 class ProfileSummary(BaseModel):
@@ -75,6 +77,7 @@ class ProfileStore:
         self._cache_size = cache_size
         self._lock = threading.Lock()  # held briefly: reads of the served set and the plan cache
         self._write_lock = threading.Lock()  # one upload at a time, held across the disk write
+        self._on_change: list[Callable[[], None]] = []
         for path in sorted(self.dir.glob("*.json")):
             try:
                 self.planners[path.stem] = Planner(load_profile(path), path.stem)
@@ -82,10 +85,6 @@ class ProfileStore:
                 msg = str(exc) if isinstance(exc, ProfileError) else f"{path}: {type(exc).__name__}: {exc}"
                 self.load_errors[path.stem] = msg
                 log.warning("skipping %s", msg)
-
-    @staticmethod
-    def valid_id(pid: str) -> bool:
-        return bool(_ID_RE.match(pid))
 
     def ids(self) -> list[str]:
         with self._lock:  # an upload may add an id meanwhile
@@ -112,7 +111,13 @@ class ProfileStore:
                 self.load_errors.pop(pid, None)
                 self.revision += 1
                 self._cache.clear()  # entries of older revisions are never read again
+            for clear in self._on_change:
+                clear()
         return planner
+
+    def on_change(self, clear: Callable[[], None]) -> None:
+        """Call ``clear`` after every change of the served profiles (e.g. to drop cached answers)."""
+        self._on_change.append(clear)
 
     def cached_plan(self, pid: str, revision: int, params: tuple, compute: Callable[[], bytes]) -> bytes:
         """Plans are pure functions of (profile, inputs): memoise the most recent ones per revision."""

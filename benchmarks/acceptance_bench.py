@@ -4,7 +4,7 @@ For each category, greedy generation through LLMEngine with speculation on (defa
 k = 4) over the first N questions' first turn (chat template applied), and the engine's SpecStats
 counters over that category: decode steps, drafts, draft coverage, acceptance rate per draft
 position, acceptance given a draft and tokens per decode step (definitions in engine/spec/stats.py
-and planner/metrics_def.py). Prints a markdown table and writes a JSON document.
+and common/metrics.py). Prints a markdown table and writes a JSON document.
 
     python benchmarks/acceptance_bench.py --method ngram --k 4 --num-prompts 10 --max-tokens 128
 """
@@ -24,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.methods import SPEC_METHODS  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.spec import SpecConfig, SpecStats  # noqa: E402
@@ -84,7 +85,7 @@ def run_category(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--method", default="ngram", choices=("ngram", "draft", "medusa"))
+    ap.add_argument("--method", default="ngram", choices=SPEC_METHODS)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument(
         "--draft-layers", type=int, default=None, help="draft method: target truncated to N layers"

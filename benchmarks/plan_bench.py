@@ -34,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from planner.metrics_def import percentile  # noqa: E402
+from common.metrics import percentile  # noqa: E402
 from planner.surface import Surfaces  # noqa: E402
 from planner.synthetic import AnalyticModel, synthetic_profile  # noqa: E402
 

@@ -7,7 +7,9 @@ import argparse
 import statistics
 import sys
 
-from engine.cli_help import use_everywhere
+from common.cli_help import use_everywhere
+from common.methods import METHODS, WEIGHT_CHOICES
+from common.metrics import request_itl
 from engine.errors import CapacityError, EngineError
 from engine.spec.flags import add_spec_arguments, spec_config
 
@@ -26,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset name, HF directory or .gguf file")
     p.add_argument(
         "--weights",
-        choices=("auto", "real", "random"),
+        choices=WEIGHT_CHOICES,
         default="auto",
         help="real: the preset's shipped weights (error if none); random: seeded random weights at the "
         "model's shape (true timing, meaningless text); auto: real when available",
@@ -59,9 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bench)
     bench.add_argument("--batch", type=_int_list, default=[1, 8, 32], help="concurrencies, e.g. 1,8,32")
     bench.add_argument("--context", type=_int_list, default=[512], help="context lengths, e.g. 512,2048")
-    bench.add_argument(
-        "--method", choices=("none", "ngram", "draft", "medusa"), default="none", help="speculative method"
-    )
+    bench.add_argument("--method", choices=METHODS, default="none", help="speculative method")
     bench.add_argument(
         "--k", type=int, default=0, help="draft tokens verified per step (0 with --method none)"
     )
@@ -117,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(f"--- [{i}] ({out.finish_reason})")
             print(out.text)
             if args.stats and len(out.token_times) > 1:
-                itl = (out.token_times[-1] - out.token_times[0]) / (len(out.token_times) - 1)
+                itl = request_itl(out.token_times[0], out.token_times[-1], len(out.token_times))
                 print(f"[{len(out.token_ids)} tokens, ITL {itl * 1e3:.1f} ms]", file=sys.stderr)
         stats = llm.engine.spec_stats
         if args.stats and stats is not None:

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.presets import param_count
 from engine.errors import ConfigError
 
 _ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -84,14 +85,11 @@ class ModelConfig:
     @property
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
-        h, i = self.hidden_size, self.intermediate_size
-        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
-        if self.qkv_bias:
-            attn += self.q_size + 2 * self.kv_size
-        per_layer = attn + 3 * h * i + 2 * h
-        embed = self.vocab_size * h
-        head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.num_layers * per_layer + embed + head + h
+        return param_count(
+            layers=self.num_layers, hidden=self.hidden_size, heads=self.num_heads, kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, intermediate=self.intermediate_size, vocab=self.vocab_size,
+            tied=self.tie_word_embeddings, qkv_bias=self.qkv_bias,
+        )  # fmt: skip
 
     def weight_bytes_per_step(self, dtype_bytes: int) -> int:
         """Bytes of weights a decode step reads: every linear layer and the LM head (not the embedding

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from common.presets import preset
 from engine.config import ModelConfig
 from engine.errors import CapacityError
 
@@ -66,8 +67,7 @@ def presets_that_fit(element_size: int, free: int, tp_size: int = 1) -> list[str
 
     out = []
     for name in configs.preset_names():
-        data = configs.load_preset(name) or {}
-        cfg = ModelConfig.from_dict(data["model"])
+        cfg = ModelConfig.from_dict(preset(name)["model"])
         if weight_bytes(cfg, element_size, tp_size) * MARGIN <= free:
             out.append(name)
     return out

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import configs
+from common.methods import WEIGHT_CHOICES
+from common.presets import PresetError, preset
 from engine.config import ModelConfig
 from engine.errors import ConfigError
 
 PRESET_DIR = configs.MODELS
-
-WEIGHT_KINDS = ("auto", "real", "random")
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,10 @@ def _package_file(package: str, filename: str) -> Path | None:
 
 
 def load_preset_dict(name: str) -> dict[str, Any]:
-    data = configs.load_preset(name)
-    if data is None:
-        raise ConfigError(f"model {name!r}: no such preset (presets: {', '.join(list_presets())})")
-    if not isinstance(data, dict) or "model" not in data:
-        raise ConfigError(f"preset file {configs.preset_file(name)}: expected a mapping with a 'model' key")
-    return data
+    try:
+        return preset(name)
+    except PresetError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _resolve_preset(name: str, weights: str) -> ModelSource:
@@ -100,8 +98,8 @@ def resolve_model(model: str | Path, *, weights: str = "auto") -> ModelSource:
     weights: ``auto`` (real when available, else random), ``real`` (error if none), ``random``
     (seeded random weights at the model's shape).
     """
-    if weights not in WEIGHT_KINDS:
-        raise ConfigError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
+    if weights not in WEIGHT_CHOICES:
+        raise ConfigError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     text = str(model)
     path = Path(text).expanduser()
     if path.suffix == ".gguf" or path.is_file():

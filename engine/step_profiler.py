@@ -20,22 +20,22 @@ running median of the repeat medians moves by less than ``rel_tol`` (at least ``
 
 from __future__ import annotations
 
-import platform
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
+from common.metadata import cpu_description
+from common.methods import METHODS
+from common.metrics import percentile
 from engine.errors import CapacityError, ConfigError
 from engine.llm_engine import LLMEngine
 from engine.phases import PhaseClock
 from engine.sampling import SamplingParams
 from engine.spec.base import SpecSequence
 
-METHODS = ("none", "ngram", "draft", "medusa")
 MAX_SPREAD = 0.25  # (p90 - p10) / median of the repeat medians above this: the point is noisy
 
 
@@ -59,12 +59,19 @@ class StepTiming:
         """(p90 - p10) / median of the repeat medians (0 with one repeat)."""
         if len(self.repeat_medians) < 2:
             return 0.0
-        p10, p90 = np.percentile(self.repeat_medians, [10, 90])
+        p10, p90 = percentile(self.repeat_medians, 10), percentile(self.repeat_medians, 90)
         return float((p90 - p10) / self.median_ms)
 
     @property
     def stable(self) -> bool:
         return self.settled and self.spread <= MAX_SPREAD
+
+
+def describe_device(device: torch.device) -> str:
+    """The GPU's name, or the CPU and its threads: where a measurement ran, as its profile records it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_description(torch.get_num_threads())
 
 
 class _PaddedDrafts:
@@ -173,10 +180,7 @@ class StepProfiler:
 
     @property
     def device_name(self) -> str:
-        dev = self.runner.device
-        if dev.type == "cuda":
-            return torch.cuda.get_device_name(dev)
-        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return describe_device(self.runner.device)
 
     # -- setup -------------------------------------------------------------------------------------
     def _check_point(self, c: int, length: int, growth: int) -> int:

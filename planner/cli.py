@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from planner.cli_help import use_everywhere
+from common.cli_help import use_everywhere
 from planner.plan import PlanInputError, Planner
 from planner.priors import workloads
 from planner.profile import ProfileError, load_profile, save_profile

@@ -2,6 +2,7 @@
 
 Every speculative setting the acceptance depended on is stated explicitly (vLLM's own defaults differ
 from the engine's: ``prompt_lookup_min`` defaults to ``prompt_lookup_max`` when only the latter is
+from common.methods import vllm_method
 given), a draft method names its drafter, and a k schedule per batch size travels as vLLM's
 ``num_speculative_tokens_per_batch_size`` or the engine's ``--spec-schedule`` (same list format).
 """
@@ -14,20 +15,20 @@ from functools import lru_cache
 
 import yaml
 
-import configs
+from common.methods import vllm_method
+from common.presets import PresetError, preset
 
 ENGINE_LOOKUP_DEFAULTS = {"prompt_lookup_min": 1, "prompt_lookup_max": 4}  # engine/spec/flags.py
 Schedule = list[list[int]]
-VLLM_METHOD = {"draft": "draft_model"}  # vLLM 0.32's SpeculativeConfig.method for a draft model
 
 
 @lru_cache(maxsize=64)
 def _model_config(name: str) -> dict:
+    """The preset's ``model`` mapping; empty for a model without a (readable) preset."""
     try:
-        model = (configs.load_preset(name) or {}).get("model", {})
-    except (OSError, yaml.YAMLError, AttributeError):
+        return preset(name)["model"]
+    except (PresetError, OSError, yaml.YAMLError):
         return {}
-    return model if isinstance(model, dict) else {}
 
 
 def served_model(name: str) -> str:
@@ -54,7 +55,7 @@ def vllm_spec_config(
     method: str, k: int, drafter: str | None, settings: dict | None, schedule: Schedule | None
 ) -> str:
     """``--speculative-config`` JSON with every setting explicit."""
-    cfg: dict[str, object] = {"method": VLLM_METHOD.get(method, method), "num_speculative_tokens": k}
+    cfg: dict[str, object] = {"method": vllm_method(method), "num_speculative_tokens": k}
     if method == "ngram":
         window, _ = lookup_window(settings)
         cfg.update(

@@ -29,9 +29,10 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, Field, PrivateAttr
 
+from common.methods import DRAFTER_METHODS
+from common.metrics import tokens_per_step as _tokens_per_step
 from kvbm import capacity
 from planner.commands import engine_args, join, lookup_window, model_max_context, served_model, vllm_args
-from planner.metrics_def import tokens_per_step as _tokens_per_step
 from planner.priors import MIX, check_workload, load_priors, prior_acceptance, prior_drafter, workloads
 from planner.profile import Acceptance, AcceptanceSource, Profile
 from planner.schedule import GPU_NOTE, KCurve, Schedule, k_schedule
@@ -698,7 +699,7 @@ class Planner:
         meta = self.profile.metadata
         acc = ev.acc
         drafter = acc.drafter or self._drafter(ch.method)
-        if drafter is None and ch.method not in ("none", "ngram"):
+        if drafter is None and ch.method in DRAFTER_METHODS:
             drafter = prior_drafter(meta.model.name, ch.method)
             if drafter:
                 ch.flags.append(f"drafter {drafter}: the one the literature prior was published with")
@@ -710,7 +711,7 @@ class Planner:
                 "the acceptance records no lookup window: the command states the engine's defaults "
                 "prompt_lookup_min=1 prompt_lookup_max=4 explicitly; measure with the window you serve"
             )
-        if ch.method not in ("none", "ngram") and not drafter:
+        if ch.method in DRAFTER_METHODS and not drafter:
             ch.flags.append(f'no drafter recorded for {ch.method}: name it ("model" in --speculative-config)')
         if sched:
             ch.flags.append(

@@ -22,12 +22,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from planner.metrics_def import LatencyStats
-from planner.metrics_def import tokens_per_step as _tokens_per_step
+from common.methods import Method, Weights
+from common.metrics import LatencyStats
+from common.metrics import tokens_per_step as _tokens_per_step
 
 SCHEMA_VERSION = 1
 
-Method = Literal["none", "ngram", "draft", "medusa", "eagle", "eagle3", "mtp"]
 Backend = Literal["engine", "http", "vllm", "hf"]
 
 # What a profile may declare. The planner evaluates every integer concurrency of a measured range and
@@ -104,7 +104,7 @@ class Metadata(_Strict):
     ) = Field(
         default=None, description="measured KV blocks per replica for a given tp (overrides tp x per-GPU)"
     )
-    weights: Literal["real", "random", "none"] = Field(
+    weights: Literal[Weights, "none"] = Field(
         description="'none' for a synthetic profile that ran no model at all"
     )
     kv_capacity_model: Literal["engine", "vllm"] | None = Field(
@@ -301,7 +301,7 @@ class Acceptance(_Strict):
 
     @property
     def tokens_per_step(self) -> float:
-        """Expected tokens per decode step (see planner.metrics_def)."""
+        """Expected tokens per decode step (see common.metrics)."""
         return _tokens_per_step(self.draft_coverage, self.accepted_per_pos)
 
     @property

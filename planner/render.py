@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from common.tables import text_table
 from planner.plan import Choice, MethodSummary, PlanResult
 
 
@@ -19,16 +20,6 @@ def _row(label: str, ch: Choice) -> list[str]:
         f"{p.tokens_per_step:.2f}",
         f"{p.throughput_per_gpu:.0f}",
     ]
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def fmt(r: list[str]) -> str:
-        cells = zip(r, widths, strict=True)
-        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells))
-
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
 
 
 def render_plan(res: PlanResult) -> str:
@@ -51,7 +42,7 @@ def render_plan(res: PlanResult) -> str:
     header = ["", "tp", "method", "k", "max_conc", "limited_by", "ITL_ms", "TTFT_ms", "tok/step", "tok/s/GPU"]
     rows = [_row("choice" if res.feasible else "lowest ITL", res.choice)]
     rows += [_row(f"alt {n}", a) for n, a in enumerate(res.alternatives, 1)]
-    out += ["", _table(rows, header), ""]
+    out += ["", text_table(rows, header, left=1), ""]
     ch = res.choice
     out.append(
         f"KV: {ch.kv.max_concurrency} sequences fit ({ch.kv.blocks_per_replica} blocks per replica, "

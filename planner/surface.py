@@ -118,9 +118,6 @@ class DecodeSurface:
         self._points = ok
         ctxs = sorted({p.context_len for p in ok})
         self.context_range = Range(float(ctxs[0]), float(ctxs[-1]))
-        self.concurrency_range = Range(
-            float(min(p.concurrency for p in ok)), float(max(p.concurrency for p in ok))
-        )
 
     def concurrency_bounds(self, ctx: float) -> tuple[int, int]:
         """Measured concurrency range usable at ``ctx`` (both bracketing rows of a level cover it)."""

@@ -27,7 +27,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from planner.metrics_def import LatencyStats, decode_throughput_per_gpu, itl_from_step
+from common.metrics import LatencyStats, decode_throughput_per_gpu, itl_from_step
+from common.presets import preset_shape
 from planner.profile import (
     Acceptance,
     AcceptanceSource,
@@ -123,9 +124,7 @@ DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DEFAULT_CONTEXTS = (256, 512, 1024, 1536)
 DEFAULT_INPUT_LENS = (128, 256, 512, 1024, 2048)
 
-VICUNA_7B_SHAPE = ModelShape(
-    layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, vocab=32000, params=6_738_415_616
-)
+VICUNA_7B_SHAPE = ModelShape(**preset_shape("vicuna-7b").profile_fields())
 
 
 def synthetic_profile(

@@ -18,20 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner import metrics_def as md
-from planner.profile import (
-    Acceptance,
-    AcceptanceSource,
-    EngineInfo,
-    Hardware,
-    Metadata,
-    ModelInfo,
-    ModelShape,
-    append_point,
-    now_utc,
-)
-
-SPEC_METHODS = ("ngram", "draft", "medusa")
+from common import metrics as md
+from common.methods import SPEC_METHODS
+from common.tables import text_table
+from planner.profile import Acceptance, AcceptanceSource, Metadata, append_point
+from profiler.sweep import engine_metadata
 
 
 class AcceptanceError(ValueError):
@@ -271,47 +262,26 @@ def to_acceptance(
 
 
 def _metadata_from(llm: Any, model: str, command: str) -> Metadata:
-    """Metadata for a profile that holds acceptance only (no sweep yet)."""
+    """Metadata for a profile that holds acceptance only (no sweep yet): the same a sweep of this model
+    on this device records, so a later sweep appends to the file."""
+    from engine.step_profiler import describe_device
+
     cfg = llm.engine.config
     runner = llm.engine.runner
-    shape = ModelShape(
-        layers=cfg.num_layers, hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, vocab=cfg.vocab_size,
-        params=sum(p.numel() for p in runner.model.parameters()),
-    )  # fmt: skip
-    dev = str(runner.device)
-    return Metadata(
-        model=ModelInfo(name=model if not Path(model).exists() else cfg.name, shape=shape),
-        hardware=Hardware(gpu_name="cpu" if dev == "cpu" else dev, gpu_count=1),
-        engine=EngineInfo(name="specplan-engine", version=package_version()),
-        backend="engine",
-        dtype=str(runner.dtype).removeprefix("torch."),
-        block_size=runner.block_size,
-        kv_capacity_blocks_per_gpu=runner.num_blocks,
-        weights="real",
-        source="measured",
-        created_at=now_utc(),
-        command=command,
-        notes="acceptance only: no decode or prefill surface measured in this file yet",
+    info = {
+        "model_info": {
+            "name": model if not Path(model).exists() else cfg.name,
+            "shape": cfg.shape_dict(),
+            "weights": llm.weights_label,  # real: random weights are refused before any run
+        },
+        "device_name": describe_device(runner.device),
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "block_size": runner.block_size,
+        "kv_capacity_blocks": runner.num_blocks,
+    }
+    return engine_metadata(
+        model, 1, info, command, "acceptance only: no decode or prefill surface measured in this file yet"
     )
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("specplan")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def fmt(rows: list[list[Any]], header: list[str]) -> str:
-    """A right-aligned plain-text table."""
-    cells = [[str(c) for c in r] for r in [header, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def parse_ks(value: str) -> list[int]:
@@ -351,7 +321,7 @@ def table(results: list[AcceptanceResult]) -> str:
                     " ".join(f"{x:.2f}" for x in per),
                 ]
             )
-    return fmt(
+    return text_table(
         rows, ["method", "k", "category", "steps", "coverage", "tok/draft", "tok/step", "per position"]
     )
 

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from planner.cli_help import use_everywhere
+from common.cli_help import use_everywhere
+from common.methods import WEIGHT_KINDS
 from profiler.grid import GridError, load_config, quick
 
 
@@ -323,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-lookup-min", type=int, help="ngram window (vLLM's default: = max, or 5)")
     s.add_argument("--prompt-lookup-max", type=int, help="ngram window (vLLM's default: = min, or 5)")
     s.add_argument("--kv-blocks", type=int, help="http: the server's KV blocks when /metrics does not say")
-    s.add_argument("--weights", choices=["real", "random"], help="http: what the server runs (required)")
+    s.add_argument("--weights", choices=WEIGHT_KINDS, help="http: what the server runs (required)")
     s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     s.set_defaults(fn=cmd_sweep)

@@ -15,10 +15,10 @@ from typing import Any
 import yaml
 
 import configs
+from common.methods import METHODS, WEIGHT_KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = configs.DEFAULT_SWEEP
-METHODS = ("none", "ngram", "draft", "medusa")
 BACKENDS = ("engine", "http", "vllm", "hf")
 
 
@@ -149,7 +149,7 @@ class SweepConfig:
             raise GridError(
                 f"field 'acceptance' must be a per-position acceptance in [0, 1], got {self.acceptance!r}"
             )
-        if self.weights not in (None, "real", "random"):
+        if self.weights is not None and self.weights not in WEIGHT_KINDS:
             raise GridError(f"field 'weights' must be real or random, got {self.weights!r}")
         if self.backend == "http" and self.weights is None:
             raise GridError(

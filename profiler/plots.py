@@ -164,7 +164,7 @@ def _draw_method(ax, method: str, evs: list, tps: list[int], measured: dict, uns
 
 
 def _tokens_per_step(profile: Profile, method: str, k: int, point_tps: float, alpha: float | None) -> float:
-    from planner.metrics_def import tokens_per_step
+    from common.metrics import tokens_per_step
 
     if alpha is not None and profile.metadata.weights != "real":
         return tokens_per_step(1.0, [alpha ** (i + 1) for i in range(k)])

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
+from common.tables import text_table
 from planner.profile import DecodePoint, Profile
 from planner.surface import point_flags
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
 def _f(v: float | None, fmt: str = ".2f") -> str:
@@ -41,7 +36,7 @@ def decode_table(profile: Profile) -> str:
             rows.append([p.tp, p.method, p.k, p.concurrency, p.context_len, _cov(p), "FAILED"] + [""] * 9)
     header = ["tp", "method", "k", "c", "ctx", "cov", "draft_ms", "verify_ms", "step_ms", "spread",
               "tok/step", "ITL p50", "tok/s/GPU", "kv use", "GPU W", "flag"]  # fmt: skip
-    return _table(rows, header) + "\n" + DECODE_LEGEND + _failures(profile)
+    return text_table(rows, header) + "\n" + DECODE_LEGEND + _failures(profile)
 
 
 def _failures(profile: Profile, width: int = 160) -> str:
@@ -91,13 +86,13 @@ def phases_table(profile: Profile) -> str:
         + [_f((p.phases_ms or {}).get(n), ".3f") for n in names]
         for p in pts
     ]
-    return _table(rows, ["tp", "method", "k", "c", "ctx", "cov", *names])
+    return text_table(rows, ["tp", "method", "k", "c", "ctx", "cov", *names])
 
 
 def prefill_table(profile: Profile) -> str:
     rows = [[p.tp, p.input_len, _f(p.ttft_ms), _f(p.prefill_tokens_per_s_per_gpu, ".0f"), p.error or ""]
             for p in sorted(profile.prefill, key=lambda p: p.key)]  # fmt: skip
-    return _table(rows, ["tp", "input_len", "TTFT ms", "tok/s/GPU", "error"])
+    return text_table(rows, ["tp", "input_len", "TTFT ms", "tok/s/GPU", "error"])
 
 
 def _settings(a) -> str:
@@ -111,7 +106,7 @@ def acceptance_table(profile: Profile) -> str:
             for a in profile.acceptance]  # fmt: skip
     header = ["method", "k", "workload", "coverage", "accepted per pos", "tok/step", "source", "drafter",
               "from"]  # fmt: skip
-    return _table(rows, header)
+    return text_table(rows, header)
 
 
 def describe(profile: Profile) -> str:

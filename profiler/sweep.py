@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from common.metadata import engine_info, gpu_name, is_cpu
 from planner.profile import (
     DecodePoint,
     EngineInfo,
@@ -72,21 +73,22 @@ def check_resume_target(out: Path, resume: bool, metadata: Metadata) -> None:
         check_same_identity(load_profile(out).metadata, metadata, out)
 
 
-def engine_metadata(cfg: SweepConfig, info: dict[str, Any], command: str) -> Metadata:
+def engine_metadata(
+    model: str, gpu_count: int, info: dict[str, Any], command: str, notes: str | None = None
+) -> Metadata:
+    """Metadata of an in-process run (engine or hf backend, an acceptance run) from the backend's ``info``."""
     mi = info["model_info"]
     shape = {k: v for k, v in mi["shape"].items() if k in ModelShape.model_fields}
-    gpu = info["device_name"]
+    gpu = str(info["device_name"])
     import torch
 
-    is_gpu = torch.cuda.is_available() and not str(gpu).lower().startswith("cpu")
+    is_gpu = torch.cuda.is_available() and not is_cpu(gpu)
     mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if is_gpu else None
-
+    cpu_note = None if is_gpu else f"CPU run: {gpu}, {platform.processor() or platform.machine()}"
     return Metadata(
-        model=ModelInfo(name=mi.get("name") or cfg.model, shape=ModelShape(**shape)),
-        hardware=Hardware(gpu_name=gpu if is_gpu else "cpu", gpu_count=max(cfg.tp), gpu_memory_gib=mem),
-        engine=EngineInfo(**info["engine"])
-        if "engine" in info
-        else EngineInfo(name="specplan-engine", version=f"torch {torch.__version__}"),
+        model=ModelInfo(name=mi.get("name") or model, shape=ModelShape(**shape)),
+        hardware=Hardware(gpu_name=gpu_name(gpu), gpu_count=gpu_count, gpu_memory_gib=mem),
+        engine=EngineInfo(**info.get("engine", engine_info(torch.__version__))),
         backend=info.get("backend", "engine"),
         dtype=info["dtype"],
         block_size=info["block_size"],
@@ -95,7 +97,7 @@ def engine_metadata(cfg: SweepConfig, info: dict[str, Any], command: str) -> Met
         source="measured",
         created_at=now_utc(),
         command=command,
-        notes=None if is_gpu else f"CPU run: {gpu}, {platform.processor() or platform.machine()}",
+        notes="; ".join(n for n in (notes, cpu_note) if n) or None,
     )
 
 
@@ -187,7 +189,7 @@ def sweep_engine(
             first = todo[0] if todo else next(iter(cfg.points()))
             with contextlib.suppress(Exception):  # a configuration that cannot load fails its points below
                 backend.configure(first.tp, first.method, first.k)
-                meta["m"] = engine_metadata(cfg, backend.info, command)
+                meta["m"] = engine_metadata(cfg.model, max(cfg.tp), backend.info, command)
             if "m" in meta:
                 check_resume_target(out, resume, meta["m"])
             else:
@@ -205,7 +207,7 @@ def sweep_engine(
                     bar.done(point)
                 continue
             if "m" not in meta:
-                meta["m"] = engine_metadata(cfg, backend.info, command)
+                meta["m"] = engine_metadata(cfg.model, max(cfg.tp), backend.info, command)
             power = PowerSampler.create(list(range(tp)))
             run_points(
                 group_points,

@@ -41,7 +41,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from planner import metrics_def as md
+from common import metrics as md
+from common.tables import text_table
 from planner.plan import Planner
 from planner.profile import Acceptance, Profile, ProfileError, load_profile
 from planner.surface import DecodeSurface, Surfaces
@@ -376,8 +377,6 @@ def _summary(label: str, errs: list[float]) -> str:
 
 
 def report(outcomes: list[Outcome]) -> str:
-    from profiler.acceptance import fmt
-
     rows = [
         [o.target.method, o.target.k, o.target.concurrency, o.target.isl, o.target.osl, o.requests,
          f"{o.in_flight:.2f}", f"{o.tokens_per_step:.2f}",
@@ -389,7 +388,7 @@ def report(outcomes: list[Outcome]) -> str:
     header = ["method", "k", "c", "isl", "osl", "reqs", "in flight", "tok/step", "ITL pred ms",
               "ITL meas ms", "ITL err", "p90 meas ms", "p90 err", "tok/s/GPU pred", "tok/s/GPU meas",
               "thr err"]  # fmt: skip
-    lines = [fmt(rows, header), ""]
+    lines = [text_table(rows, header), ""]
     groups: dict[tuple[str, int], list[Outcome]] = {}
     for o in outcomes:
         groups.setdefault((o.target.method, o.target.k), []).append(o)

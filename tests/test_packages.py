@@ -8,7 +8,7 @@ def test_planner_api_kvbm_import_without_torch() -> None:
     code = (
         "import sys\n"
         "sys.modules['torch'] = None  # any 'import torch' now raises ImportError\n"
-        "import kvbm, planner, api\n"
+        "import kvbm, common, planner, api\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

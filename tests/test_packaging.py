@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKS = """
 import json, sys
 from pathlib import Path
-import configs, engine.presets, planner, profiler.grid, profiler.prompts
+import common, configs, engine.presets, planner, profiler.grid, profiler.prompts
 site = Path(sys.argv[1]).resolve()
-for mod in (configs, engine.presets, planner, profiler.grid):
+for mod in (common, configs, engine.presets, planner, profiler.grid):
     assert Path(mod.__file__).resolve().is_relative_to(site), mod.__file__
 assert "tiny" in engine.presets.list_presets() and "vicuna-7b" in engine.presets.list_presets()
 cfg = profiler.grid.load_config(None, gpu=False, overrides={})

@@ -63,6 +63,5 @@ def post_profile(
         reason = f"profile {id!r} not written: {exc.strerror or exc}; nothing was changed"
         log.error("%s", reason)
         raise HTTPException(507 if exc.errno in NO_SPACE else 500, reason) from None
-    state.responses.clear()  # cached answers may name or depend on the replaced profile set
     state.metrics.profiles.set(len(state.store.ids()))
     return summarize(id, profile)

@@ -53,7 +53,6 @@ class ColumnParallelLinear(_TPModule):
         # replicate[i]: part i is not split but every rank keeps the slice for its own heads (used
         # for K/V when there are fewer KV heads than ranks); the caller passes the per-rank size.
         self.replicate = tuple(replicate) if replicate is not None else (False,) * len(output_sizes)
-        self.full_sizes = tuple(output_sizes)
         self.shard_sizes = tuple(
             s if rep else _split(s, tp_size, "output size")
             for s, rep in zip(output_sizes, self.replicate, strict=True)

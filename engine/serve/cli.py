@@ -14,6 +14,7 @@ import time
 
 import uvicorn
 
+from common.methods import WEIGHT_CHOICES
 from engine.errors import EngineError
 from engine.spec.flags import add_spec_arguments, spec_config
 
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument(
         "--weights",
-        choices=("auto", "real", "random"),
+        choices=WEIGHT_CHOICES,
         default="auto",
         help="real: the preset's shipped weights; random: seeded random weights (meaningless text); "
         "auto: real when available",

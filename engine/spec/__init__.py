@@ -19,7 +19,7 @@ import dataclasses
 from typing import Any
 
 from engine.spec.base import Proposer, SpecSequence
-from engine.spec.config import METHODS, SpecConfig
+from engine.spec.config import SpecConfig
 from engine.spec.ngram import NgramProposer
 from engine.spec.stats import SpecStats
 from engine.spec.verify import (
@@ -32,7 +32,6 @@ from engine.spec.verify import (
 )
 
 __all__ = [
-    "METHODS",
     "NgramProposer",
     "Proposer",
     "SpecConfig",

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.methods import SPEC_METHODS, WEIGHT_CHOICES
 from engine.errors import ConfigError
 
-METHODS = ("ngram", "draft", "medusa")
 VLLM_PROMPT_LOOKUP_DEFAULT = 5  # vllm/config/speculative.py: the window when neither bound is given
 
 
@@ -86,8 +86,8 @@ class SpecConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"spec method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in SPEC_METHODS:
+            raise ConfigError(f"spec method must be one of {SPEC_METHODS}, got {self.method!r}")
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise ConfigError(f"spec k (num_speculative_tokens) must be an int >= 1, got {self.k!r}")
         for name in ("prompt_lookup_min", "prompt_lookup_max"):
@@ -108,7 +108,7 @@ class SpecConfig:
             or self.draft_layers < 1
         ):
             raise ConfigError(f"spec draft_layers must be an int >= 1 or None, got {self.draft_layers!r}")
-        if self.draft_weights not in ("auto", "real", "random"):
+        if self.draft_weights not in WEIGHT_CHOICES:
             raise ConfigError(f"spec draft_weights must be auto|real|random, got {self.draft_weights!r}")
         if self.method != "draft" and (self.draft_model is not None or self.draft_layers is not None):
             raise ConfigError(

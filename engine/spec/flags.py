@@ -10,14 +10,14 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from common.methods import METHODS
+
 if TYPE_CHECKING:
     from engine.spec.config import SpecConfig
 
-SPEC_METHODS = ("none", "ngram", "draft", "medusa")
-
 
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spec", choices=SPEC_METHODS, default="none", help="speculative decoding method")
+    parser.add_argument("--spec", choices=METHODS, default="none", help="speculative decoding method")
     parser.add_argument(
         "--k",
         "--num-speculative-tokens",

@@ -8,8 +8,8 @@ Per sequence and decode step (a step where the sequence emits tokens after its p
 
 A step emits ``1 + accepted`` tokens, so tokens per decode step = ``1 + accepted / decode_steps`` =
 ``1 + draft_coverage * acceptance_given_draft`` with ``draft_coverage = drafts / decode_steps`` and
-``acceptance_given_draft = accepted / drafts = sum_i accepted_per_pos[i] / drafts`` (the metric
-definitions in planner/metrics_def.py).
+``acceptance_given_draft = accepted / drafts = sum_i accepted_per_pos[i] / drafts``. The formulas
+are the project's metric definitions (``common.metrics``); this module only counts.
 
 Padded drafts (``LLMEngine`` gives a sequence without a draft a repeat of its last token so the batch
 keeps one verify width and replays its CUDA graph) are no proposals: such a step is recorded as a decode
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from common import metrics as md
 
 
 @dataclass
@@ -90,33 +92,24 @@ class SpecStats:
 
     @property
     def tokens_per_step(self) -> float:
-        """Output tokens per decode step from the proposer's drafts: ``1 + accepted / decode_steps``
-        (1.0 before any step; pad tokens kept are not in it)."""
-        if self.num_decode_steps == 0:
-            return 1.0
-        return 1.0 + self.num_accepted_tokens / self.num_decode_steps
+        """Output tokens per decode step from the proposer's drafts (1.0 before any step; pad tokens kept
+        are not in it)."""
+        return md.tokens_per_step(self.draft_coverage, self.acceptance_rate_per_pos)
 
     @property
     def draft_coverage(self) -> float:
-        """Share of decode steps that carried a draft: ``drafts / decode_steps``."""
-        return self.num_drafts / self.num_decode_steps if self.num_decode_steps else 0.0
+        """Share of decode steps that carried a draft."""
+        return md.draft_coverage(self.num_drafts, self.num_decode_steps)
 
     @property
     def acceptance_given_draft(self) -> float:
         """Mean accepted draft tokens per draft: ``sum_i accepted_per_pos[i] / drafts``."""
-        return self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+        return sum(self.acceptance_rate_per_pos)
 
     @property
     def acceptance_rate_per_pos(self) -> list[float]:
-        """``accepted_per_pos[i] / drafts``: probability that draft position i is accepted."""
-        if not self.num_drafts:
-            return [0.0 for _ in self.accepted_per_pos]
-        return [c / self.num_drafts for c in self.accepted_per_pos]
-
-    @property
-    def draft_acceptance_rate(self) -> float:
-        """Accepted over proposed draft tokens (vLLM's ``draft_acceptance_rate``)."""
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        """Probability that draft position i is accepted, given a draft."""
+        return md.acceptance_given_draft(self.accepted_per_pos, self.num_drafts)
 
     def to_dict(self) -> dict[str, Any]:
         return {

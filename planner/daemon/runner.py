@@ -3,7 +3,7 @@
 Per window (two consecutive good scrapes):
 - observed ITL = ITL-histogram sum / (generated tokens - first tokens): the sum of a request's gaps is
   ``last - first token time`` whether the engine observes one gap per token or one per step, so this is
-  the per-token ITL of the shared definition (planner.metrics_def). First tokens = TTFT observations.
+  the per-token ITL of the shared definition (common.metrics). First tokens = TTFT observations.
 - decode steps = generated - accepted - first tokens (vLLM counts only steps that carried a draft);
   live draft coverage = drafts / decode steps, acceptance given a draft = accepted_per_pos / drafts,
   accumulated over all windows since the daemon started (reset-safe).
@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, Field
 
+from common.metrics import acceptance_given_draft, draft_coverage, tokens_per_step, vllm_decode_steps
 from planner.daemon.connectors import Connector, LogConnector
 from planner.daemon.scrape import (
     MetricsSnapshot,
@@ -45,7 +46,6 @@ from planner.daemon.scrape import (
     parse_metrics,
     window,
 )
-from planner.metrics_def import acceptance_given_draft, draft_coverage, tokens_per_step, vllm_decode_steps
 from planner.plan import Planner, PlanResult, resolve_acceptance
 from planner.profile import Acceptance, AcceptanceSource
 

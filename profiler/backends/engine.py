@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from planner import metrics_def as md
+from common import metrics as md
 from planner.profile import DecodePoint, PrefillPoint
 
 

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from planner import metrics_def as md
+from common import metrics as md
+from common.metadata import cpu_description
 from planner.profile import DecodePoint, PrefillPoint
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ class HFBackend:
         device_name = (
             torch.cuda.get_device_name(0)
             if self.device.startswith("cuda")
-            else f"CPU ({torch.get_num_threads()} threads)"
+            else cpu_description(torch.get_num_threads())
         )
         import transformers
 

@@ -1,7 +1,7 @@
 """The ``http`` backend: one decode point = closed-loop load at fixed concurrency on a running server.
 
 Load comes from ``profiler.loadgen`` (streaming, per-chunk timestamps, token counts from the server's
-``usage``, else a tokenizer, else chunks). TTFT, ITL and throughput per GPU follow ``planner.metrics_def``.
+``usage``, else a tokenizer, else chunks). TTFT, ITL and throughput per GPU follow ``common.metrics``.
 ``/metrics`` is scraped before and after the point and parsed by the correction daemon's parser
 (``planner.daemon.scrape``, vLLM metric names); the counter deltas give draft coverage and per-position
 acceptance, with ``decode_steps = generated - accepted - first tokens`` because vLLM counts only steps
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from planner import metrics_def as md
+from common import metrics as md
 from planner.daemon.scrape import MetricsSnapshot, parse_metrics, window
 from planner.profile import Acceptance, AcceptanceSource, DecodePoint
 from profiler.loadgen import ClosedLoopRun, RequestRecord, SteadyWindow, closed_loop, steady_window

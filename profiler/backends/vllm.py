@@ -29,14 +29,12 @@ from pathlib import Path
 
 import httpx
 
+from common.methods import DRAFTER_METHODS, PROFILE_METHODS, vllm_method
 from planner.profile import ngram_settings, prompt_lookup_window
 
 log = logging.getLogger("profiler.vllm")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Methods whose drafter is a separate checkpoint (a draft model, Medusa heads, an EAGLE head).
-_METHODS_WITH_MODEL = {"draft": "draft_model", "medusa": "medusa", "eagle": "eagle", "eagle3": "eagle3"}
-_METHODS_WITHOUT_MODEL = {"ngram": "ngram", "mtp": "mtp"}
 
 
 class VllmServerError(RuntimeError):
@@ -88,10 +86,9 @@ class VllmLaunch:
             raise ValueError(f"k must be >= 0, got {self.k}")
         if (self.method == "none") != (self.k == 0):
             raise ValueError(f"method {self.method!r} with k={self.k}: k is 0 exactly when method is 'none'")
-        if self.method not in ("none", *_METHODS_WITH_MODEL, *_METHODS_WITHOUT_MODEL):
-            known = ", ".join(["none", *_METHODS_WITH_MODEL, *_METHODS_WITHOUT_MODEL])
-            raise ValueError(f"method must be one of {known}, got {self.method!r}")
-        if self.method in _METHODS_WITH_MODEL and not self.draft_model:
+        if self.method not in PROFILE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(PROFILE_METHODS)}, got {self.method!r}")
+        if self.method in DRAFTER_METHODS and not self.draft_model:
             raise ValueError(f"method {self.method!r} needs draft_model (the drafter checkpoint), got None")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
@@ -102,9 +99,9 @@ class VllmLaunch:
         """The ``--speculative-config`` object vLLM expects, or None without speculation."""
         if self.method == "none":
             return None
-        cfg: dict = {"method": _METHODS_WITH_MODEL.get(self.method) or _METHODS_WITHOUT_MODEL[self.method]}
+        cfg: dict = {"method": vllm_method(self.method)}
         cfg["num_speculative_tokens"] = self.k
-        if self.method in _METHODS_WITH_MODEL:
+        if self.method in DRAFTER_METHODS:
             cfg["model"] = self.draft_model
         if self.method == "ngram":  # both bounds stated, as vLLM resolves them: the command says what runs
             cfg.update(ngram_settings(self.prompt_lookup_min, self.prompt_lookup_max))
@@ -114,7 +111,7 @@ class VllmLaunch:
         """The drafter settings an acceptance measured on this server was measured under."""
         if self.method == "ngram":
             return ngram_settings(self.prompt_lookup_min, self.prompt_lookup_max)
-        if self.method in _METHODS_WITH_MODEL:
+        if self.method in DRAFTER_METHODS:
             return {"draft_model": str(self.draft_model)}
         return None
 

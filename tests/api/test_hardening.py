@@ -260,3 +260,14 @@ def test_disk_full_is_a_507_and_changes_nothing(
     assert (profiles_dir / "syn.json").read_bytes() == before
     assert sorted(p.name for p in profiles_dir.iterdir()) == ["syn.json"]  # no temp file left
     assert client.get("/plan?itl_ms=30").json() == plan  # still serving the profile on disk
+
+
+def test_an_upload_clears_every_registered_plan_cache(profiles_dir: Path) -> None:
+    store = ProfileStore(profiles_dir)
+    cache = PlanResponseCache(lambda: store.revision)
+    store.on_change(cache.clear)
+    store.cached_plan("syn", store.revision, ("q",), lambda: b"plan")
+    cache.put(b"itl_ms=30", b"plan", store.revision)
+    store.add("syn", parse_profile(_doc("replaced")), overwrite=True)
+    assert len(cache) == 0 and cache.bytes == 0
+    assert store.cached_plan("syn", store.revision, ("q",), lambda: b"new") == b"new"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.metrics_def import LatencyStats
+from common.metrics import LatencyStats
 from planner.profile import (
     SCHEMA_VERSION,
     Acceptance,

@@ -84,7 +84,7 @@ def test_prefill_interpolates_and_extrapolates_along_the_end_segment() -> None:
 
 
 def _point(method: str, k: int, c: int, L: int, step: float, cov: float | None = None, **kw):  # noqa: N803
-    from planner import metrics_def as md
+    from common import metrics as md
     from planner.profile import DecodePoint
 
     return DecodePoint(

@@ -19,9 +19,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
+from common import metrics as md
 from engine.serve.app import app_for_engine
 from engine.serve.launcher import ServerThread
-from planner import metrics_def as md
 from planner.profile import DecodePoint
 from profiler.backends import http as httpb
 from profiler.grid import PointSpec

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.metrics_def import summarize
+from common.metrics import summarize
 from planner.profile import (
     DecodePoint,
     EngineInfo,

@@ -25,8 +25,6 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PERCENTILES: tuple[int, ...] = (50, 90, 99)
-
 
 class LatencyStats(BaseModel):
     """Mean and percentiles of a latency distribution, in milliseconds."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner import metrics_def as md
+from common import metrics as md
 
 
 def test_request_itl_uses_tokens_not_chunks() -> None:

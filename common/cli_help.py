@@ -1,8 +1,7 @@
-"""Help output for the ``planner`` and ``profiler`` command lines: every flag shows its default.
+"""Help output for the ``engine``, ``profiler`` and ``planner`` command lines: every flag shows its default.
 
 argparse's ``ArgumentDefaultsHelpFormatter`` also prints ``(default: None)`` and ``(default: False)``, which
 say nothing; this one shows a default only when there is one.
-(``engine`` has its own copy in ``engine/cli_help.py``: the engine may not import the planner.)
 """
 
 from __future__ import annotations
