@@ -23,7 +23,8 @@ from kvbm import capacity
 
 
 def make_engine(num_blocks: int, block_size: int, k: int = 0) -> LLMEngine:
-    spec = SpecConfig(method="ngram", k=k) if k else None
+    # a 1..3-token lookup window: vLLM's default (5..5) rarely matches in these short repeating prompts
+    spec = SpecConfig(method="ngram", k=k, prompt_lookup_min=1, prompt_lookup_max=3) if k else None
     return LLMEngine(
         "tiny", device="cpu", num_gpu_blocks=num_blocks, block_size=block_size, spec=spec,
         cuda_graphs=False, max_num_seqs=256,
