@@ -33,9 +33,7 @@ from schedule_bench import planned_schedule  # noqa: E402
 from planner.plan import Planner  # noqa: E402
 from planner.profile import load_profile  # noqa: E402
 from planner.schedule import k_at  # noqa: E402
-from profiler.backends import http as httpb  # noqa: E402
-from profiler.prompts import prompts_of_length  # noqa: E402
-from profiler.validate import _free_port, running_server  # noqa: E402
+from profiler.validate import _free_port, running_server, warm_then_measure  # noqa: E402
 
 
 def serve_command(model: str, port: int, config: str, k: int, sched, max_seqs: int, max_len: int, meta):
@@ -52,16 +50,9 @@ def serve_command(model: str, port: int, config: str, k: int, sched, max_seqs: i
 
 def measure(url: str, model: str, c: int, isl: int, osl: int, waves: int, k: int) -> dict:
     """Warm-up then measured closed-loop pass at concurrency ``c``: mean ITL and steady throughput."""
-    n = waves * c
-    prompts = httpb.exact_prompts(url, model, prompts_of_length(n, isl, None), isl)
-    httpb.run_load(url, model, prompts, scrape=False, concurrency=c, num_requests=n, max_tokens=osl + k + 1)
-    res = httpb.run_load(url, model, prompts, concurrency=c, num_requests=n, max_tokens=osl)
-    failed = [r.error for r in res.records if r.error]
-    if failed:
-        raise RuntimeError(f"{len(failed)} requests failed: {failed[0]}")
-    itl = res.itl_ms()
+    res = warm_then_measure(url, model, concurrency=c, requests=waves * c, isl=isl, osl=osl, k=k)
     tps = res.counters.tokens_per_step if res.counters else 1.0
-    return {"itl_ms": statistics.mean(itl), "thr": res.throughput_per_gpu(1), "tokens_per_step": tps}
+    return {"itl_ms": statistics.mean(res.itl_ms()), "thr": res.throughput_per_gpu(1), "tokens_per_step": tps}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -47,6 +48,9 @@ from planner.plan import Planner
 from planner.profile import Acceptance, Profile, ProfileError, load_profile
 from planner.surface import DecodeSurface, Surfaces
 from profiler.prompts import load_questions
+
+if TYPE_CHECKING:
+    from profiler.backends.http import LoadResult
 
 DEFAULT_CONTROLLED = "alpha=0.7,coverage=0.8"
 
@@ -280,6 +284,38 @@ def _serve(cmd: list[str], port: int, log_file, log_path: Path, timeout_s: float
 
 
 # -- one point -----------------------------------------------------------------------------------------
+def warm_then_measure(
+    url: str,
+    model: str,
+    *,
+    concurrency: int,
+    requests: int,
+    isl: int,
+    osl: int,
+    k: int,
+    dataset: Path | None = None,
+) -> LoadResult:
+    """Closed-loop load of Spec-Bench prompts of exactly ``isl`` tokens: a warm-up pass, then the
+    measured pass (whose requests all succeeded and had ``isl`` prompt tokens as the server counted)."""
+    from profiler.backends import http as httpb
+    from profiler.prompts import prompts_of_length
+
+    texts = prompts_of_length(requests, isl, dataset)
+    prompts = httpb.exact_prompts(url, model, texts, isl)
+    load = dict(concurrency=concurrency, num_requests=requests, max_tokens=osl)
+    # Warm-up, which also records the greedy continuations for the controlled drafter: k + 1 tokens
+    # longer than the measured requests, so the record covers their last step too.
+    httpb.run_load(url, model, prompts, scrape=False, **(load | {"max_tokens": osl + k + 1}))
+    res = httpb.run_load(url, model, prompts, **load)
+    failed = [r.error for r in res.records if r.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(res.records)} requests failed: {failed[0]}")
+    lengths = sorted({r.prompt_tokens for r in res.records})
+    if lengths != [isl]:
+        raise RuntimeError(f"prompts: the server counted {lengths} prompt tokens, the point is isl={isl}")
+    return res
+
+
 def measure_point(
     url: str, model: str, profile: Profile, t: Target, *, waves: int, dataset: Path | None = None
 ) -> tuple[Outcome, Acceptance | None]:
@@ -287,22 +323,11 @@ def measure_point(
     acceptance measured in the measured pass."""
     from profiler.backends import http as httpb
     from profiler.grid import PointSpec
-    from profiler.prompts import prompts_of_length
 
-    n = waves * t.concurrency
-    texts = prompts_of_length(n, t.isl, dataset)
-    prompts = httpb.exact_prompts(url, model, texts, t.isl)
-    load = dict(concurrency=t.concurrency, num_requests=n, max_tokens=t.osl)
-    # Warm-up, which also records the greedy continuations for the controlled drafter: k + 1 tokens
-    # longer than the measured requests, so the record covers their last step too.
-    httpb.run_load(url, model, prompts, scrape=False, **(load | {"max_tokens": t.osl + t.k + 1}))
-    res = httpb.run_load(url, model, prompts, **load)
-    failed = [r.error for r in res.records if r.error]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(res.records)} requests failed: {failed[0]}")
-    lengths = sorted({r.prompt_tokens for r in res.records})
-    if lengths != [t.isl]:
-        raise RuntimeError(f"prompts: the server counted {lengths} prompt tokens, the point is isl={t.isl}")
+    res = warm_then_measure(
+        url, model, concurrency=t.concurrency, requests=waves * t.concurrency, isl=t.isl, osl=t.osl, k=t.k,
+        dataset=dataset,
+    )  # fmt: skip
     spec = PointSpec(t.tp, t.method, t.k, t.concurrency, t.isl)
     acc = httpb.to_acceptance(spec, res, model=model, detail=f"validate window at c={t.concurrency}")
     if t.method != "none" and acc is None:
