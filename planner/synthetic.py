@@ -110,6 +110,16 @@ class AnalyticModel:
     def itl_ms(self, tp: int, method: str, k: int, c: float, ctx: float) -> float:
         return self.step_ms(tp, method, k, c, ctx) / self.tokens_per_step(method, k)
 
+    def served_itl_ms(self, tp: int, method: str, k: int, c: float, isl: float, osl: float) -> float:
+        """ITL in aggregated serving: the decode ITL at the mean context plus the prefills of the requests
+        that arrive while one request decodes (``c`` arrivals per ``osl`` tokens, each ``ttft_ms`` long)."""
+        return self.itl_ms(tp, method, k, c, isl + osl / 2) + c * self.ttft_ms(tp, isl) / osl
+
+    def served_throughput_per_gpu(
+        self, tp: int, method: str, k: int, c: float, isl: float, osl: float
+    ) -> float:
+        return c / (self.served_itl_ms(tp, method, k, c, isl, osl) / 1000.0) / tp
+
     def ttft_ms(self, tp: int, isl: float) -> float:
         return self.p0 + (self.p1 * isl + self.p2 * isl**2) / tp
 

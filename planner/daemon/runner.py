@@ -46,7 +46,7 @@ from planner.daemon.scrape import (
     parse_metrics,
     window,
 )
-from planner.plan import Planner, PlanResult, resolve_acceptance
+from planner.plan import Planner, PlanResult, prefill_stall_ms, resolve_acceptance
 from planner.profile import Acceptance, AcceptanceSource
 
 log = logging.getLogger("planner.daemon")
@@ -232,10 +232,12 @@ class CorrectionDaemon:
             return
         st.decode_tokens += decode_tokens
         obs.itl_ms = 1000.0 * w.itl_sum / decode_tokens
-        ctx = self.planner.resolve_inputs(**_inputs_only(self._sla())).decode_context
+        sla = self.planner.resolve_inputs(**_inputs_only(self._sla()))
+        ctx, isl, osl = sla.decode_context, float(sla.isl), float(sla.osl)
         if w.prompt_tokens and first > 0:
             out_len = (gen / w.request_success) if (gen and w.request_success) else 0.0
             ctx = w.prompt_tokens / first + out_len / 2
+            isl, osl = w.prompt_tokens / first, out_len or osl
         obs.context = ctx
         if decode_tokens < self.cfg.min_tokens or not w.running or w.running < 1:
             return
@@ -256,7 +258,9 @@ class CorrectionDaemon:
         if not np.isfinite(step) or step <= 0:
             return
         obs.tokens_per_step = self._window_tokens_per_step(w, decode_tokens)
-        obs.predicted_itl_ms = step / obs.tokens_per_step
+        pre = self.planner.surfaces.prefill.get(self.surface.key[0])
+        stall = prefill_stall_ms(np.array([c]), pre.ttft_ms(isl) if pre else None, round(osl))[0]
+        obs.predicted_itl_ms = step / obs.tokens_per_step + float(stall)  # as the plan predicts ITL
         obs.raw_factor = obs.itl_ms / obs.predicted_itl_ms
         self._fold_factor(obs)
 

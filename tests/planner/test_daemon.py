@@ -12,12 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 from planner.daemon import CorrectionDaemon, DaemonConfig, FileConnector, HttpConnector, make_connector
 from planner.daemon.scrape import is_reset, parse_metrics, window
-from planner.plan import Planner
+from planner.plan import Planner, prefill_stall_ms
 from planner.synthetic import synthetic_profile
 
 # A live Prometheus endpoint with vLLM's metric names, driven by known traffic. The exposition is produced
@@ -152,7 +153,10 @@ def gap_for_factor(planner: Planner, factor: float, t: Traffic, concurrency: flo
     """Step gap that makes the observed per-token ITL ``factor`` times the interpolated prediction."""
     ctx = t.prompt + t.output / 2
     tps = 1 + (t.drafts / t.steps) * sum(a / t.drafts for a in t.accepted_per_pos)
-    pred_ms = float(planner.surfaces.decode[(1, "ngram", 2)].step_ms(concurrency, ctx)[0]) / tps
+    step_ms = float(planner.surfaces.decode[(1, "ngram", 2)].step_ms(concurrency, ctx)[0])
+    pre = planner.surfaces.prefill.get(1)
+    stall = prefill_stall_ms(np.array([concurrency]), pre.ttft_ms(t.prompt) if pre else None, t.output)[0]
+    pred_ms = step_ms / tps + stall
     per_token_over_gap = t.steps / (t.output - 1)
     return factor * pred_ms / 1000.0 / per_token_over_gap
 

@@ -33,8 +33,8 @@ def analytic_ranking(planner: Planner, itl_ms: float, isl: int, osl: int) -> lis
         c_kv = planner.kv_bound(tp, k, peak, method, isl).max_concurrency
         best = None
         for c in range(lo, min(hi, c_kv) + 1):
-            if M.itl_ms(tp, method, k, c, ctx) <= itl_ms:
-                thr = c * M.tokens_per_step(method, k) / (M.step_ms(tp, method, k, c, ctx) / 1000) / tp
+            if M.served_itl_ms(tp, method, k, c, isl, osl) <= itl_ms:
+                thr = M.served_throughput_per_gpu(tp, method, k, c, isl, osl)
                 if best is None or thr >= best[0]:
                     best = (thr, (tp, method, k), c)
         if best:
@@ -61,7 +61,7 @@ def test_picks_the_analytic_optimum(planner: Planner, itl_ms: float, isl: int, o
     # in a near-tie the choice must still be within interpolation error of the optimum
     assert chosen_true_thr >= 0.97 * best_thr
     # the prediction itself is close to the closed form at the chosen point
-    true_itl = M.itl_ms(ch.tp, ch.method, ch.k, ch.max_concurrency, isl + osl / 2)
+    true_itl = M.served_itl_ms(ch.tp, ch.method, ch.k, ch.max_concurrency, isl, osl)
     assert ch.predicted.itl_ms == pytest.approx(true_itl, rel=0.03)
     assert ch.predicted.itl_ms <= itl_ms
 
@@ -80,7 +80,7 @@ def test_infeasible_reports_lowest_itl_and_its_config(planner: Planner) -> None:
     assert not res.feasible
     ctx = 512 + 128
     truth = min(
-        (M.itl_ms(tp, m, k, surf.concurrency_bounds(ctx)[0], ctx), (tp, m, k))
+        (M.served_itl_ms(tp, m, k, surf.concurrency_bounds(ctx)[0], 512, 256), (tp, m, k))
         for (tp, m, k), surf in planner.surfaces.decode.items()
     )
     assert res.lowest_achievable_itl_ms == pytest.approx(truth[0], rel=0.01)
@@ -242,6 +242,7 @@ def test_itl_is_predicted_at_the_workloads_draft_coverage() -> None:
     prof.decode = [
         _point("none", 0, c, 128, 10 * c**0.5, stable=c != 4, repeats=3) for c in (1, 4, 16)
     ] + _coverage_points()
+    prof.prefill = []  # no prefill stall: ITL is the decode step's alone
     src = AcceptanceSource(kind="measured", dataset="spec-bench", model="m")
     prof.acceptance = [
         Acceptance(method="ngram", k=2, draft_coverage=0.25, accepted_per_pos=[0.9, 0.8], source=src)
@@ -261,3 +262,19 @@ def test_itl_is_predicted_at_the_workloads_draft_coverage() -> None:
     plain = next(ch for ch in [low.choice, *low.alternatives] if ch.method == "none")
     assert plain.max_concurrency == 3
     assert any("relies on a doubtful point (c=4 L=128: unstable timing" in f for f in plain.flags)
+
+
+def test_itl_includes_the_prefills_of_arriving_requests(planner: Planner) -> None:
+    """In aggregated serving each of c requests in flight arrives once per osl tokens of the others, and
+    its prefill holds every decoding request back for about its TTFT: c * ttft / osl per output token."""
+    isl, osl = 1024, 128
+    ch = planner.plan(30.0, isl=isl, osl=osl).choice
+    c = ch.max_concurrency
+    stall = c * M.ttft_ms(ch.tp, isl) / osl
+    assert stall > 1.0  # large enough that leaving it out would fail the checks below
+    assert ch.predicted.prefill_stall_ms == pytest.approx(stall, rel=0.02)
+    decode_itl = M.itl_ms(ch.tp, ch.method, ch.k, c, isl + osl / 2)
+    assert ch.predicted.itl_ms == pytest.approx(decode_itl + stall, rel=0.03)
+    assert ch.predicted.throughput_per_gpu == pytest.approx(
+        c / (ch.predicted.itl_ms / 1000) / ch.tp, rel=1e-6
+    )
