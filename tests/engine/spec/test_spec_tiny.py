@@ -126,6 +126,41 @@ def test_draft_pool_rolls_back_rejected_drafts() -> None:
     assert dkv.num_free_blocks == dkv.num_blocks and engine.kv_manager.num_free_blocks == NUM_BLOCKS
 
 
+def test_draft_uniform_catch_up_drafts_what_the_ragged_one_does() -> None:
+    """Widening a 1-token catch-up to 2 (a CUDA-graph shape on GPU) re-feeds a token whose KV the
+    drafter already holds: the drafts are those of the ragged catch-up, and nothing more is committed."""
+    from engine.spec.base import SpecSequence
+
+    prompts = _prompts(512)[:2]
+    results = {}
+    for uniform in (False, True):
+        proposer = _engine(SpecConfig(method="draft", k=3, draft_layers=1)).proposer
+        proposer.uniform_catch_up = uniform
+        seqs = [SpecSequence(f"s{i}", list(p)) for i, p in enumerate(prompts)]
+        first = proposer.propose(seqs, 3)
+        proposer.commit("s0", 3)  # every draft accepted: next catch-up = last draft + bonus (2 tokens)
+        proposer.commit("s1", 0)  # nothing accepted: next catch-up = the bonus (1 token)
+        seqs = [
+            SpecSequence("s0", [*prompts[0], *first[0], 7]),
+            SpecSequence("s1", [*prompts[1], 9]),
+        ]
+        widths = []
+        prepare = proposer.runner.prepare
+
+        def spy(entries, prepare=prepare, widths=widths):  # noqa: ANN001, ANN202
+            widths.append([len(e.token_ids) for e in entries])
+            return prepare(entries)
+
+        proposer.runner.prepare = spy
+        second = proposer.propose(seqs, 3)
+        for sid in ("s0", "s1"):
+            proposer.commit(sid, 1)
+        computed = [proposer.kv.num_computed_tokens(s.seq_id) for s in seqs]
+        results[uniform] = (first, second, computed, widths[0])
+    assert results[False][3] == [2, 1] and results[True][3] == [2, 2]  # the catch-up forward's widths
+    assert results[True][:3] == results[False][:3]
+
+
 @pytest.mark.slow
 def test_draft_rejection_sampling_matches_target_distribution(monkeypatch) -> None:
     """Chi-square over the first two emitted tokens: the second comes from speculative sampling (a
