@@ -30,15 +30,6 @@ from engine.serve.metrics import FINISH_REASONS, FinishedRequest, ServeMetrics
 
 log = logging.getLogger(__name__)
 
-# The GIL hand-off interval for a serving process (CPython's default is 5 ms). The engine thread
-# releases the GIL while it waits for the device; when the wait ends it must get the GIL back from the
-# event-loop thread, which keeps it for up to the switch interval. At the default, every device wait
-# inside a step (a draft model's per-token sync, the verify's token read-back) could cost up to 5 ms:
-# measured on one H200 (vicuna-7b, concurrency 2, controlled acceptance), served ITL fell from 18.4 to
-# 4.9 ms for draft k=4 and from 6.3 to 4.5 ms for ngram k=4 with 0.2 ms (benchmarks/RESULTS.md,
-# "what the server adds").
-SERVE_SWITCH_INTERVAL_S = 2e-4
-
 
 class EngineLike(Protocol):
     """What the front end needs of ``engine.llm_engine.LLMEngine`` (the engine internal contract)."""

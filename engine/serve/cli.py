@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 import time
 
 import uvicorn
@@ -75,10 +74,7 @@ def main(args: argparse.Namespace) -> int:
     log = logging.getLogger("engine.serve")
     from engine.llm_engine import LLMEngine
     from engine.serve.app import app_for_engine
-    from engine.serve.async_engine import SERVE_SWITCH_INTERVAL_S
     from engine.serve.launcher import bind_socket
-
-    sys.setswitchinterval(SERVE_SWITCH_INTERVAL_S)  # the engine thread gets the GIL back promptly
 
     log.info(
         "loading %s (weights %s, dtype %s, device %s, tp %d%s) ...",
