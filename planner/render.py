@@ -48,6 +48,13 @@ def render_plan(res: PlanResult) -> str:
         f"KV: {ch.kv.max_concurrency} sequences fit ({ch.kv.blocks_per_replica} blocks per replica, "
         f"{ch.kv.blocks_per_sequence} per sequence at context {i.peak_context} with k={ch.k})"
     )
+    if ch.predicted.prefill_stall_ms > 0:
+        pr = ch.predicted
+        out.append(
+            f"ITL {pr.itl_ms:.2f} ms = decode {pr.itl_ms - pr.prefill_stall_ms:.2f} ms + prefill stall "
+            f"{pr.prefill_stall_ms:.2f} ms ({ch.max_concurrency} in flight x TTFT {pr.ttft_ms:.1f} ms "
+            f"/ osl {i.osl})"
+        )
     if ch.acceptance_source:
         out.append(f"acceptance: {ch.acceptance_source}")
     out += speculation_lines(res.speculation)

@@ -10,6 +10,7 @@ import pytest
 
 from kvbm import capacity
 from planner.plan import PlanInputError, Planner
+from planner.render import render_plan
 from planner.synthetic import AnalyticModel, synthetic_profile
 
 M = AnalyticModel()
@@ -268,7 +269,8 @@ def test_itl_includes_the_prefills_of_arriving_requests(planner: Planner) -> Non
     """In aggregated serving each of c requests in flight arrives once per osl tokens of the others, and
     its prefill holds every decoding request back for about its TTFT: c * ttft / osl per output token."""
     isl, osl = 1024, 128
-    ch = planner.plan(30.0, isl=isl, osl=osl).choice
+    res = planner.plan(30.0, isl=isl, osl=osl)
+    ch = res.choice
     c = ch.max_concurrency
     stall = c * M.ttft_ms(ch.tp, isl) / osl
     assert stall > 1.0  # large enough that leaving it out would fail the checks below
@@ -278,3 +280,4 @@ def test_itl_includes_the_prefills_of_arriving_requests(planner: Planner) -> Non
     assert ch.predicted.throughput_per_gpu == pytest.approx(
         c / (ch.predicted.itl_ms / 1000) / ch.tp, rel=1e-6
     )
+    assert f"prefill stall {ch.predicted.prefill_stall_ms:.2f} ms ({c} in flight" in render_plan(res)
