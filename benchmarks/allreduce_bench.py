@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.model import comm  # noqa: E402
+from engine.model import allreduce  # noqa: E402
 from engine.tp.env import apply_safe_env  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         "nccl", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60), device_id=dev
     )
     group = dist.group.WORLD
-    symm = comm.enable_symm_mem(group, dev)
+    symm = allreduce.enable_symm_mem(group, dev)
     if rank == 0:
         print(f"world {world}, symmetric memory one-shot available: {symm}", flush=True)
         print("| tokens | bytes | NCCL us/all-reduce | one-shot us/all-reduce | max abs diff |")
@@ -77,7 +77,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         dist.all_reduce(ref, group=group)
         diff = float("nan")
         if symm:
-            got = comm.all_reduce(x.clone(), group)
+            got = allreduce.all_reduce(x.clone(), group)
             diff = (got.float() - ref.float()).abs().max().item()
             if diff > 1e-2:
                 raise AssertionError(f"rank {rank}: one-shot differs from NCCL by {diff} at {tokens} tokens")
@@ -85,11 +85,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         nccl_us = _time_graph(lambda y=y: dist.all_reduce(y, group=group), args.calls, args.reps)
         one_us = float("nan")
         if symm:
-            one_us = _time_graph(lambda x=x: comm.all_reduce(x, group), args.calls, args.reps)
+            one_us = _time_graph(lambda x=x: allreduce.all_reduce(x, group), args.calls, args.reps)
         if rank == 0:
             print(f"| {tokens} | {x.numel() * 2} | {nccl_us:.1f} | {one_us:.1f} | {diff:.2e} |", flush=True)
     dist.barrier()
-    comm.release_symm_mem()
+    allreduce.release_symm_mem()
     dist.destroy_process_group()
 
 

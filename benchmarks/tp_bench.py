@@ -5,7 +5,7 @@ fills the KV cache and times decode steps at every batch size with a constant co
 rank 0: the step's message to the workers + the graph-captured forward + logits; StepProfiler).
 A variant is ``TP[/ALLREDUCE][/unfused]``:
 
-- ALLREDUCE: ``nccl`` (default), ``oneshot`` (engine.model.comm's symmetric-memory kernel, fused
+- ALLREDUCE: ``nccl`` (default), ``oneshot`` (engine.model.allreduce's symmetric-memory kernel, fused
   with the residual add and RMSNorm, for small messages; NCCL above) or ``none`` (no communication:
   wrong outputs, right shapes). ``none`` exists to time the step without its collectives;
   "collectives ms/step" is a variant's median minus the ``none`` median at that tp, batch and

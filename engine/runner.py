@@ -21,7 +21,7 @@ from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.errors import CapacityError, ConfigError
 from engine.memory import check_weights_fit
-from engine.model.comm import enable_symm_mem, release_symm_mem
+from engine.model.allreduce import enable_symm_mem, release_symm_mem
 from engine.model.loader import build_model, resolve_device, resolve_dtype
 from engine.presets import ModelSource, resolve_model
 

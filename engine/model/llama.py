@@ -23,7 +23,7 @@ from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.errors import ConfigError
 from engine.kernels import fused_add_rmsnorm, rope_and_write_kv, silu_and_mul
-from engine.model.comm import all_reduce_add_rmsnorm, can_fuse_add_norm
+from engine.model.allreduce import all_reduce_add_rmsnorm, can_fuse_add_norm
 from engine.model.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -159,7 +159,7 @@ class LlamaDecoderLayer(nn.Module):
         """(hidden, residual) -> (mlp output, residual before it); the residual stream is
         ``hidden + residual`` (``residual`` None on the first layer: the stream is ``hidden``), and
         each add is fused into the following norm. With ``fuse_allreduce`` (tensor parallel, see
-        engine.model.comm) the row-parallel outputs stay per-rank partial sums, and their all-reduce
+        engine.model.allreduce) the row-parallel outputs stay per-rank partial sums, and their all-reduce
         happens inside the next add+norm: ``hidden`` comes in, and goes out, unreduced (except on
         the first layer, whose input is the embedding)."""
         norm_in = self._add_norm_reduced if fuse_allreduce and residual is not None else _add_norm

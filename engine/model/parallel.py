@@ -5,7 +5,7 @@ one model definition serves a single GPU, a CPU test and every rank of a tensor-
   Fused projections (QKV, gate/up) pass ``output_sizes`` so each part is split separately and a
   rank's shard stays ``[q_r, k_r, v_r]``.
 - ``RowParallelLinear`` splits input features and all-reduces the partial sums (one all-reduce,
-  through ``engine.model.comm``: symmetric memory for small messages on GPUs, else NCCL/gloo).
+  through ``engine.model.allreduce``: symmetric memory for small messages on GPUs, else NCCL/gloo).
 - ``VocabParallelEmbedding`` splits the vocabulary; rows a rank does not own are zero, then summed.
 - ``ParallelLMHead`` splits the vocabulary and all-gathers the logits.
 Shards are cut from full Hugging Face tensors by ``load_shard`` so every loader stays unaware of tp.
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.comm import all_reduce
+from engine.model.allreduce import all_reduce
 
 
 def _split(size: int, tp_size: int, what: str) -> int:
@@ -95,7 +95,7 @@ class RowParallelLinear(_TPModule):
 
     def forward(self, x: torch.Tensor, *, reduce: bool = True) -> torch.Tensor:
         """``reduce=False`` returns this rank's partial sum, for a caller that fuses the all-reduce
-        into what follows (engine.model.comm.all_reduce_add_rmsnorm)."""
+        into what follows (engine.model.allreduce.all_reduce_add_rmsnorm)."""
         y = F.linear(x, self.weight)
         return all_reduce(y, self.group) if self.tp_size > 1 and reduce else y
 

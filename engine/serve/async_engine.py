@@ -142,7 +142,6 @@ class AsyncEngine:
         self._spec_prev: tuple[int, int, int, list[int]] | None = None
         self._prefix_prev: tuple[int, int] | None = None
         self._preempt_prev = 0
-        self.num_steps = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -280,7 +279,6 @@ class AsyncEngine:
             )
             return
         now = time.monotonic()
-        self.num_steps += 1
         deliveries: list[tuple[str, StepItem]] = []
         prompt_tokens = gen_tokens = 0
         ttfts: list[float] = []

@@ -175,14 +175,3 @@ class MedusaDecoder:
             out.append((path, [tokens[i] for i in path] + [nxt]))
         self.runner.move_kv_slots(moves)  # a TPExecutor moves the slots on every rank's shard
         return out
-
-    def accept(
-        self,
-        seq: SpecSequence,
-        nodes: Sequence[int],
-        logits: torch.Tensor,
-        block_table: Sequence[int],
-        root_pos: int,
-    ) -> tuple[list[int], list[int]]:
-        """``accept_batch`` for one sequence whose rows are all of ``logits``."""
-        return self.accept_batch([seq], [nodes], logits, [0], [block_table], [root_pos])[0]

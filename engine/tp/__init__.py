@@ -28,7 +28,7 @@ Every process the engine starts runs with NVLink multicast off (``engine.tp.env`
 
 from engine.tp.env import SAFE_ENV, apply_safe_env
 from engine.tp.executor import TPExecutor, TPWorkerError, build_tp_runner
-from engine.tp.validate import check_tp, valid_tp_sizes
+from engine.tp.sizes import check_tp, valid_tp_sizes
 
 __all__ = [
     "SAFE_ENV",

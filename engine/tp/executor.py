@@ -40,7 +40,7 @@ from engine.presets import ModelSource, resolve_model
 from engine.runner import ModelRunner
 from engine.tp import wire
 from engine.tp.env import apply_safe_env
-from engine.tp.validate import check_tp
+from engine.tp.sizes import check_tp
 from engine.tp.worker import fill_kv_random, worker_main
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("SPECPLAN_TP_TIMEOUT_S", "600"))

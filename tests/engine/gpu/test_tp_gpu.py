@@ -48,7 +48,7 @@ def test_tp2_gpu_equals_tp1(spec: SpecConfig | None) -> None:
 
 
 def test_tp2_oneshot_allreduce_equals_tp1() -> None:
-    """In a fresh process (symmetric memory serves only a process's first group, engine.model.comm)."""
+    """In a fresh process (symmetric memory serves only a process's first group, engine.model.allreduce)."""
     ref, _, _ = _generate(1, SpecConfig(method="ngram", k=3))
     code = (
         "import json\nfrom tests.engine.gpu.test_tp_gpu import _generate\n"

@@ -18,22 +18,24 @@ import torch.multiprocessing as mp
 
 
 def _rank(rank: int, port: int, case: str, out: str) -> None:
-    from engine.model import comm
+    from engine.model import allreduce
 
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=timedelta(seconds=20))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=20))
     try:
         group = dist.group.WORLD
         if case == "rank0-set-up-before":
-            comm._symm_mem_tried = rank == 0
-            comm._symm_handles[group.group_name] = ("stale", None) if rank == 0 else None
-            comm._symm_handles = {k: v for k, v in comm._symm_handles.items() if v is not None}
+            allreduce._symm_mem_tried = rank == 0
+            allreduce._symm_handles[group.group_name] = ("stale", None) if rank == 0 else None
+            allreduce._symm_handles = {k: v for k, v in allreduce._symm_handles.items() if v is not None}
         fails_here = case == "setup-fails-on-rank1" and rank == 1
-        ok = comm._negotiate(group, torch.device("cpu"), lambda g, d: None if fails_here else ("buf", "h"))
+        ok = allreduce._negotiate(
+            group, torch.device("cpu"), lambda g, d: None if fails_here else ("buf", "h")
+        )
         # a collective after the negotiation: it would time out if the ranks had fallen out of step
         t = torch.ones(1)
         dist.all_reduce(t, group=group)
-        result = {"ok": ok, "registered": group.group_name in comm._symm_handles, "after": t.item()}
+        result = {"ok": ok, "registered": group.group_name in allreduce._symm_handles, "after": t.item()}
         Path(out, f"{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
