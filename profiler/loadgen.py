@@ -136,16 +136,18 @@ async def closed_loop(
     *,
     concurrency: int,
     num_requests: int,
-    max_tokens: int,
+    max_tokens: int | Sequence[int],
     timeout_s: float = 600.0,
     count_tokens: Callable[[str], int] | None = None,
 ) -> ClosedLoopRun:
-    """Keep ``concurrency`` requests in flight until ``num_requests`` are done (prompts cycle)."""
+    """Keep ``concurrency`` requests in flight until ``num_requests`` are done (prompts cycle; a
+    sequence of ``max_tokens`` gives request ``i`` the ``i``-th length, cycling too)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if num_requests < 1:
         raise ValueError(f"num_requests must be >= 1, got {num_requests}")
-    if max_tokens < 1:
+    lengths = [max_tokens] if isinstance(max_tokens, int) else list(max_tokens)
+    if not lengths or min(lengths) < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if not prompts:
         raise ValueError("prompts must not be empty")
@@ -157,7 +159,7 @@ async def closed_loop(
 
         async def worker() -> None:
             for i in next_index:  # a shared iterator: each index is taken by exactly one worker
-                body = completion_body(model, prompts[i % len(prompts)], max_tokens)
+                body = completion_body(model, prompts[i % len(prompts)], lengths[i % len(lengths)])
                 records.append(await stream_one(client, url, body, count_tokens))
 
         start = time.perf_counter()

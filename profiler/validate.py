@@ -4,11 +4,12 @@ For every (tp, method, k) of the profile (none, ngram, draft, medusa alike), ``-
 points (concurrencies between measured ones, input lengths inside the measured context range but not on
 it) are run end to end as a user would measure a deployment: ``engine serve`` is started for the config,
 the profiler's own closed-loop load generator (``profiler.backends.http``) drives it over HTTP with
-Spec-Bench prompts of exactly ``isl`` tokens (as the server counts them), and ``/metrics`` is scraped
-around each point. Every point first sends its prompt set once (warm-up; for the controlled drafter it
-records the greedy continuations, k + 1 tokens longer than measured), then measures a second pass (whose
-prompts then hit the server's prefix cache: prefill is short there, and the planner's decode throughput
-leaves prefill out too).
+Spec-Bench prompts of exactly ``isl`` tokens (as the server counts them) and output lengths spread around
+``osl`` (so requests arrive spread over the decode, not in waves), and ``/metrics`` is scraped around
+each point. Every point first sends its prompt set once (warm-up; for the controlled drafter it records
+the greedy continuations, k + 1 tokens longer than measured; a speculative config gets a second warm-up
+pass), then measures a last pass. The server runs without prefix caching, so every pass prefills its
+prompts as fresh traffic does: the planner's ITL includes those prefills (``c x TTFT / osl``).
 
 Acceptance: with real weights the drafter's real acceptance; with random weights (which accept nothing)
 the controlled-acceptance drafter (``engine serve --spec-controlled``, engine/spec/controlled.py), whose
@@ -19,7 +20,7 @@ planner's arithmetic, not the acceptance guess.
 Compared per point: mean ITL (per request ``(last - first) / (n - 1)``) and p90 ITL against the
 planner's ITL (it predicts one value: the p90 column shows how far the tail lies above it), and
 throughput per GPU over the steady window (where ``c`` were decoding at once; mean in flight printed)
-against the planner's decode throughput ``c * tokens_per_step / step / tp``.
+against the planner's throughput ``c / ITL / tp``.
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ def serve_command(
         "--port", str(port), "--dtype", meta.dtype, "--tp", str(t0.tp), "--block-size", str(bs),
         "--max-num-seqs", str(c_max), "--max-model-len", str(longest),
         "--num-gpu-blocks", str(-(-longest // bs) * c_max + 16), "--log-level", "warning",
+        "--no-enable-prefix-caching",  # every pass prefills its prompts, as fresh traffic does
     ]  # fmt: skip
     if meta.weights in ("real", "random"):
         cmd += ["--weights", meta.weights]
@@ -284,6 +286,19 @@ def _serve(cmd: list[str], port: int, log_file, log_path: Path, timeout_s: float
 
 
 # -- one point -----------------------------------------------------------------------------------------
+def spread_output_lengths(osl: int, n: int) -> list[int]:
+    """``n`` output lengths spread evenly over ``[osl - osl // 2, osl + osl // 2]`` (mean ``osl``, at least 2
+    tokens) in a fixed shuffled order. With one length for every request a closed loop runs in waves:
+    its requests start and end together and their prefills run as one batch. The planner's prefill
+    stall (``c x TTFT / osl``) describes arrivals spread over the decode, as real traffic's mixed output
+    lengths give; spread lengths give the closed loop that too."""
+    if n <= 1 or osl < 4:
+        return [osl] * max(n, 1)
+    lengths = np.rint(np.linspace(osl - osl // 2, osl + osl // 2, n)).astype(int)
+    np.random.default_rng(0).shuffle(lengths)
+    return [int(x) for x in lengths]
+
+
 def warm_then_measure(
     url: str,
     model: str,
@@ -295,18 +310,19 @@ def warm_then_measure(
     k: int,
     dataset: Path | None = None,
 ) -> LoadResult:
-    """Closed-loop load of Spec-Bench prompts of exactly ``isl`` tokens: a warm-up pass (two for a
-    speculative config), then the measured pass (whose requests all succeeded and had ``isl`` prompt
-    tokens as the server counted)."""
+    """Closed-loop load of Spec-Bench prompts of exactly ``isl`` tokens and output lengths of mean ``osl``
+    (``spread_output_lengths``): a warm-up pass (two for a speculative config), then the measured pass
+    (whose requests all succeeded and had ``isl`` prompt tokens as the server counted)."""
     from profiler.backends import http as httpb
     from profiler.prompts import prompts_of_length
 
     texts = prompts_of_length(requests, isl, dataset)
     prompts = httpb.exact_prompts(url, model, texts, isl)
-    load = dict(concurrency=concurrency, num_requests=requests, max_tokens=osl)
+    lengths = spread_output_lengths(osl, requests)
+    load = dict(concurrency=concurrency, num_requests=requests, max_tokens=lengths)
     # Warm-up, which also records the greedy continuations for the controlled drafter: k + 1 tokens
-    # longer than the measured requests, so the record covers their last step too.
-    httpb.run_load(url, model, prompts, scrape=False, **(load | {"max_tokens": osl + k + 1}))
+    # longer than the longest measured request, so the record covers their last step too.
+    httpb.run_load(url, model, prompts, scrape=False, **(load | {"max_tokens": max(lengths) + k + 1}))
     if k > 0:
         # A speculative config drafts only from the second pass on (the controlled drafter replays the
         # first pass's record); on a fresh machine its verify and drafter shapes then compile Triton

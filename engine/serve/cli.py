@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV blocks of a prompt prefix seen before (vLLM's flag; default on)",
+    )
+    parser.add_argument(
         "--max-model-len", type=int, default=None, help="context length (default: the model's)"
     )
     parser.add_argument(
@@ -96,6 +102,7 @@ def main(args: argparse.Namespace) -> int:
             tp=args.tp,
             seed=args.seed,
             weights=args.weights,
+            enable_prefix_caching=args.enable_prefix_caching,
         )
     except EngineError as exc:
         log.error("cannot start: %s", exc)

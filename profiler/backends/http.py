@@ -182,7 +182,7 @@ def run_load(
     *,
     concurrency: int,
     num_requests: int | None = None,
-    max_tokens: int = 64,
+    max_tokens: int | Sequence[int] = 64,
     timeout_s: float = 600.0,
     scrape: bool = True,
     count_tokens: Callable[[str], int] | None = None,

@@ -35,6 +35,14 @@ fake_openai = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fake_openai)  # type: ignore[union-attr]
 
 
+def test_closed_loop_gives_each_request_its_own_output_length() -> None:
+    with fake_openai.FakeServer(tokens_per_chunk=1, chunk_delay_s=0.001) as srv:
+        res = httpb.run_load(srv.url, "fake", ["hi"], concurrency=2, num_requests=5, max_tokens=[3, 8, 5])
+    assert sorted(r.output_tokens for r in res.records) == [3, 3, 5, 8, 8]  # lengths cycle over requests
+    with pytest.raises(ValueError, match="max_tokens"):
+        httpb.run_load("http://127.0.0.1:1", "m", ["x"], concurrency=1, max_tokens=[4, 0])
+
+
 def test_closed_loop_counts_tokens_from_usage_and_computes_itl() -> None:
     with fake_openai.FakeServer(tokens_per_chunk=3, chunk_delay_s=0.003) as srv:
         res = httpb.run_load(srv.url, "fake", ["hi"], concurrency=3, num_requests=6, max_tokens=13)

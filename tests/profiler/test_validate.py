@@ -25,7 +25,15 @@ from planner.profile import (
     save_profile,
 )
 from profiler.cli import main
-from profiler.validate import Outcome, Target, ValidateError, choose_targets, predict, report
+from profiler.validate import (
+    Outcome,
+    Target,
+    ValidateError,
+    choose_targets,
+    predict,
+    report,
+    spread_output_lengths,
+)
 
 
 def _profile(
@@ -52,6 +60,14 @@ def _profile(
     for n, ms in ((64, 1.0), (256, 4.0)):
         prof.upsert(PrefillPoint(tp=1, input_len=n, ttft_ms=ms, prefill_tokens_per_s_per_gpu=n / ms * 1000))
     return prof
+
+
+def test_output_lengths_spread_around_osl_so_arrivals_do_not_run_in_waves() -> None:
+    lengths = spread_output_lengths(64, 16)
+    assert sum(lengths) / len(lengths) == pytest.approx(64, abs=0.5)
+    assert min(lengths) == 32 and max(lengths) == 96 and len(set(lengths)) == 16
+    assert lengths != sorted(lengths) and lengths == spread_output_lengths(64, 16)  # shuffled, fixed
+    assert spread_output_lengths(64, 1) == [64] and spread_output_lengths(3, 4) == [3] * 4
 
 
 def test_targets_are_off_grid_and_inside_the_measured_range() -> None:

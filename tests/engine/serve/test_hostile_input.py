@@ -90,3 +90,30 @@ def test_serve_binds_loopback_by_default() -> None:
     add_arguments(parser)
     assert parser.parse_args(["--model", "tiny"]).host == "127.0.0.1"
     assert "--host" in parser.format_help() and "0.0.0.0" in parser.format_help()  # says how to expose it
+
+
+def test_serve_turns_prefix_caching_off_with_vllms_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--no-enable-prefix-caching`` reaches the engine (profiler validate serves with it, so every
+    measured pass prefills its prompts)."""
+    import argparse
+
+    from engine import llm_engine
+    from engine.serve import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert parser.parse_args(["--model", "tiny"]).enable_prefix_caching is True
+    args = parser.parse_args(["--model", "tiny", "--no-enable-prefix-caching", "--port", "0"])
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_engine(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", fake_engine)
+    with pytest.raises(Stop):
+        cli.main(args)
+    assert seen["enable_prefix_caching"] is False
