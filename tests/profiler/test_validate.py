@@ -93,13 +93,14 @@ def test_prediction_is_the_planners_at_the_measured_acceptance() -> None:
     t = Target(tp=1, method="none", k=0, concurrency=4, isl=128, osl=2)
     itl, thr, tps = predict(prof, t)
     step = 2.0 + 0.4 + 0.004 * 129  # the planner's decode context isl + osl / 2; affine in context
-    assert (itl, tps) == (pytest.approx(step, rel=1e-3), 1.0)
-    assert thr == pytest.approx(4 / (step / 1000), rel=1e-3)
+    stall = 4 * 2.0 / 2  # c x TTFT(isl) / osl; TTFT(128) = 2 ms, between the prefill points 64 and 256
+    assert (itl, tps) == (pytest.approx(step + stall, rel=1e-3), 1.0)
+    assert thr == pytest.approx(4 / ((step + stall) / 1000), rel=1e-3)
     acc = Acceptance(method="ngram", k=2, draft_coverage=0.5, accepted_per_pos=[0.8, 0.4],
                      source=AcceptanceSource(kind="live", detail="test"))  # fmt: skip
     itl, thr, tps = predict(prof, Target(1, "ngram", 2, 4, 128, 2), acc)
     assert tps == pytest.approx(1 + 0.5 * 1.2)
-    assert itl == pytest.approx(step * 1.4 / tps, rel=1e-3)
+    assert itl == pytest.approx(step * 1.4 / tps + stall, rel=1e-3)
     with pytest.raises(ValidateError, match="acceptance"):
         predict(prof, Target(1, "ngram", 2, 4, 128, 2))
 
