@@ -33,7 +33,7 @@ from schedule_bench import planned_schedule  # noqa: E402
 from planner.plan import Planner  # noqa: E402
 from planner.profile import load_profile  # noqa: E402
 from planner.schedule import k_at  # noqa: E402
-from profiler.validate import _free_port, running_server, warm_then_measure  # noqa: E402
+from profiler.validate import _free_port, longest_output, running_server, warm_then_measure  # noqa: E402
 
 
 def serve_command(model: str, port: int, config: str, k: int, sched, max_seqs: int, max_len: int, meta):
@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     for config in configs:
         k = 0 if config == "none" else max(ks) if config.endswith("schedule") else int(config.split("=")[1])
         port = _free_port()
-        cmd = serve_command(model, port, config, k, sched, max(conc), a.isl + a.osl + k + 2, meta)
+        cmd = serve_command(
+            model, port, config, k, sched, max(conc), a.isl + longest_output(a.osl) + k + 2, meta
+        )
         t0 = time.monotonic()
         with running_server(cmd, port, timeout_s=600) as url:
             for c in conc:

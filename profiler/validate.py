@@ -221,7 +221,8 @@ def serve_command(
     meta = profile.metadata
     t0 = targets[0]
     bs = meta.block_size
-    longest = max(t.isl + t.osl for t in targets) + 2 * t0.k + 2 * bs
+    # the record pass runs k + 1 tokens past the longest measured output (warm_then_measure)
+    longest = max(t.isl + longest_output(t.osl) for t in targets) + 2 * t0.k + 2 * bs
     c_max = max(t.concurrency for t in targets)
     cmd = [
         sys.executable, "-m", "engine.cli", "serve", "--model", model, "--host", "127.0.0.1",
@@ -286,6 +287,11 @@ def _serve(cmd: list[str], port: int, log_file, log_path: Path, timeout_s: float
 
 
 # -- one point -----------------------------------------------------------------------------------------
+def longest_output(osl: int) -> int:
+    """The longest of ``spread_output_lengths(osl, n)`` for any ``n``: what a server's context must hold."""
+    return osl + osl // 2 if osl >= 4 else osl
+
+
 def spread_output_lengths(osl: int, n: int) -> list[int]:
     """``n`` output lengths spread evenly over ``[osl - osl // 2, osl + osl // 2]`` (mean ``osl``, at least 2
     tokens) in a fixed shuffled order. With one length for every request a closed loop runs in waves:

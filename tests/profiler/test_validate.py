@@ -30,8 +30,10 @@ from profiler.validate import (
     Target,
     ValidateError,
     choose_targets,
+    longest_output,
     predict,
     report,
+    serve_command,
     spread_output_lengths,
 )
 
@@ -68,6 +70,18 @@ def test_output_lengths_spread_around_osl_so_arrivals_do_not_run_in_waves() -> N
     assert min(lengths) == 32 and max(lengths) == 96 and len(set(lengths)) == 16
     assert lengths != sorted(lengths) and lengths == spread_output_lengths(64, 16)  # shuffled, fixed
     assert spread_output_lengths(64, 1) == [64] and spread_output_lengths(3, 4) == [3] * 4
+    assert all(
+        max(spread_output_lengths(osl, n)) <= longest_output(osl) for osl in (3, 4, 9, 64) for n in (1, 7)
+    )
+
+
+def test_served_context_holds_the_longest_spread_output_and_the_record_pass() -> None:
+    t = Target(tp=1, method="ngram", k=4, concurrency=2, isl=300, osl=128)
+    cmd = serve_command(_profile(), [t], model="tiny", port=1, controlled=None, draft_model=None,
+                        draft_layers=None)  # fmt: skip
+    max_len = int(cmd[cmd.index("--max-model-len") + 1])
+    assert max_len >= t.isl + max(spread_output_lengths(t.osl, 8)) + t.k + 1  # 300 + 192 + 5
+    assert "--no-enable-prefix-caching" in cmd
 
 
 def test_targets_are_off_grid_and_inside_the_measured_range() -> None:
