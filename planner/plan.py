@@ -660,7 +660,7 @@ class Planner:
                 )
         stall = prefill_stall_ms(c, ttft, inp.osl) * inp.itl_correction
         itl = step / tps + stall
-        thr = c * tps / ((step + stall * tps) / 1000.0) / tp
+        thr = c / (itl / 1000.0) / tp
         return _Eval(surf.key, c, step, itl, thr, tps, acc, kv.max_concurrency, kv, ttft, flags, stall)
 
     def _choice(

@@ -287,20 +287,26 @@ def _serve(cmd: list[str], port: int, log_file, log_path: Path, timeout_s: float
 
 
 # -- one point -----------------------------------------------------------------------------------------
+def _spread_bounds(osl: int) -> tuple[int, int]:
+    """Shortest and longest of ``spread_output_lengths``: ``osl -/+ osl // 2`` (one length below 4)."""
+    return (osl - osl // 2, osl + osl // 2) if osl >= 4 else (osl, osl)
+
+
 def longest_output(osl: int) -> int:
     """The longest of ``spread_output_lengths(osl, n)`` for any ``n``: what a server's context must hold."""
-    return osl + osl // 2 if osl >= 4 else osl
+    return _spread_bounds(osl)[1]
 
 
 def spread_output_lengths(osl: int, n: int) -> list[int]:
-    """``n`` output lengths spread evenly over ``[osl - osl // 2, osl + osl // 2]`` (mean ``osl``, at least 2
-    tokens) in a fixed shuffled order. With one length for every request a closed loop runs in waves:
-    its requests start and end together and their prefills run as one batch. The planner's prefill
-    stall (``c x TTFT / osl``) describes arrivals spread over the decode, as real traffic's mixed output
+    """``n`` output lengths spread evenly over ``_spread_bounds(osl)`` (mean ``osl``, at least 2 tokens) in
+    a fixed shuffled order. With one length for every request a closed loop runs in waves: its requests
+    start and end together and their prefills run as one batch. The planner's prefill stall
+    (``c x TTFT / osl``) describes arrivals spread over the decode, as real traffic's mixed output
     lengths give; spread lengths give the closed loop that too."""
-    if n <= 1 or osl < 4:
+    lo, hi = _spread_bounds(osl)
+    if n <= 1 or lo == hi:
         return [osl] * max(n, 1)
-    lengths = np.rint(np.linspace(osl - osl // 2, osl + osl // 2, n)).astype(int)
+    lengths = np.rint(np.linspace(lo, hi, n)).astype(int)
     np.random.default_rng(0).shuffle(lengths)
     return [int(x) for x in lengths]
 

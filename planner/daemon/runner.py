@@ -236,8 +236,8 @@ class CorrectionDaemon:
         ctx, isl, osl = sla.decode_context, float(sla.isl), float(sla.osl)
         if w.prompt_tokens and first > 0:
             out_len = (gen / w.request_success) if (gen and w.request_success) else 0.0
-            ctx = w.prompt_tokens / first + out_len / 2
-            isl, osl = w.prompt_tokens / first, out_len or osl
+            isl = w.prompt_tokens / first
+            ctx, osl = isl + out_len / 2, out_len or osl
         obs.context = ctx
         if decode_tokens < self.cfg.min_tokens or not w.running or w.running < 1:
             return
