@@ -30,6 +30,7 @@ import numpy as np
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.spec.flags import add_spec_arguments, spec_config
+from engine.warmup import graph_counters, warm_up
 
 
 def closed_loop(engine: LLMEngine, prompts: list[list[int]], concurrency: int, osl: int, clock=None):
@@ -50,7 +51,7 @@ def closed_loop(engine: LLMEngine, prompts: list[list[int]], concurrency: int, o
             times[rid] = []
         prefilling = sum(1 for r in in_flight if not times[r])
         decoding = len(in_flight) - prefilling
-        eager0 = _eager_executes()
+        eager0 = _eager_executes(engine)
         t0 = time.perf_counter()
         outs = engine.step()
         ms = (time.perf_counter() - t0) * 1e3
@@ -64,66 +65,27 @@ def closed_loop(engine: LLMEngine, prompts: list[list[int]], concurrency: int, o
             tokens += len(o.new_token_ids)
             if o.finished:
                 in_flight.discard(o.request_id)
-        steps.append((ms, prefilling, decoding, tokens, _eager_executes() - eager0, phases))
+        steps.append((ms, prefilling, decoding, tokens, _eager_executes(engine) - eager0, phases))
     return steps, times
 
 
-COUNTER: GraphCounter | None = None  # set by main; closed_loop records eager executes per step
+def _eager_executes(engine: LLMEngine) -> int:
+    """Eager forwards so far, target and drafter (``GraphCounters``)."""
+    return sum(c.eager_executes for c in graph_counters(engine).values())
 
 
-def _eager_executes() -> int:
-    return COUNTER.executes - COUNTER.replays if COUNTER is not None else 0
+def _counters_summary(engine: LLMEngine) -> str:
+    """Graph captures (their seconds) / replays / eager forwards since the last reset, every runner."""
+    cs = list(graph_counters(engine).values())
+    captures, seconds = sum(c.captures for c in cs), sum(c.capture_s for c in cs)
+    replays, eager = sum(c.replays for c in cs), sum(c.eager_executes for c in cs)
+    return f"{captures} ({seconds:.1f} s) / {replays} / {eager}"
 
 
-class GraphCounter:
-    """Counts CUDA-graph captures (and their seconds), graph replays and eager runner executes (those
-    without a replay) of every runner, target and drafter: a capture or an eager forward inside a
-    measured window is a cost the profiled steady-state step does not have."""
-
-    def __init__(self) -> None:
-        self.reset()
-        self._patch()
-
-    def reset(self) -> None:
-        self.captures = self.replays = self.executes = 0
-        self.capture_s = 0.0
-        self.eager_shapes: dict[tuple[str, int, int, int], int] = {}  # (model, seqs, tokens, max q) -> n
-
-    def _patch(self) -> None:
-        from engine.cuda_graphs import DecodeGraphs
-        from engine.runner import ModelRunner
-
-        counter = self
-        capture, replay = DecodeGraphs.capture, DecodeGraphs._replay
-        execute = ModelRunner.execute
-
-        def counted_capture(self, batch: int, *, logits: bool = False) -> None:
-            new = (batch, logits) not in self._graphs
-            t0 = time.perf_counter()
-            capture(self, batch, logits=logits)
-            if new:
-                counter.captures += 1
-                counter.capture_s += time.perf_counter() - t0
-
-        def counted_replay(self, *a, **kw):  # noqa: ANN202
-            out = replay(self, *a, **kw)
-            counter.replays += out is not None
-            return out
-
-        def counted_execute(self, input_ids, positions, meta, *a, **kw):  # noqa: ANN001, ANN202
-            counter.executes += 1
-            replays = counter.replays
-            out = execute(self, input_ids, positions, meta, *a, **kw)
-            if counter.replays == replays:  # eager: which model, and the shape no graph took
-                shape = (self.config.name, meta.num_seqs, meta.num_tokens, meta.max_query_len)
-                counter.eager_shapes[shape] = counter.eager_shapes.get(shape, 0) + 1
-            return out
-
-        DecodeGraphs.capture, DecodeGraphs._replay = counted_capture, counted_replay
-        ModelRunner.execute = counted_execute
-
-    def summary(self) -> str:
-        return f"{self.captures} ({self.capture_s:.1f} s) / {self.replays} / {self.executes - self.replays}"
+def _top_eager_shapes(engine: LLMEngine, n: int = 6) -> str:
+    counters = graph_counters(engine).items()
+    shapes = [((name, *shape), m) for name, c in counters for shape, m in c.eager.items()]
+    return ", ".join(f"{k} x{m}" for k, m in sorted(shapes, key=lambda kv: -kv[1])[:n])
 
 
 def main() -> None:
@@ -136,6 +98,10 @@ def main() -> None:
     ap.add_argument("--osl", type=int, default=64)
     ap.add_argument("--requests-per-seq", type=int, default=2, help="requests per in-flight slot")
     ap.add_argument("--passes", type=int, default=1, help="measured passes after the warm-up pass")
+    ap.add_argument(
+        "--warm-up", action=argparse.BooleanOptionalAction, default=None,
+        help="engine serve's start-up warm-up before the first pass (default: on a GPU, as engine serve)",
+    )  # fmt: skip
     add_spec_arguments(ap)
     args = ap.parse_args()
     spec = spec_config(args, "itl_gap_bench")
@@ -148,6 +114,8 @@ def main() -> None:
         max_model_len=args.isl + args.osl + 64,
         spec=spec,
     )
+    if args.warm_up or (args.warm_up is None and engine.runner.device.type == "cuda"):
+        print(f"# {warm_up(engine).describe()}")
     rng = np.random.default_rng(0)
     vocab = engine.runner.config.vocab_size
     label = f"{args.spec} k={args.k or 0}"
@@ -159,20 +127,19 @@ def main() -> None:
         "| graph captures (s) / replays / eager executes | top phases of a decode step (ms) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
-    global COUNTER
-    counter = COUNTER = GraphCounter()
     eager_notes: list[str] = []
     for c in concs:
         n = c * args.requests_per_seq
         prompts = [rng.integers(3, vocab, args.isl).tolist() for _ in range(n)]
         closed_loop(engine, prompts, c, args.osl)  # record pass (controlled drafter) and warm-up
         for measured in range(1, args.passes + 1):
-            counter.reset()
+            for counters in graph_counters(engine).values():
+                counters.reset()
             row = measure_pass(engine, prompts, c, args.osl)
             end = " |\n" if measured < args.passes else ""
-            print(f"| {label} | {c} | {measured} | {row} | {counter.summary()} |", end=end, flush=True)
-            top = sorted(counter.eager_shapes.items(), key=lambda kv: -kv[1])[:6]
-            eager_notes.append(f"c={c} pass {measured}: " + ", ".join(f"{k} x{n}" for k, n in top))
+            cells = f"| {label} | {c} | {measured} | {row} | {_counters_summary(engine)} |"
+            print(cells, end=end, flush=True)
+            eager_notes.append(f"c={c} pass {measured}: {_top_eager_shapes(engine)}")
         print(" " + phase_breakdown(engine, prompts, c, args.osl) + " |", flush=True)
     print("\neager executes by (model, sequences, tokens, max query length), most frequent first:")
     print("\n".join(eager_notes))

@@ -35,7 +35,9 @@ hidden (and logits) tensors are copies, so a caller may keep them across steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -65,6 +67,26 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 @dataclass
+class GraphCounters:
+    """What a runner's forwards did: graph captures (and their seconds), replays, and eager forwards by
+    shape. A capture or an eager forward inside a served window is a cost the profiled steady-state
+    step does not have; the start-up warm-up and ``benchmarks/itl_gap_bench.py`` read these."""
+
+    captures: int = 0
+    capture_s: float = 0.0
+    replays: int = 0
+    eager: Counter[tuple[int, int, int]] = field(default_factory=Counter)  # (seqs, tokens, max q) -> n
+
+    @property
+    def eager_executes(self) -> int:
+        return sum(self.eager.values())
+
+    def reset(self) -> None:
+        self.captures, self.capture_s, self.replays = 0, 0.0, 0
+        self.eager.clear()
+
+
+@dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     input_ids: torch.Tensor
@@ -83,6 +105,7 @@ class DecodeGraphs:
         queries_per_seq: int = 1,
         tree: bool = False,
         max_graphs: int = 64,
+        counters: GraphCounters | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -99,6 +122,7 @@ class DecodeGraphs:
         self.buckets = bucket_sizes(max_batch) if self.pad_slot is not None else None
         self._graphs: dict[tuple[int, bool], _Graph] = {}  # (graph batch, with logits)
         self._pool = torch.cuda.graph_pool_handle()
+        self.counters = counters if counters is not None else GraphCounters()
 
     # -- shape logic --------------------------------------------------------------------------------
     def _graph_batch(self, batch: int) -> int:
@@ -153,6 +177,7 @@ class DecodeGraphs:
         (idempotent)."""
         if (batch, logits) in self._graphs:
             return
+        t0 = time.perf_counter()
         if self.pad_slot is None:
             # Without a spare slot the capture-time writes would land in a real block: point them at
             # slot 0 but first save and afterwards restore the block's contents.
@@ -171,6 +196,8 @@ class DecodeGraphs:
         if self.pad_slot is None:
             self._restore_block0(saved)
         self._graphs[(batch, logits)] = _Graph(graph, ids, positions, meta, hidden, head)
+        self.counters.captures += 1
+        self.counters.capture_s += time.perf_counter() - t0
 
     def _forward(
         self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logits: bool
@@ -228,6 +255,7 @@ class DecodeGraphs:
             assert meta.tree_mask is not None
             g.meta.tree_mask[:batch].copy_(meta.tree_mask, non_blocking=True)
         g.graph.replay()
+        self.counters.replays += 1
         head = g.logits[:tokens].clone() if g.logits is not None else None
         return g.hidden[:tokens].clone(), head
 

@@ -8,7 +8,6 @@ float32 logits for the rows asked. It knows nothing about requests, sampling or 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -19,6 +18,7 @@ import torch.distributed as dist
 
 from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
+from engine.cuda_graphs import DecodeGraphs, GraphCounters
 from engine.errors import CapacityError, ConfigError
 from engine.memory import check_weights_fit
 from engine.model.allreduce import enable_symm_mem, release_symm_mem
@@ -150,6 +150,7 @@ class ModelRunner:
         ]
         self._staging: torch.Tensor | None = None  # pinned host buffer for step inputs (CUDA)
         self._staged: torch.cuda.Event | None = None
+        self.graph_counters = GraphCounters()  # shared by every DecodeGraphs of this runner
         self.decode_graphs = (
             self._make_decode_graphs() if cuda_graphs and self.device.type == "cuda" else None
         )
@@ -187,12 +188,8 @@ class ModelRunner:
             )
         return int(blocks)
 
-    def _make_decode_graphs(self):  # noqa: ANN202 - DecodeGraphs lives in the GPU helper's module
-        if importlib.util.find_spec("engine.cuda_graphs") is None:
-            return None
-        from engine.cuda_graphs import DecodeGraphs
-
-        return DecodeGraphs(self, max_batch=self.max_num_seqs)
+    def _make_decode_graphs(self) -> DecodeGraphs:
+        return DecodeGraphs(self, max_batch=self.max_num_seqs, counters=self.graph_counters)
 
     # -- inputs -----------------------------------------------------------------------------------
     def _upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
@@ -315,6 +312,7 @@ class ModelRunner:
             if graphs is not None:
                 hidden = graphs.run(input_ids, positions, meta)  # None: no graph for this shape
         if hidden is None:
+            self.graph_counters.eager[(meta.num_seqs, meta.num_tokens, meta.max_query_len)] += 1
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         rows = hidden if logits_indices is None else hidden.index_select(0, logits_indices)
         return hidden, self.model.compute_logits(rows)
@@ -330,7 +328,7 @@ class ModelRunner:
         """Whether a step where every sequence carries ``queries_per_seq`` queries replays a graph."""
         return (queries_per_seq, tree) in self._verify_widths
 
-    def _graphs_for(self, meta: AttentionMetadata):  # noqa: ANN202 - DecodeGraphs | None
+    def _graphs_for(self, meta: AttentionMetadata) -> DecodeGraphs | None:
         if meta.is_pure_decode:
             return self.decode_graphs
         key = (meta.max_query_len, meta.tree_mask is not None)
@@ -338,9 +336,10 @@ class ModelRunner:
             return None
         graphs = self._verify_graphs.get(key)
         if graphs is None:
-            from engine.cuda_graphs import DecodeGraphs
-
-            graphs = DecodeGraphs(self, max_batch=self.max_num_seqs, queries_per_seq=key[0], tree=key[1])
+            graphs = DecodeGraphs(
+                self, max_batch=self.max_num_seqs, queries_per_seq=key[0], tree=key[1],
+                counters=self.graph_counters,
+            )  # fmt: skip
             self._verify_graphs[key] = graphs
         return graphs
 

@@ -21,7 +21,6 @@ running median of the repeat medians moves by less than ``rel_tol`` (at least ``
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +33,7 @@ from engine.errors import CapacityError, ConfigError
 from engine.llm_engine import LLMEngine
 from engine.phases import PhaseClock
 from engine.sampling import SamplingParams
-from engine.spec.base import SpecSequence
+from engine.synthetic import PaddedDrafts, add_random_running
 
 MAX_SPREAD = 0.25  # (p90 - p10) / median of the repeat medians above this: the point is noisy
 
@@ -72,25 +71,6 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_description(torch.get_num_threads())
-
-
-class _PaddedDrafts:
-    """The engine's proposer, its drafts padded to each sequence's budget (profiling only: random
-    token contexts give prompt lookup no matches, and the cost to measure is verifying k drafts)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def propose(self, seqs: Sequence[SpecSequence], k: int | Sequence[int]) -> list[list[int]]:
-        ks = [k] * len(seqs) if isinstance(k, int) else list(k)
-        drafts = self.inner.propose(seqs, k)
-        return [
-            d + [(d[-1] if d else int(s.token_ids[-1]))] * (kk - len(d)) if kk > 0 else d
-            for d, s, kk in zip(drafts, seqs, ks, strict=True)
-        ]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 class StepProfiler:
@@ -147,7 +127,7 @@ class StepProfiler:
         if spec is not None and spec.method == "ngram":
             # only prompt lookup comes up short on random tokens; a draft model drafts k (and its KV
             # bookkeeping must not see padding), a Medusa tree is full once its heads have state
-            self.engine.proposer = _PaddedDrafts(self.engine.proposer)
+            self.engine.proposer = PaddedDrafts(self.engine.proposer)
         self.source = self.engine.source
         self.runner = self.engine.runner
         self.config = self.runner.config
@@ -214,22 +194,11 @@ class StepProfiler:
         return start
 
     def _add_sequences(self, c: int, length: int, num_drafting: int) -> list[str]:
-        gen = torch.Generator().manual_seed(self.seed)
-        vocab = self.config.vocab_size
-        ids = []
         self._num_points += 1
-        for i in range(c):
-            rid = f"p{self._num_points}-{i}"
-            params = SamplingParams(
-                max_tokens=self.engine.max_model_len, ignore_eos=True, speculate=i < num_drafting
-            )
-            toks = torch.randint(0, vocab, (length,), generator=gen).tolist()
-            self.engine.add_running_decode(rid, toks, params)
-            ids.append(rid)
-        if self.engine.spec is not None and self.engine.spec.is_tree:
-            # Medusa head state from random hidden states, so every drafting step verifies a full tree
-            hidden = torch.randn(c, self.config.hidden_size, generator=gen).to(self.runner.device)
-            self.engine.proposer.observe(ids, hidden)
+        ids = [f"p{self._num_points}-{i}" for i in range(c)]
+        add_random_running(
+            self.engine, ids, length, torch.Generator().manual_seed(self.seed), num_drafting=num_drafting
+        )
         return ids
 
     # -- measurements ------------------------------------------------------------------------------

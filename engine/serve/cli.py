@@ -68,6 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
     add_spec_arguments(parser)
     parser.add_argument(
+        "--warm-up",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="before listening, step every CUDA-graph batch size and verify width once, so no request "
+        "pays a graph capture or a kernel compile (default: on a GPU)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="server log level"
     )
 
@@ -108,6 +115,11 @@ def main(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", exc)
         return 2
     log.info("loaded %s in %.1f s", args.model, time.perf_counter() - t0)
+    if args.warm_up or (args.warm_up is None and engine.runner.device.type == "cuda"):
+        from engine.warmup import warm_up
+
+        log.info("warming up: every CUDA-graph batch size up to --max-num-seqs %d ...", args.max_num_seqs)
+        log.info(warm_up(engine).describe())
     names = tuple(args.served_model_name or (args.model,))
     app = app_for_engine(engine, names[0], aliases=names[1:], num_spec_tokens=spec.k if spec else 0)
     sock = bind_socket(args.host, args.port)

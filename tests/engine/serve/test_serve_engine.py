@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -343,7 +344,8 @@ def test_cli_serves_curl_style_completion() -> None:
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     flags = f"--model tiny --host 127.0.0.1 --port {port} --max-num-seqs 4 --num-gpu-blocks 64"
-    cmd = [sys.executable, "-m", "engine.serve.cli", *flags.split(), "--log-level", "warning"]
+    flags += " --spec ngram --k 2 --warm-up"  # the start-up warm-up a GPU server runs by default
+    cmd = [sys.executable, "-m", "engine.serve.cli", *flags.split(), "--log-level", "info"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -361,7 +363,9 @@ def test_cli_serves_curl_style_completion() -> None:
             json={"model": "tiny", "prompt": "San Francisco is a", "max_tokens": 7, "ignore_eos": True},
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 7
-        assert "vllm:generation_tokens_total" in httpx.get(base + "/metrics").text
+        metrics = httpx.get(base + "/metrics").text
+        # the counters start after the warm-up: 7 tokens generated, none by the warm-up's steps
+        assert re.search(r"^vllm:generation_tokens_total\{[^}]*\} 7\.0$", metrics, re.M), metrics
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -369,3 +373,5 @@ def test_cli_serves_curl_style_completion() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    log = proc.stdout.read().decode() if proc.stdout else ""
+    assert "warm-up: batch sizes 4, 2, 1;" in log, log
