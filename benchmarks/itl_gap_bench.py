@@ -113,6 +113,7 @@ def main() -> None:
         max_num_seqs=max(concs),
         max_model_len=args.isl + args.osl + 64,
         spec=spec,
+        enable_prefix_caching=False,  # as profiler validate's server: every pass prefills its prompts
     )
     if args.warm_up or (args.warm_up is None and engine.runner.device.type == "cuda"):
         print(f"# {warm_up(engine).describe()}")

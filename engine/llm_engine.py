@@ -115,7 +115,7 @@ class LLMEngine:
         if pad_drafts not in (None, True, False):
             raise ConfigError(f"pad_drafts must be None, True or False, got {pad_drafts!r}")
         self.pad_drafts = pad_drafts
-        self._padded: set[str] = set()  # request ids verifying a padded draft this step
+        self._padded: dict[str, int] = {}  # request id -> proposed tokens before its pads, this step
         if spec is not None:
             self._init_spec(spec)
 
@@ -314,7 +314,7 @@ class LLMEngine:
         if clock is not None:
             clock.start()
         drafts: dict[str, list[int]] = {}
-        self._padded = set()
+        self._padded = {}
         if self.proposer is not None:
             drafts = self._propose()
             self._padded = self._pad_drafts(drafts)
@@ -417,9 +417,12 @@ class LLMEngine:
         for s, a in zip(scheduled, accepted, strict=True):
             if not self._is_decode(s):
                 continue
-            if s.request.request_id in self._padded:  # no proposal: the drafter kept nothing of its own
-                self.proposer.commit(s.request.request_id, 0)
-                self._spec_stats.record_padding(len(s.draft), a)
+            real = self._padded.get(s.request.request_id)
+            if real is not None:  # the drafter proposed only the first `real` tokens of the draft
+                kept = min(a, real)
+                self.proposer.commit(s.request.request_id, kept)
+                emitted = min(a, max(kept, self._draft_room(s.request)))  # pads past max_tokens are cut
+                self._spec_stats.record_padded(real, kept, len(s.draft) - real, emitted - kept)
             else:
                 self.proposer.commit(s.request.request_id, a)
                 self._spec_stats.record(len(s.draft), a)
@@ -468,46 +471,48 @@ class LLMEngine:
         """Draft tokens this request can verify this step: it must still have room for the bonus token."""
         return min(req.params.max_tokens - len(req.output_token_ids), self.max_model_len - req.num_tokens) - 1
 
-    def _pad_drafts(self, drafts: dict[str, list[int]]) -> set[str]:
-        """Give every decoding sequence without a draft a padded draft of the batch's draft width, in
-        place; returns the padded request ids.
+    def _pad_drafts(self, drafts: dict[str, list[int]]) -> dict[str, int]:
+        """Pad every decoding sequence's draft to the batch's widest, in place; returns the padded
+        request ids with the number of proposed tokens before their pads (0: no draft at all).
 
-        Why: a batch mixing widths 1 + k and 1 (draft coverage < 1: prompt lookup finds nothing, a
-        request has speculate=False) runs its forward eagerly, several times slower on a GPU than the
-        CUDA graph a uniform 1 + k batch replays. The pad repeats the sequence's last token; it is no
-        proposal: ``verify_padding`` keeps a pad token only when it equals the target's own draw, so
-        the output is what the sequence would emit without the pad (greedy or sampled,
-        speculate=False included), and SpecStats counts pads apart from drafts. Only when every
-        sequence of the step decodes (a prefill chunk would break the graph anyway), all real drafts
-        share one width with a verify graph (unless ``pad_drafts`` forces it; never for a Medusa
-        tree), and every sequence has room for the pad within the step's token budget and the free KV
-        blocks (a pad never preempts a sequence); otherwise nothing is padded."""
+        Why: a batch mixing widths (1 + k, 1 + a shorter draft, 1 without one: draft coverage < 1, a
+        lookup that found fewer tokens, a request near its max_tokens, speculate=False) runs its forward
+        eagerly, several times slower on a GPU than the CUDA graph a uniform batch replays. A pad
+        repeats the draft's last token (or the sequence's); it is no proposal: ``verify_padding`` keeps
+        a pad only when it equals the target's own draw at that row, after every proposed token was
+        accepted, so the output is what the sequence would emit without the pad (greedy or sampled,
+        speculate=False included; tokens past max_tokens are cut as always), and SpecStats counts pads
+        apart from drafts. Only when every sequence of the step decodes (a prefill chunk would break the
+        graph anyway), the widest draft has a verify graph (unless ``pad_drafts`` forces it; never for a
+        Medusa tree), and every sequence has room for the pads within max_model_len, the step's token
+        budget and the free KV blocks (a pad never preempts a sequence); otherwise nothing is padded."""
         if not drafts or self.pad_drafts is False or self.spec is None or self.spec.is_tree:
-            return set()
-        widths = {len(d) for d in drafts.values()}
-        if len(widths) != 1:
-            return set()
-        width = widths.pop()
+            return {}
+        width = max(len(d) for d in drafts.values())
         if self.pad_drafts is None and not self.runner.has_verify_graphs(1 + width):
-            return set()
+            return {}
         sched = self.scheduler
         decoding = sched.decode_candidates()
         if len(decoding) != len(sched.running):
-            return set()
-        cands = [r for r in decoding if r.request_id not in drafts]
+            return {}
         if sched.waiting and len(sched.running) < sched.max_num_seqs:  # a prefill may join this step
-            return set()
-        if any(self._draft_room(r) < width for r in cands):
-            return set()
+            return {}
+        short = [r for r in decoding if len(drafts.get(r.request_id, ())) < width]
+        if any(self.max_model_len - r.num_tokens - 1 < width for r in short):  # positions for the pads
+            return {}
         if len(decoding) * (1 + width) > sched.max_num_batched_tokens:  # pads must not crowd a sequence out
-            return set()
+            return {}
         # nor cause a preemption: at most this many new blocks per sequence (a conservative bound)
         per_seq = -(-(1 + width) // self.runner.block_size) + 1
         if self.kv_manager.num_free_blocks < len(decoding) * per_seq:
-            return set()
-        for r in cands:
-            drafts[r.request_id] = [r.output_token_ids[-1]] * width
-        return {r.request_id for r in cands}
+            return {}
+        padded: dict[str, int] = {}
+        for r in short:
+            real = drafts.get(r.request_id, [])
+            fill = real[-1] if real else r.output_token_ids[-1]
+            drafts[r.request_id] = real + [fill] * (width - len(real))
+            padded[r.request_id] = len(real)
+        return padded
 
     def _sample_or_verify(
         self, kinds: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor | None
@@ -531,55 +536,73 @@ class LLMEngine:
             for q, t in zip(reqs, toks, strict=True):
                 out[q.request_id] = [t]
         verify = [(s, r, n) for s, r, n in kinds if self.proposer is not None and self._is_decode(s)]
-        padded = [v for v in verify if v[0].request.request_id in self._padded]
-        if padded:
-            self._verify_padding(padded, logits, out)
-            verify = [v for v in verify if v[0].request.request_id not in self._padded]
+        pads_only = [
+            (s.request, r, s.draft) for s, r, _ in verify if self._padded.get(s.request.request_id) == 0
+        ]
+        if pads_only:
+            self._verify_padding(pads_only, logits, out)
+            verify = [v for v in verify if self._padded.get(v[0].request.request_id) != 0]
         if verify and self.spec is not None and self.spec.is_tree:
             self._medusa_verify(verify, logits, out)
         elif verify:
-            from engine.spec import verify_chain
-
-            reqs = [s.request for s, _, _ in verify]
-            rows = torch.cat([torch.arange(r, r + n) for _, r, n in verify]).to(logits.device)
-            need_q = (
-                any(not q.params.greedy for q in reqs)
-                and self.spec is not None
-                and self.spec.method == "draft"
-            )
-            draft_probs = None
-            if need_q:
-                seqs = [self._last_spec_seqs[q.request_id] for q in reqs]
-                draft_probs = self.proposer.draft_probs(seqs)
-            res = verify_chain(
-                logits.index_select(0, rows),
-                [s.draft for s, _, _ in verify],
-                temperatures=[q.params.temperature for q in reqs],
-                top_ps=[q.params.top_p for q in reqs],
-                generators=[q.generator for q in reqs],
-                draft_probs=draft_probs,
-            )
-            for q, toks in zip(reqs, res.tokens, strict=True):
-                out[q.request_id] = list(toks)
+            self._verify_chain(verify, logits, out)
         return out
 
-    def _verify_padding(
-        self, padded: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor, out: dict[str, list[int]]
+    def _verify_chain(
+        self, verify: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor, out: dict[str, list[int]]
     ) -> None:
-        """Tokens of the sequences that verify a padded draft (see ``_pad_drafts``)."""
+        """Tokens of the sequences that verify a proposed draft; where pads follow it (``_pad_drafts``)
+        and every proposed token was accepted, the pads are verified next, from the bonus row on."""
+        from engine.spec import verify_chain
+
+        reqs = [s.request for s, _, _ in verify]
+        real = [
+            self._padded.get(q.request_id, len(s.draft)) for q, (s, _, _) in zip(reqs, verify, strict=True)
+        ]
+        rows = torch.cat([torch.arange(r, r + m + 1) for (_, r, _), m in zip(verify, real, strict=True)])
+        draft_probs = None
+        if any(not q.params.greedy for q in reqs) and self.spec is not None and self.spec.method == "draft":
+            draft_probs = self.proposer.draft_probs([self._last_spec_seqs[q.request_id] for q in reqs])
+        res = verify_chain(
+            logits.index_select(0, rows.to(logits.device)),
+            [s.draft[:m] for (s, _, _), m in zip(verify, real, strict=True)],
+            temperatures=[q.params.temperature for q in reqs],
+            top_ps=[q.params.top_p for q in reqs],
+            generators=[q.generator for q in reqs],
+            draft_probs=draft_probs,
+        )
+        tails = []
+        for (s, r, _), q, m, toks in zip(verify, reqs, real, res.tokens, strict=True):
+            out[q.request_id] = list(toks)
+            if m < len(s.draft) and len(toks) == m + 1:  # every proposed token kept: the pads' turn
+                out[q.request_id] = list(toks[:m])
+                tails.append((q, r + m, s.draft[m:]))
+        if tails:
+            self._verify_padding(tails, logits, out, extend=True)
+
+    def _verify_padding(
+        self,
+        padded: list[tuple[Request, int, list[int]]],
+        logits: torch.Tensor,
+        out: dict[str, list[int]],
+        *,
+        extend: bool = False,
+    ) -> None:
+        """Tokens of sequences verifying pads (see ``_pad_drafts``): each item is (request, first logits
+        row, pads); ``extend`` appends them to the tokens the proposed part of the draft kept."""
         from engine.spec import verify_padding
 
-        reqs = [s.request for s, _, _ in padded]
-        rows = torch.cat([torch.arange(r, r + n) for _, r, n in padded]).to(logits.device)
+        reqs = [q for q, _, _ in padded]
+        rows = torch.cat([torch.arange(r, r + len(p) + 1) for _, r, p in padded]).to(logits.device)
         res = verify_padding(
             logits.index_select(0, rows),
-            [s.draft for s, _, _ in padded],
+            [p for _, _, p in padded],
             temperatures=[q.params.temperature for q in reqs],
             top_ps=[q.params.top_p for q in reqs],
             generators=[q.generator for q in reqs],
         )
         for q, toks in zip(reqs, res.tokens, strict=True):
-            out[q.request_id] = list(toks)
+            out[q.request_id] = (out[q.request_id] if extend else []) + list(toks)
 
     def _medusa_verify(
         self, verify: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor, out: dict[str, list[int]]

@@ -64,17 +64,23 @@ class SpecStats:
         for i in range(num_accepted):
             self.accepted_per_pos[i] += 1
 
-    def record_padding(self, num_pad_tokens: int, num_accepted: int) -> None:
-        """One sequence's decode step verified a padded draft of ``num_pad_tokens`` tokens (not a
-        proposal) and kept ``num_accepted`` of them; counts a decode step without a draft."""
-        if not 0 <= num_accepted <= num_pad_tokens:
+    def record_padded(
+        self, num_draft_tokens: int, num_accepted: int, num_pad_tokens: int, num_pad_accepted: int
+    ) -> None:
+        """One sequence's decode step verified ``num_draft_tokens`` proposed tokens (0: none) followed by
+        ``num_pad_tokens`` pads (no proposal, see ``LLMEngine._pad_drafts``); ``num_accepted`` of the
+        proposed and then ``num_pad_accepted`` of the pads were kept. Pads count apart from drafts."""
+        if not 0 <= num_pad_accepted <= num_pad_tokens or (
+            num_pad_accepted and num_accepted < num_draft_tokens
+        ):
             raise ValueError(
-                f"SpecStats.record_padding: need 0 <= num_accepted ({num_accepted}) <= num_pad_tokens "
-                f"({num_pad_tokens})"
+                f"SpecStats.record_padded: need 0 <= num_pad_accepted ({num_pad_accepted}) <= num_pad_tokens "
+                f"({num_pad_tokens}), and pads kept only after every draft token ({num_accepted} of "
+                f"{num_draft_tokens})"
             )
-        self.record(0, 0)
+        self.record(num_draft_tokens, num_accepted)
         self.num_pad_tokens += num_pad_tokens
-        self.num_pad_accepted_tokens += num_accepted
+        self.num_pad_accepted_tokens += num_pad_accepted
 
     def merge(self, other: SpecStats) -> None:
         self.num_decode_steps += other.num_decode_steps

@@ -1,5 +1,5 @@
-"""Padded drafts (LLMEngine._pad_drafts): sequences without a draft verify a repeat of their last token
-so the batch keeps one verify width. Forced on CPU (``pad_drafts=True``): output stays the target's
+"""Padded drafts (LLMEngine._pad_drafts): a sequence without a draft, or with a shorter one, verifies a
+repeat of its last token after its draft so the batch keeps one verify width. Forced on CPU (``pad_drafts=True``): output stays the target's
 (greedy, seeded sampling, speculate=False), and the spec-decode counters count the proposer's drafts
 only, exactly as without padding."""
 
@@ -74,6 +74,26 @@ def test_padding_is_lossless(v16, make) -> None:
     assert _run(padded) == plain
     st = padded.spec_stats
     assert st.num_pad_tokens > 0 and st.num_pad_accepted_tokens > 0  # pads were verified, some kept
+
+
+def _mixed_width_decode_steps(engine: LLMEngine) -> int:
+    """Forwards of the target whose sequences carried drafts of different widths and no prefill chunk
+    (on the CPU every forward is eager, so the runner's counters see each step's shape)."""
+    widest = 1 + engine.spec.k
+    shapes = engine.runner.graph_counters.eager.items()
+    return sum(n for (seqs, tokens, q), n in shapes if q <= widest and tokens != seqs * q)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: SpecConfig(method="ngram", k=3), lambda: SpecConfig(method="draft", k=2, draft_layers=1)]
+)
+def test_padding_leaves_no_mixed_width_decode_step(v16, make) -> None:
+    """Shorter drafts (a lookup that found fewer tokens, a request near max_tokens) are padded at their
+    tail, so a decode batch verifies one width, the shape a CUDA graph replays."""
+    off, on = _engine(make(), pad=False), _engine(make(), pad=True)
+    assert _run(off) == _run(on)
+    assert _mixed_width_decode_steps(off) > 0
+    assert _mixed_width_decode_steps(on) == 0
 
 
 def test_counters_count_the_proposers_drafts_only(v16) -> None:
