@@ -310,55 +310,63 @@ class LLMEngine:
         run it): propose drafts, schedule, prepare the flattened batch, forward, sample or verify,
         commit to kvbm, update the proposer, emit outputs. ``self.clock`` (a PhaseClock, set by the
         profiler) gets a mark after each phase."""
-        clock = self.clock
-        if clock is not None:
-            clock.start()
-        drafts: dict[str, list[int]] = {}
-        self._padded = {}
+        if self.clock is not None:
+            self.clock.start()
+        drafts = self._draft()
+        scheduled, finished = self._schedule(drafts)
+        if not scheduled:
+            return finished
+        batch = self._prepare(scheduled)
+        self._mark("prepare")
+        t0 = time.perf_counter()
+        hidden, logits = self._forward(batch)
+        self._mark("forward")
+        new_tokens = self._sample_or_verify(batch.kinds, logits)
+        if self._spec_stats is not None:
+            self._spec_stats.verify_time_s += time.perf_counter() - t0
+        self._mark("sample_verify")
+        accepted = self._commit(scheduled, new_tokens)
+        self._mark("commit")
         if self.proposer is not None:
-            drafts = self._propose()
-            self._padded = self._pad_drafts(drafts)
-            if clock is not None:
-                clock.mark("propose")
+            self._update_proposer(scheduled, accepted, batch, new_tokens, hidden)
+            self._mark("proposer_update")
+        outputs = self._emit(scheduled, new_tokens)
+        self._mark("output")
+        return finished + outputs
+
+    def _mark(self, phase: str) -> None:
+        if self.clock is not None:
+            self.clock.mark(phase)
+
+    def _draft(self) -> dict[str, list[int]]:
+        """This step's drafts per request id, padded to one verify width where that replays a graph."""
+        self._padded = {}
+        if self.proposer is None:
+            return {}
+        drafts = self._propose()
+        self._padded = self._pad_drafts(drafts)
+        self._mark("propose")
+        return drafts
+
+    def _schedule(self, drafts: dict[str, list[int]]) -> tuple[list[ScheduledSeq], list[RequestOutput]]:
+        """The step's batch, and the outputs of requests that can never run (finished as "length");
+        the drafter forgets preempted and dropped requests."""
         scheduled, preempted = self.scheduler.schedule(drafts)
         dropped = self.scheduler.take_dropped()
         if self.proposer is not None:
             for req in preempted + dropped:
                 self.proposer.free(req.request_id)
-        finished: list[RequestOutput] = []  # requests that can never run (finished as "length")
+        finished: list[RequestOutput] = []
         for req in dropped:
             self._requests.pop(req.request_id, None)
             finished.append(req.output([]))
-        if clock is not None:
-            clock.mark("schedule")
-        if not scheduled:
-            return finished
-        batch = self._prepare(scheduled)
-        if clock is not None:
-            clock.mark("prepare")
-        hidden = logits = None
-        t0 = time.perf_counter()
+        self._mark("schedule")
+        return scheduled, finished
+
+    def _forward(self, batch: _Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(hidden, logits of the requested rows); both None when no row completes this step."""
         out = self.runner.execute(batch.input_ids, batch.positions, batch.meta, batch.row_index)
-        if batch.rows:
-            hidden, logits = out
-        if clock is not None:
-            clock.mark("forward")
-        new_tokens = self._sample_or_verify(batch.kinds, logits)
-        if self._spec_stats is not None:
-            self._spec_stats.verify_time_s += time.perf_counter() - t0
-        if clock is not None:
-            clock.mark("sample_verify")
-        accepted = self._commit(scheduled, new_tokens)
-        if clock is not None:
-            clock.mark("commit")
-        if self.proposer is not None:
-            self._update_proposer(scheduled, accepted, batch, new_tokens, hidden)
-            if clock is not None:
-                clock.mark("proposer_update")
-        outputs = self._emit(scheduled, new_tokens)
-        if clock is not None:
-            clock.mark("output")
-        return finished + outputs
+        return out if batch.rows else (None, None)
 
     def _prepare(self, scheduled: list[ScheduledSeq]) -> _Batch:
         """The flattened forward of this step: query tokens, KV layout and the logits rows wanted."""
