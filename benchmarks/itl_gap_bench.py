@@ -22,6 +22,7 @@ difference is what the server process adds.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -69,6 +70,26 @@ def closed_loop(engine: LLMEngine, prompts: list[list[int]], concurrency: int, o
     return steps, times
 
 
+class GcTime:
+    """Milliseconds the garbage collector ran (and its full collections) since ``reset``: a collection
+    inside a step delays every request of that step."""
+
+    def __init__(self) -> None:
+        self.reset()
+        self._t0 = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def reset(self) -> None:
+        self.ms, self.full = 0.0, 0
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._t0) * 1e3
+            self.full += info.get("generation") == 2
+
+
 def _eager_executes(engine: LLMEngine) -> int:
     """Eager forwards so far, target and drafter (``GraphCounters``)."""
     return sum(c.eager_executes for c in graph_counters(engine).values())
@@ -99,6 +120,10 @@ def main() -> None:
     ap.add_argument("--requests-per-seq", type=int, default=2, help="requests per in-flight slot")
     ap.add_argument("--passes", type=int, default=1, help="measured passes after the warm-up pass")
     ap.add_argument(
+        "--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
+        help="freeze the start-up heap before the passes, as engine serve does (default on)",
+    )  # fmt: skip
+    ap.add_argument(
         "--warm-up", action=argparse.BooleanOptionalAction, default=None,
         help="engine serve's start-up warm-up before the first pass (default: on a GPU, as engine serve)",
     )  # fmt: skip
@@ -117,6 +142,10 @@ def main() -> None:
     )
     if args.warm_up or (args.warm_up is None and engine.runner.device.type == "cuda"):
         print(f"# {warm_up(engine).describe()}")
+    if args.gc_freeze:  # as engine serve does after start-up
+        gc.collect()
+        gc.freeze()
+    gc_time = GcTime()
     rng = np.random.default_rng(0)
     vocab = engine.runner.config.vocab_size
     label = f"{args.spec} k={args.k or 0}"
@@ -125,9 +154,10 @@ def main() -> None:
         "| method | c | pass | ITL ms (client) | decode step ms (mean / median) | tok/step "
         "| decode-only ITL ms | prefill steps | mean prefill step ms | stall ms per token "
         "| decode steps eager / graphed (n x mean ms) "
-        "| graph captures (s) / replays / eager executes | top phases of a decode step (ms) |"
+        "| graph captures (s) / replays / eager executes | GC ms (full collections) "
+        "| top phases of a decode step (ms) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|")
     eager_notes: list[str] = []
     for c in concs:
         n = c * args.requests_per_seq
@@ -136,9 +166,11 @@ def main() -> None:
         for measured in range(1, args.passes + 1):
             for counters in graph_counters(engine).values():
                 counters.reset()
+            gc_time.reset()
             row = measure_pass(engine, prompts, c, args.osl)
             end = " |\n" if measured < args.passes else ""
-            cells = f"| {label} | {c} | {measured} | {row} | {_counters_summary(engine)} |"
+            gc_cell = f"{gc_time.ms:.1f} ({gc_time.full})"
+            cells = f"| {label} | {c} | {measured} | {row} | {_counters_summary(engine)} | {gc_cell} |"
             print(cells, end=end, flush=True)
             eager_notes.append(f"c={c} pass {measured}: {_top_eager_shapes(engine)}")
         print(" " + phase_breakdown(engine, prompts, c, args.osl) + " |", flush=True)
