@@ -3,8 +3,9 @@
 ``profiler validate`` compares the planner's ITL (the profiled decode step / tokens per step) with the
 ITL a client measures through ``engine serve``. This script runs the same engine in-process, with no
 HTTP server, in the same closed loop (``--concurrency`` requests in flight, prompts of ``--isl`` random
-tokens, ``--osl`` output tokens, ignore EOS; two waves over the same prompts so the controlled drafter
-has recorded continuations for the second, measured one) and splits the client's ITL into:
+tokens, output lengths spread around ``--osl`` as validate sends them, ignore EOS; a record pass over the
+same prompts first, so the controlled drafter has continuations for the measured ones) and splits the
+client's ITL into:
 
 - decode steps: the mean wall time of steps that ran no prefill, and the tokens each request got;
 - prefill stalls: steps that ran a prefill (a new request's prompt) while others were decoding;
@@ -32,11 +33,12 @@ from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.spec.flags import add_spec_arguments, spec_config
 from engine.warmup import graph_counters, warm_up
+from profiler.validate import spread_output_lengths
 
 
-def closed_loop(engine: LLMEngine, prompts: list[list[int]], concurrency: int, osl: int, clock=None):
-    """Run ``prompts`` with ``concurrency`` in flight; per-step records and per-request token times."""
-    params = SamplingParams(max_tokens=osl, temperature=0.0, ignore_eos=True)
+def closed_loop(engine: LLMEngine, prompts: list[list[int]], concurrency: int, osl: list[int], clock=None):
+    """Run ``prompts`` with ``concurrency`` in flight, prompt i for ``osl[i]`` tokens; per-step records and
+    per-request token times."""
     todo = list(enumerate(prompts))
     in_flight: set[str] = set()
     times: dict[str, list[float]] = {}
@@ -47,7 +49,7 @@ def closed_loop(engine: LLMEngine, prompts: list[list[int]], concurrency: int, o
         while todo and len(in_flight) < concurrency:
             i, p = todo.pop(0)
             rid = f"r{i}-{time.monotonic_ns()}"
-            engine.add_request(rid, p, params)
+            engine.add_request(rid, p, SamplingParams(max_tokens=osl[i], temperature=0.0, ignore_eos=True))
             in_flight.add(rid)
             times[rid] = []
         prefilling = sum(1 for r in in_flight if not times[r])
@@ -120,6 +122,10 @@ def main() -> None:
     ap.add_argument("--requests-per-seq", type=int, default=2, help="requests per in-flight slot")
     ap.add_argument("--passes", type=int, default=1, help="measured passes after the warm-up pass")
     ap.add_argument(
+        "--spread", action=argparse.BooleanOptionalAction, default=True,
+        help="output lengths spread around --osl as profiler validate sends them (default on)",
+    )  # fmt: skip
+    ap.add_argument(
         "--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
         help="freeze the start-up heap before the passes, as engine serve does (default on)",
     )  # fmt: skip
@@ -136,7 +142,7 @@ def main() -> None:
         dtype=args.dtype,
         weights=args.weights,
         max_num_seqs=max(concs),
-        max_model_len=args.isl + args.osl + 64,
+        max_model_len=args.isl + 2 * args.osl + 64,  # spread outputs reach 1.5 x osl
         spec=spec,
         enable_prefix_caching=False,  # as profiler validate's server: every pass prefills its prompts
     )
@@ -162,23 +168,26 @@ def main() -> None:
     for c in concs:
         n = c * args.requests_per_seq
         prompts = [rng.integers(3, vocab, args.isl).tolist() for _ in range(n)]
-        closed_loop(engine, prompts, c, args.osl)  # record pass (controlled drafter) and warm-up
+        # output lengths spread around osl as profiler validate sends them (--no-spread: all osl)
+        lengths = spread_output_lengths(args.osl, n) if args.spread else [args.osl] * n
+        # record pass (the controlled drafter's continuations, k + 1 past the longest) and warm-up
+        closed_loop(engine, prompts, c, [max(lengths) + (args.k or 0) + 1] * n)
         for measured in range(1, args.passes + 1):
             for counters in graph_counters(engine).values():
                 counters.reset()
             gc_time.reset()
-            row = measure_pass(engine, prompts, c, args.osl)
+            row = measure_pass(engine, prompts, c, lengths)
             end = " |\n" if measured < args.passes else ""
             gc_cell = f"{gc_time.ms:.1f} ({gc_time.full})"
             cells = f"| {label} | {c} | {measured} | {row} | {_counters_summary(engine)} | {gc_cell} |"
             print(cells, end=end, flush=True)
             eager_notes.append(f"c={c} pass {measured}: {_top_eager_shapes(engine)}")
-        print(" " + phase_breakdown(engine, prompts, c, args.osl) + " |", flush=True)
+        print(" " + phase_breakdown(engine, prompts, c, lengths) + " |", flush=True)
     print("\neager executes by (model, sequences, tokens, max query length), most frequent first:")
     print("\n".join(eager_notes))
 
 
-def measure_pass(engine: LLMEngine, prompts: list[list[int]], c: int, osl: int) -> str:
+def measure_pass(engine: LLMEngine, prompts: list[list[int]], c: int, osl: list[int]) -> str:
     """One closed-loop pass; its row's cells from ITL to stall."""
     steps, times = closed_loop(engine, prompts, c, osl)
     itls = [(t[-1] - t[0]) * 1e3 / (len(t) - 1) for t in times.values() if len(t) > 1]
@@ -202,7 +211,7 @@ def measure_pass(engine: LLMEngine, prompts: list[list[int]], c: int, osl: int) 
     )
 
 
-def phase_breakdown(engine: LLMEngine, prompts: list[list[int]], c: int, osl: int) -> str:
+def phase_breakdown(engine: LLMEngine, prompts: list[list[int]], c: int, osl: list[int]) -> str:
     """Median ms per phase of the decode steps of one more pass, timed by the engine's own clock."""
     from engine.phases import PhaseClock
 
