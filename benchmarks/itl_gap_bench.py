@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.spec.flags import add_spec_arguments, spec_config
@@ -141,12 +142,14 @@ def main() -> None:
     spec = spec_config(args, "itl_gap_bench")
     concs = [int(c) for c in args.concurrency.split(",")]
     engine = LLMEngine(
-        args.model,
-        dtype=args.dtype,
-        weights=args.weights,
-        max_num_seqs=max(concs),
-        max_model_len=args.isl + args.osl + 64,
-        spec=spec,
+        EngineConfig(
+            args.model,
+            dtype=args.dtype,
+            weights=args.weights,
+            max_num_seqs=max(concs),
+            max_model_len=args.isl + args.osl + 64,
+            spec=spec,
+        )
     )
     rng = np.random.default_rng(0)
     vocab = engine.runner.config.vocab_size
