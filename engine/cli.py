@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--num-blocks",
         dest="num_gpu_blocks",
+        metavar="NUM_BLOCKS",
         type=int,
         default=None,
         help="KV-cache blocks (default: what the largest point needs)",
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--max-context",
         dest="max_model_len",
+        metavar="MAX_CONTEXT",
         type=int,
         default=None,
         help="longest context to prepare for (default: max --context)",
