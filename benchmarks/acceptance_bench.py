@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.methods import SPEC_METHODS  # noqa: E402
+from engine.engine_config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.spec import SpecConfig, SpecStats  # noqa: E402
@@ -117,14 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     spec = SpecConfig(**spec_kwargs)
     max_len = args.max_prompt_tokens + args.max_tokens + args.k + 64
     engine = LLMEngine(
-        args.model,
-        device="cpu",
-        dtype="float32",
-        weights="real",
-        spec=spec,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=max_len,
-        num_gpu_blocks=args.max_num_seqs * (-(-max_len // 16)) + 64,
+        EngineConfig(
+            args.model,
+            device="cpu",
+            dtype="float32",
+            weights="real",
+            spec=spec,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=max_len,
+            num_gpu_blocks=args.max_num_seqs * (-(-max_len // 16)) + 64,
+        )
     )
     questions = load_questions(args.data)
     tok = engine.tokenizer

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.spec.flags import add_spec_arguments, spec_config
@@ -138,13 +139,15 @@ def main() -> None:
     spec = spec_config(args, "itl_gap_bench")
     concs = [int(c) for c in args.concurrency.split(",")]
     engine = LLMEngine(
-        args.model,
-        dtype=args.dtype,
-        weights=args.weights,
-        max_num_seqs=max(concs),
-        max_model_len=args.isl + 2 * args.osl + 64,  # spread outputs reach 1.5 x osl
-        spec=spec,
-        enable_prefix_caching=False,  # as profiler validate's server: every pass prefills its prompts
+        EngineConfig(
+            args.model,
+            dtype=args.dtype,
+            weights=args.weights,
+            max_num_seqs=max(concs),
+            max_model_len=args.isl + 2 * args.osl + 64,  # spread outputs reach 1.5 x osl
+            spec=spec,
+            enable_prefix_caching=False,  # as profiler validate's server: every pass prefills its prompts
+        )
     )
     if args.warm_up or (args.warm_up is None and engine.runner.device.type == "cuda"):
         print(f"# {warm_up(engine).describe()}")

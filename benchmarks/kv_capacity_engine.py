@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 
+from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.spec.config import SpecConfig
@@ -25,10 +26,10 @@ from kvbm import capacity
 def make_engine(num_blocks: int, block_size: int, k: int = 0) -> LLMEngine:
     # a 1..3-token lookup window: vLLM's default (5..5) rarely matches in these short repeating prompts
     spec = SpecConfig(method="ngram", k=k, prompt_lookup_min=1, prompt_lookup_max=3) if k else None
-    return LLMEngine(
+    return LLMEngine(EngineConfig(
         "tiny", device="cpu", num_gpu_blocks=num_blocks, block_size=block_size, spec=spec,
         cuda_graphs=False, max_num_seqs=256,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def prompt(i: int, isl: int) -> list[int]:

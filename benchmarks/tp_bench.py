@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.engine_config import EngineConfig  # noqa: E402
 from engine.kernels import fused_enabled  # noqa: E402
 from engine.step_profiler import StepProfiler  # noqa: E402
 from engine.tp.env import apply_safe_env  # noqa: E402
@@ -78,16 +79,18 @@ def _measure(args, device: str, v: Variant, blocks: int, bs: int, rows: list, in
         t0 = time.perf_counter()
         try:
             sp = StepProfiler(
-                args.model,
-                dtype=args.dtype,
-                device=device,
-                tp=v.tp,
-                num_blocks=blocks,
-                block_size=bs,
-                max_context=args.context + 16,
-                max_num_seqs=max(args.batch),
-                weights="random",
-                cuda_graphs=graphs,
+                EngineConfig(
+                    args.model,
+                    dtype=args.dtype,
+                    device=device,
+                    tp=v.tp,
+                    num_gpu_blocks=blocks,
+                    block_size=bs,
+                    max_model_len=args.context + 16,
+                    max_num_seqs=max(args.batch),
+                    weights="random",
+                    cuda_graphs=graphs,
+                )
             )
         except Exception:  # noqa: BLE001 - report and go on with the other variants
             print(f"{v}: could not start:\n{traceback.format_exc()}", flush=True)

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.engine_config import EngineConfig  # noqa: E402
 from engine.step_profiler import StepProfiler  # noqa: E402
 from engine.tp.env import apply_safe_env  # noqa: E402
 
@@ -61,14 +62,16 @@ def main() -> None:
         bs = 16
         blocks = args.batch * (-(-(args.context + 1) // bs) + 1) + 8
         sp = StepProfiler(
-            args.model,
-            dtype=args.dtype,
-            tp=tp,
-            num_blocks=blocks,
-            block_size=bs,
-            max_context=args.context + 16,
-            max_num_seqs=args.batch,
-            weights="random",
+            EngineConfig(
+                args.model,
+                dtype=args.dtype,
+                tp=tp,
+                num_gpu_blocks=blocks,
+                block_size=bs,
+                max_model_len=args.context + 16,
+                max_num_seqs=args.batch,
+                weights="random",
+            )
         )
         try:
             timing = sp.measure_decode(args.batch, args.context, steps=args.steps, warmup=5)

@@ -8,10 +8,10 @@ import statistics
 import sys
 
 from common.cli_help import use_everywhere
-from common.methods import METHODS, WEIGHT_CHOICES
+from common.methods import METHODS
 from common.metrics import request_itl
+from engine.engine_config import EngineConfig, add_engine_args
 from engine.errors import CapacityError, EngineError
-from engine.spec.flags import add_spec_arguments, spec_config
 
 
 def _int_list(text: str) -> list[int]:
@@ -24,21 +24,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="preset name, HF directory or .gguf file")
-    p.add_argument(
-        "--weights",
-        choices=WEIGHT_CHOICES,
-        default="auto",
-        help="real: the preset's shipped weights (error if none); random: seeded random weights at the "
-        "model's shape (true timing, meaningless text); auto: real when available",
-    )
-    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (auto: the model's)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (one process per GPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="engine",
@@ -48,17 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
-    _common(gen)
+    add_engine_args(gen, kv_cache=False)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     gen.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate per prompt")
     gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
-    add_spec_arguments(gen)
     gen.add_argument("--stats", action="store_true", help="print timing and speculation counters")
 
     bench = sub.add_parser("bench", help="decode step times via StepProfiler (random weights are labelled)")
-    _common(bench)
+    add_engine_args(bench, kv_cache=False, spec=False)
     bench.add_argument("--batch", type=_int_list, default=[1, 8, 32], help="concurrencies, e.g. 1,8,32")
     bench.add_argument("--context", type=_int_list, default=[512], help="context lengths, e.g. 512,2048")
     bench.add_argument("--method", choices=METHODS, default="none", help="speculative method")
@@ -68,11 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=20, help="timed steps per point")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps before timing each point")
     bench.add_argument(
-        "--num-blocks", type=int, default=None, help="KV-cache blocks (default: what the largest point needs)"
+        "--num-blocks",
+        dest="num_gpu_blocks",
+        metavar="NUM_BLOCKS",
+        type=int,
+        default=None,
+        help="KV-cache blocks (default: what the largest point needs)",
     )
     bench.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     bench.add_argument(
         "--max-context",
+        dest="max_model_len",
+        metavar="MAX_CONTEXT",
         type=int,
         default=None,
         help="longest context to prepare for (default: max --context)",
@@ -94,17 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 
-    spec = spec_config(args, "engine generate")
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        tp=args.tp,
-        seed=args.seed,
-        weights=args.weights,
-        spec=spec,
-        max_num_seqs=max(1, len(args.prompt)),
-    )
+    llm = LLM(EngineConfig.from_args(args, "engine generate", max_num_seqs=max(1, len(args.prompt))))
     try:
         if llm.weights_label == "random":
             print(f"[{args.model}: random weights -- the text below is meaningless]", file=sys.stderr)
@@ -130,21 +111,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from engine.step_profiler import StepProfiler
 
-    sp = StepProfiler(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        tp=args.tp,
-        method=args.method,
-        k=args.k,
-        seed=args.seed,
-        num_blocks=args.num_blocks,
-        block_size=args.block_size,
-        max_context=args.max_context,
-        cuda_graphs=not args.no_cuda_graphs,
-        weights=args.weights,
-        max_num_seqs=max(args.batch),
+    if args.method == "none" and args.k != 0:
+        raise SystemExit(f"engine bench: --k {args.k} needs --method ngram|draft|medusa")
+    spec = None
+    if args.method != "none":
+        from engine.spec import SpecConfig
+
+        spec = SpecConfig(method=args.method, k=args.k, seed=args.seed)
+    config = EngineConfig.from_args(
+        args, "engine bench", spec=spec, max_num_seqs=max(args.batch), cuda_graphs=not args.no_cuda_graphs
     )
+    sp = StepProfiler(config)
     try:
         info = sp.model_info
         print(

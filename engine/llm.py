@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import RequestError
+from engine.engine_config import EngineConfig
+from engine.errors import ConfigError, RequestError
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 
@@ -22,10 +23,19 @@ class Completion:
 
 
 class LLM:
-    """Thin wrapper over LLMEngine; ``engine_kwargs`` are LLMEngine's keyword arguments."""
+    """Thin wrapper over LLMEngine: ``LLM(model, **options)`` with the fields of ``EngineConfig`` as
+    keywords, or ``LLM(config)`` with a config a command line already built."""
 
-    def __init__(self, model: str, **engine_kwargs: Any) -> None:
-        self.engine = LLMEngine(model, **engine_kwargs)
+    def __init__(self, model: str | EngineConfig, **options: Any) -> None:
+        if isinstance(model, EngineConfig):
+            if options:
+                raise ConfigError(
+                    f"LLM: pass options in the EngineConfig, not as keywords: {sorted(options)}"
+                )
+            config = model
+        else:
+            config = EngineConfig(model=model, **options)
+        self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 

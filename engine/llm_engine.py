@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import kvbm
+from engine.engine_config import EngineConfig
 from engine.errors import CapacityError, ConfigError, RequestError
 from engine.presets import resolve_model
 from engine.request import Request, RequestOutput, Status
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from engine.phases import PhaseClock
     from engine.spec import SpecConfig, SpecStats
 
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 log = logging.getLogger("engine")
 
 
@@ -47,54 +47,21 @@ class _Batch:
 
 
 class LLMEngine:
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str = "auto",
-        device: str | None = None,
-        max_num_seqs: int = 64,
-        num_gpu_blocks: int | None = None,
-        block_size: int = 16,
-        max_model_len: int | None = None,
-        spec: SpecConfig | None = None,
-        tp: int = 1,
-        seed: int = 0,
-        weights: str = "auto",
-        max_num_batched_tokens: int | None = None,
-        enable_prefix_caching: bool = True,
-        cuda_graphs: bool = True,
-        gpu_memory_utilization: float = 0.9,
-        pad_drafts: bool | None = None,
-    ) -> None:
-        """``pad_drafts``: give sequences without a draft a padded one so the batch keeps one verify
-        width (``_pad_drafts``); None = where that width replays a CUDA graph, True = also without a
-        graph (CPU tests), False = never."""
-        if not isinstance(tp, int) or tp < 1:
-            raise ConfigError(f"tp must be an int >= 1, got {tp!r}")
-        self.source = resolve_model(model, weights=weights)
-        runner_kwargs: dict[str, Any] = dict(
-            dtype=dtype,
-            device=device,
-            num_blocks=num_gpu_blocks,
-            block_size=block_size,
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len,
-            cuda_graphs=cuda_graphs,
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed,
-        )
-        self.runner = self._make_runner(tp, runner_kwargs)
+    def __init__(self, config: EngineConfig) -> None:
+        """``config`` holds every option, validated; ``engine.llm.LLM(model, **options)`` builds one
+        from keywords."""
+        self.engine_config = config
+        self.source = resolve_model(config.model, weights=config.weights)
+        self.runner = self._make_runner(config)
         self.config = self.runner.config
         self.tokenizer: Tokenizer = load_tokenizer(self.source)
         self.max_model_len = self.runner.max_model_len
         self.kv_manager = kvbm.KVCacheManager(
-            self.runner.num_blocks, self.runner.block_size, enable_prefix_caching=enable_prefix_caching
+            self.runner.num_blocks, self.runner.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
-        budget = max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-        if not isinstance(budget, int) or budget < 1:
-            raise ConfigError(f"max_num_batched_tokens must be an int >= 1, got {max_num_batched_tokens!r}")
-        self.scheduler = Scheduler(self.kv_manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+        self.scheduler = Scheduler(
+            self.kv_manager, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.token_budget
+        )
         pool_tokens = self.runner.num_blocks * self.runner.block_size
         if pool_tokens < self.max_model_len:
             log.warning(
@@ -105,31 +72,29 @@ class LLMEngine:
                 self.runner.block_size,
                 self.max_model_len,
             )
-        self.seed = seed
+        self.seed = config.seed
         self._requests: dict[str, Request] = {}
         self._num_added = 0
-        self.spec = spec
+        self.spec = config.spec
         self.proposer: Any = None
         self._spec_stats: SpecStats | None = None
         self.clock: PhaseClock | None = None  # set by the step profiler: per-phase step times
-        if pad_drafts not in (None, True, False):
-            raise ConfigError(f"pad_drafts must be None, True or False, got {pad_drafts!r}")
-        self.pad_drafts = pad_drafts
+        self.pad_drafts = config.pad_drafts
         self._padded: dict[str, int] = {}  # request id -> proposed tokens before its pads, this step
-        if spec is not None:
-            self._init_spec(spec)
+        if config.spec is not None:
+            self._init_spec(config.spec)
 
     # -- construction helpers ----------------------------------------------------------------------
-    def _make_runner(self, tp: int, kwargs: dict[str, Any]) -> Runner:
-        if tp == 1:
-            return ModelRunner(self.source, **kwargs)
+    def _make_runner(self, config: EngineConfig) -> Runner:
+        if config.tp == 1:
+            return ModelRunner.from_config(self.source, config)
         try:
             from engine.tp import build_tp_runner
         except ImportError as exc:
             raise ConfigError(
-                f"tp={tp} needs engine.tp (tensor-parallel workers), which is unavailable: {exc}"
+                f"tp={config.tp} needs engine.tp (tensor-parallel workers), which is unavailable: {exc}"
             ) from exc
-        return build_tp_runner(self.source, tp=tp, **kwargs)
+        return build_tp_runner(self.source, config)
 
     def _init_spec(self, spec: SpecConfig) -> None:
         try:

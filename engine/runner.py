@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from engine.memory import check_weights_fit
 from engine.model.allreduce import enable_symm_mem, release_symm_mem
 from engine.model.loader import build_model, resolve_device, resolve_dtype
 from engine.presets import ModelSource, resolve_model
+
+if TYPE_CHECKING:
+    from engine.engine_config import EngineConfig
 
 CPU_KV_BUDGET_BYTES = 4 << 30  # KV pool ceiling on CPU when num_blocks is not given
 ACTIVATION_RESERVE_BYTES = 1 << 30  # left free on GPU for activations, logits and graph pools
@@ -101,14 +104,10 @@ class ModelRunner:
         attn_backend: str = "auto",
         weights: str = "auto",
     ) -> None:
+        """Sizes arrive checked: from an ``EngineConfig`` (``from_config``) or, for a drafter, from its
+        target's runner."""
         if isinstance(source, str):
             source = resolve_model(source, weights=weights)
-        if not isinstance(block_size, int) or block_size <= 0:
-            raise ConfigError(f"block_size must be a positive int, got {block_size!r}")
-        if not isinstance(max_num_seqs, int) or max_num_seqs <= 0:
-            raise ConfigError(f"max_num_seqs must be a positive int, got {max_num_seqs!r}")
-        if not 0.0 < gpu_memory_utilization <= 1.0:
-            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         self.source = source
         self.config: ModelConfig = source.config
         self.device = resolve_device(device)
@@ -158,6 +157,34 @@ class ModelRunner:
         self._verify_graphs: dict[tuple[int, bool], Any] = {}
         self._every_row: torch.Tensor | None = None  # a rows tensor handed out that selects every row
 
+    @classmethod
+    def from_config(
+        cls,
+        source: ModelSource,
+        config: EngineConfig,
+        *,
+        device: str | torch.device | None = None,
+        tp_rank: int = 0,
+        group: dist.ProcessGroup | None = None,
+    ) -> ModelRunner:
+        """The runner (one rank's shard when ``config.tp > 1``) of an engine built from ``config``;
+        ``device`` overrides ``config.device`` with a tensor-parallel rank's own device."""
+        return cls(
+            source,
+            dtype=config.dtype,
+            device=config.device if device is None else device,
+            num_blocks=config.num_gpu_blocks,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len,
+            cuda_graphs=config.cuda_graphs,
+            tp_rank=tp_rank,
+            tp_size=config.tp,
+            group=group,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            seed=config.seed,
+        )
+
     # -- sizing -----------------------------------------------------------------------------------
     @property
     def bytes_per_block(self) -> int:
@@ -166,8 +193,6 @@ class ModelRunner:
 
     def _decide_num_blocks(self, num_blocks: int | None, utilization: float) -> int:
         if num_blocks is not None:
-            if not isinstance(num_blocks, int) or num_blocks <= 0:
-                raise ConfigError(f"num_blocks must be a positive int, got {num_blocks!r}")
             return num_blocks
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)

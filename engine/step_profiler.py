@@ -20,6 +20,7 @@ running median of the repeat medians moves by less than ``rel_tol`` (at least ``
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +28,8 @@ from typing import Any
 import torch
 
 from common.metadata import cpu_description
-from common.methods import METHODS
 from common.metrics import percentile
+from engine.engine_config import EngineConfig
 from engine.errors import CapacityError, ConfigError
 from engine.llm_engine import LLMEngine
 from engine.phases import PhaseClock
@@ -74,55 +75,20 @@ def describe_device(device: torch.device) -> str:
 
 
 class StepProfiler:
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str = "auto",
-        device: str | None = None,
-        tp: int = 1,
-        method: str = "none",
-        k: int = 0,
-        seed: int = 0,
-        num_blocks: int | None = None,
-        block_size: int = 16,
-        max_context: int | None = None,
-        cuda_graphs: bool = True,
-        weights: str = "auto",
-        max_num_seqs: int = 256,
-        spec_options: dict[str, Any] | None = None,
-    ) -> None:
-        if method not in METHODS:
-            raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
-        if not isinstance(k, int) or k < 0 or (method == "none") != (k == 0):
-            raise ConfigError(
-                f"k must be 0 with method 'none' and >= 1 otherwise, got method={method!r} k={k!r}"
-            )
-        if not isinstance(tp, int) or tp < 1:
-            raise ConfigError(f"tp must be an int >= 1, got {tp!r}")
-        self.method, self.k, self.tp, self.seed = method, k, tp, seed
-        spec = None
-        if method != "none":
-            from engine.spec import SpecConfig
-
-            spec = SpecConfig(method=method, k=k, seed=seed, **(spec_options or {}))
+    def __init__(self, config: EngineConfig) -> None:
+        """Times the engine ``config`` describes; its ``spec`` gives every point's method and k (None:
+        method none). The profiler sets the step's token budget and turns prefix caching off."""
+        spec = config.spec
+        self.method, self.k = (spec.method, spec.k) if spec is not None else ("none", 0)
+        self.tp, self.seed = config.tp, config.seed
         self.lookahead = spec.num_lookahead_tokens if spec is not None else 0
         self.engine = LLMEngine(
-            model,
-            dtype=dtype,
-            device=device,
-            tp=tp,
-            spec=spec,
-            seed=seed,
-            weights=weights,
-            num_gpu_blocks=num_blocks,
-            block_size=block_size,
-            max_model_len=max_context,
-            max_num_seqs=max_num_seqs,
-            # a whole verify batch in one step, as many tokens as the largest point can ask for
-            max_num_batched_tokens=max(2048, max_num_seqs * (1 + self.lookahead)),
-            enable_prefix_caching=False,  # random contexts share nothing; no hashing cost either
-            cuda_graphs=cuda_graphs,
+            dataclasses.replace(
+                config,
+                # a whole verify batch in one step, as many tokens as the largest point can ask for
+                max_num_batched_tokens=max(2048, config.max_num_seqs * (1 + self.lookahead)),
+                enable_prefix_caching=False,  # random contexts share nothing; no hashing cost either
+            )
         )
         if spec is not None and spec.method == "ngram":
             # only prompt lookup comes up short on random tokens; a draft model drafts k (and its KV
@@ -131,7 +97,7 @@ class StepProfiler:
         self.source = self.engine.source
         self.runner = self.engine.runner
         self.config = self.runner.config
-        self.runner.fill_kv_random(seed)
+        self.runner.fill_kv_random(config.seed)
         self._num_points = 0
 
     # -- descriptions ------------------------------------------------------------------------------

@@ -15,14 +15,13 @@ import time
 
 import uvicorn
 
-from common.methods import WEIGHT_CHOICES
+from engine.engine_config import EngineConfig, add_engine_args
 from engine.errors import EngineError
-from engine.spec.flags import add_spec_arguments, spec_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``engine serve`` flags on ``parser``."""
-    parser.add_argument("--model", required=True, help="preset name, HF directory or .gguf file")
+    add_engine_args(parser)
     parser.add_argument(
         "--served-model-name",
         nargs="+",
@@ -36,38 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with no authentication)",
     )
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument(
-        "--weights",
-        choices=WEIGHT_CHOICES,
-        default="auto",
-        help="real: the preset's shipped weights; random: seeded random weights (meaningless text); "
-        "auto: real when available",
-    )
-    parser.add_argument(
-        "--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (auto: the model's)"
-    )
-    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    parser.add_argument(
-        "--max-num-seqs", type=int, default=64, help="most requests running at once; more wait"
-    )
-    parser.add_argument(
-        "--num-gpu-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)"
-    )
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    parser.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse the KV blocks of a prompt prefix seen before (vLLM's flag; default on)",
-    )
-    parser.add_argument(
-        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
-    )
-    parser.add_argument(
-        "--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, help="tensor-parallel size"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
-    add_spec_arguments(parser)
     parser.add_argument(
         "--warm-up",
         action=argparse.BooleanOptionalAction,
@@ -97,21 +64,8 @@ def main(args: argparse.Namespace) -> int:
     )  # fmt: skip
     t0 = time.perf_counter()
     try:
-        spec = spec_config(args, "engine serve")
-        engine = LLMEngine(
-            args.model,
-            dtype=args.dtype,
-            device=args.device,
-            max_num_seqs=args.max_num_seqs,
-            num_gpu_blocks=args.num_gpu_blocks,
-            block_size=args.block_size,
-            max_model_len=args.max_model_len,
-            spec=spec,
-            tp=args.tp,
-            seed=args.seed,
-            weights=args.weights,
-            enable_prefix_caching=args.enable_prefix_caching,
-        )
+        config = EngineConfig.from_args(args, "engine serve")
+        engine = LLMEngine(config)
     except EngineError as exc:
         log.error("cannot start: %s", exc)
         return 2
@@ -126,7 +80,9 @@ def main(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     names = tuple(args.served_model_name or (args.model,))
-    app = app_for_engine(engine, names[0], aliases=names[1:], num_spec_tokens=spec.k if spec else 0)
+    app = app_for_engine(
+        engine, names[0], aliases=names[1:], num_spec_tokens=config.spec.k if config.spec else 0
+    )
     sock = bind_socket(args.host, args.port)
     log.info(
         "serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics)",

@@ -90,6 +90,14 @@ class SpecConfig:
             raise ConfigError(f"spec method must be one of {SPEC_METHODS}, got {self.method!r}")
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise ConfigError(f"spec k (num_speculative_tokens) must be an int >= 1, got {self.k!r}")
+        self._check_lookup()
+        self._check_drafter()
+        self._check_tree()
+        self._check_schedule()
+        self._check_controlled()
+
+    def _check_lookup(self) -> None:
+        """The prompt-lookup (ngram) window; vLLM's rule fills omitted bounds (``_resolve_lookup``)."""
         for name in ("prompt_lookup_min", "prompt_lookup_max"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -102,6 +110,9 @@ class SpecConfig:
                 f"spec prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
                 f"({self.prompt_lookup_max})"
             )
+
+    def _check_drafter(self) -> None:
+        """The draft method's drafter: another model, or the target truncated to its first layers."""
         if self.draft_layers is not None and (
             not isinstance(self.draft_layers, int)
             or isinstance(self.draft_layers, bool)
@@ -119,6 +130,9 @@ class SpecConfig:
                 "spec method 'draft' needs draft_model (a preset or path) or draft_layers (the target "
                 "truncated to its first N layers), got neither"
             )
+
+    def _check_tree(self) -> None:
+        """Medusa's heads and tree, normalized breadth-first; the tree is at most k heads deep."""
         if self.method != "medusa" and (self.medusa_heads is not None or self.tree is not None):
             raise ConfigError(f"spec medusa_heads/tree apply to method 'medusa' only, got {self.method!r}")
         if self.method == "medusa" and self.tree is not None:
@@ -126,8 +140,6 @@ class SpecConfig:
             depth = max(len(p) for p in self.tree)
             if depth > self.k:
                 raise ConfigError(f"spec tree depth {depth} exceeds k={self.k} (number of Medusa heads)")
-        self._check_schedule()
-        self._check_controlled()
 
     def _check_controlled(self) -> None:
         """``controlled`` (validation only): parsed against k; chain methods only."""

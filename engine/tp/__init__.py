@@ -1,8 +1,8 @@
 """Tensor parallelism for the embedded engine: one process per device, started by the engine.
 
-``TPExecutor(source, tp, **runner_kwargs)`` (also ``build_tp_runner``, the hook LLMEngine calls when
-``tp > 1``) behaves like a :class:`engine.runner.ModelRunner`. Rank 0 is the caller's process: it owns
-scheduling, kvbm and sampling and broadcasts each step's batch; ranks 1..tp-1 are spawned
+``TPExecutor(engine_config)`` (also ``build_tp_runner``, the hook LLMEngine calls when
+``engine_config.tp > 1``) behaves like a :class:`engine.runner.ModelRunner`. Rank 0 is the caller's
+process: it owns scheduling, kvbm and sampling and broadcasts each step's batch; ranks 1..tp-1 are spawned
 (``torch.multiprocessing``, spawn start method), replay each step on their shard of the weights and of
 the paged KV cache (one kvbm block table serves all ranks), and join its all-reduces. NCCL on GPUs,
 gloo on CPU. The layers are Megatron-style (``engine.model.parallel``): column-parallel fused QKV and

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,10 @@ from engine.runner import ModelRunner
 from engine.tp import wire
 from engine.tp.env import apply_safe_env
 from engine.tp.sizes import check_tp
-from engine.tp.worker import fill_kv_random, worker_main
+from engine.tp.worker import WorkerLaunch, fill_kv_random, worker_main
+
+if TYPE_CHECKING:
+    from engine.engine_config import EngineConfig
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("SPECPLAN_TP_TIMEOUT_S", "600"))
 
@@ -66,16 +69,13 @@ class TPExecutor:
     one device) over ``tp`` ranks."""
 
     def __init__(
-        self,
-        source: ModelSource | str,
-        tp: int,
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        weights: str = "auto",
-        **runner_kwargs: Any,
+        self, config: EngineConfig, source: ModelSource | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S
     ) -> None:
-        if isinstance(source, str):
-            source = resolve_model(source, weights=weights)
+        """``config.tp`` ranks of the runner ``config`` describes. ``source``: the resolved model
+        (default: ``config.model`` with ``config.weights``), for shapes no preset names."""
+        if source is None:
+            source = resolve_model(config.model, weights=config.weights)
+        tp = config.tp
         check_tp(source.config, tp)
         if tp < 2:
             raise ConfigError(f"TPExecutor needs tp >= 2, got tp={tp}; use ModelRunner for tp=1")
@@ -84,9 +84,6 @@ class TPExecutor:
                 "a torch.distributed process group already exists in this process; close the other "
                 "TPExecutor (or tensor-parallel engine) first"
             )
-        for reserved in ("tp_rank", "tp_size", "group"):
-            if reserved in runner_kwargs:
-                raise ConfigError(f"TPExecutor sets {reserved} itself; do not pass {reserved}=")
         apply_safe_env()
         self.tp = tp
         self.timeout_s = timeout_s
@@ -100,12 +97,13 @@ class TPExecutor:
         self._host_step: tuple[AttentionMetadata, torch.Tensor, tuple] | None = None
         self._rows: tuple[torch.Tensor, str | list[int]] | None = None  # last rows tensor handed out
 
-        devices = self._rank_devices(runner_kwargs.pop("device", None), tp)
+        devices = self._rank_devices(config.device, tp)
         backend = "nccl" if devices[0].type == "cuda" else "gloo"
         self.backend = backend
         store = dist.TCPStore(
             "127.0.0.1", 0, tp, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
         )
+        launch = WorkerLaunch(store.port, backend, timeout_s, source, config)
         ctx = mp.get_context("spawn")
         try:
             for rank in range(1, tp):
@@ -113,19 +111,7 @@ class TPExecutor:
                 st_recv, st_send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
                     target=worker_main,
-                    args=(
-                        rank,
-                        tp,
-                        store.port,
-                        backend,
-                        str(devices[rank]),
-                        timeout_s,
-                        source,
-                        runner_kwargs,
-                        cmd_recv,
-                        st_send,
-                        os.getpid(),
-                    ),
+                    args=(launch, rank, str(devices[rank]), cmd_recv, st_send, os.getpid()),
                     name=f"tp-rank{rank}",
                     daemon=True,
                 )
@@ -148,8 +134,8 @@ class TPExecutor:
                 timeout=timedelta(seconds=timeout_s),
                 device_id=devices[0] if devices[0].type == "cuda" else None,
             )
-            self.runner = ModelRunner(
-                source, device=devices[0], tp_rank=0, tp_size=tp, group=dist.group.WORLD, **runner_kwargs
+            self.runner = ModelRunner.from_config(
+                source, config, device=devices[0], tp_rank=0, group=dist.group.WORLD
             )
             blocks = self._await("ready")
         except BaseException as exc:
@@ -445,6 +431,6 @@ def _leave_group(*, abort: bool) -> None:
             dist.destroy_process_group()
 
 
-def build_tp_runner(source: ModelSource | str, *, tp: int, **runner_kwargs: Any) -> TPExecutor:
-    """The hook LLMEngine and StepProfiler call when tp > 1."""
-    return TPExecutor(source, tp, **runner_kwargs)
+def build_tp_runner(source: ModelSource, config: EngineConfig) -> TPExecutor:
+    """The hook LLMEngine calls when ``config.tp > 1``."""
+    return TPExecutor(config, source)

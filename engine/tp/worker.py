@@ -15,11 +15,16 @@ import signal
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.tp.env import apply_safe_env
+
+if TYPE_CHECKING:
+    from engine.engine_config import EngineConfig
+    from engine.presets import ModelSource
 
 PARENT_POLL_S = 0.5
 SPIN_S = 0.05  # busy-poll window after each command on GPUs (see _next_command)
@@ -58,15 +63,22 @@ def fill_kv_random(kv_caches: list, seed: int, rank: int) -> None:
         v_cache.normal_(0.0, 1.0, generator=gen)
 
 
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """What every worker rank starts from, pickled into its spawned process: where the group meets
+    (rank 0's store, the backend, the collective timeout) and the model and engine config to shard."""
+
+    store_port: int
+    backend: str
+    timeout_s: float
+    source: ModelSource
+    config: EngineConfig
+
+
 def worker_main(
+    launch: WorkerLaunch,
     rank: int,
-    tp: int,
-    store_port: int,
-    backend: str,
     device: str,
-    timeout_s: float,
-    source: Any,
-    runner_kwargs: dict[str, Any],
     cmd_conn: Connection,
     status_conn: Connection,
     parent_pid: int,
@@ -76,7 +88,7 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it shuts us down
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="tp-parent-watch").start()
     try:
-        _serve(rank, tp, store_port, backend, device, timeout_s, source, runner_kwargs, cmd_conn, status_conn)
+        _serve(launch, rank, device, cmd_conn, status_conn)
     except BaseException:  # every failure is reported to rank 0 before exiting
         with contextlib.suppress(OSError, EOFError):
             status_conn.send(("error", rank, traceback.format_exc()))
@@ -85,16 +97,7 @@ def worker_main(
 
 
 def _serve(
-    rank: int,
-    tp: int,
-    store_port: int,
-    backend: str,
-    device: str,
-    timeout_s: float,
-    source: Any,
-    runner_kwargs: dict[str, Any],
-    cmd_conn: Connection,
-    status_conn: Connection,
+    launch: WorkerLaunch, rank: int, device: str, cmd_conn: Connection, status_conn: Connection
 ) -> None:
     import torch
     import torch.distributed as dist
@@ -103,13 +106,16 @@ def _serve(
     from engine.runner import ModelRunner
     from engine.tp import wire
 
+    tp, backend, timeout_s = launch.config.tp, launch.backend, launch.timeout_s
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     status_conn.send(("hello", rank, os.getpid()))
-    store = dist.TCPStore("127.0.0.1", store_port, tp, is_master=False, timeout=timedelta(seconds=timeout_s))
+    store = dist.TCPStore(
+        "127.0.0.1", launch.store_port, tp, is_master=False, timeout=timedelta(seconds=timeout_s)
+    )
     dist.init_process_group(
         backend,
         store=store,
@@ -118,8 +124,8 @@ def _serve(
         timeout=timedelta(seconds=timeout_s),
         device_id=dev if dev.type == "cuda" else None,
     )
-    runner = ModelRunner(
-        source, device=dev, tp_rank=rank, tp_size=tp, group=dist.group.WORLD, **runner_kwargs
+    runner = ModelRunner.from_config(
+        launch.source, launch.config, device=dev, tp_rank=rank, group=dist.group.WORLD
     )
     status_conn.send(("ready", rank, runner.num_blocks))
     spin_s = SPIN_S if dev.type == "cuda" else 0.0

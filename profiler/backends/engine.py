@@ -55,16 +55,25 @@ class EngineBackend:
         if self._key == (tp, method, k):
             return
         self.close()
+        from engine.engine_config import EngineConfig
+        from engine.spec import SpecConfig
         from engine.step_profiler import StepProfiler
 
-        kwargs: dict[str, Any] = dict(dtype=self.dtype, tp=tp, method=method, k=k, seed=self.seed)
-        if self.max_context is not None:
-            kwargs["max_context"] = self.max_context
-        if self.max_num_seqs is not None:
-            kwargs["max_num_seqs"] = self.max_num_seqs
-        if method == "draft" and self.draft_model:
-            kwargs["spec_options"] = {"draft_model": self.draft_model}
-        self.sp = StepProfiler(self.model, **kwargs)
+        spec = None
+        if method != "none":
+            drafter = {"draft_model": self.draft_model} if method == "draft" and self.draft_model else {}
+            spec = SpecConfig(method=method, k=k, seed=self.seed, **drafter)
+        sizes = {"max_num_seqs": self.max_num_seqs} if self.max_num_seqs is not None else {}
+        config = EngineConfig(
+            self.model,
+            dtype=self.dtype,
+            tp=tp,
+            seed=self.seed,
+            max_model_len=self.max_context,
+            spec=spec,
+            **sizes,
+        )
+        self.sp = StepProfiler(config)
         self._key = (tp, method, k)
 
     @property

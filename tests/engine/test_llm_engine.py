@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.engine_config import EngineConfig
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
@@ -22,7 +23,7 @@ def make_engine(**kw) -> LLMEngine:
     kw.setdefault("device", "cpu")
     kw.setdefault("num_gpu_blocks", 256)
     kw.setdefault("block_size", 4)
-    return LLMEngine("tiny", **kw)
+    return LLMEngine(EngineConfig("tiny", **kw))
 
 
 def run(engine: LLMEngine, prompts, params) -> dict[str, list[int]]:

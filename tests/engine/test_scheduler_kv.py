@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from benchmarks.kv_capacity_engine import closed_loop, make_engine, measured_acceptance
+from engine.engine_config import EngineConfig
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.request import Request
@@ -21,7 +22,9 @@ from kvbm import capacity
 def tiny_pool() -> LLMEngine:
     """8 blocks of 16 = 128 tokens of KV while max_model_len is 1024 (accepted, with a warning)."""
     return LLMEngine(
-        "tiny", device="cpu", num_gpu_blocks=8, block_size=16, max_model_len=1024, cuda_graphs=False
+        EngineConfig(
+            "tiny", device="cpu", num_gpu_blocks=8, block_size=16, max_model_len=1024, cuda_graphs=False
+        )
     )
 
 

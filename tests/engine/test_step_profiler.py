@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from engine.engine_config import EngineConfig
 from engine.errors import CapacityError, ConfigError
 from engine.llm_engine import LLMEngine
 from engine.phases import PhaseClock
@@ -24,9 +25,14 @@ SPECS = {
 }
 
 
+def _config(method: str, k: int, opts: dict | None, **kw) -> EngineConfig:
+    spec = None if method == "none" else SpecConfig(method=method, k=k, **(opts or {}))
+    return EngineConfig("tiny", device="cpu", spec=spec, **kw)
+
+
 @pytest.fixture(scope="module")
 def sp() -> StepProfiler:
-    return StepProfiler("tiny", device="cpu", num_blocks=200, block_size=16)
+    return StepProfiler(EngineConfig("tiny", device="cpu", num_gpu_blocks=200, block_size=16))
 
 
 def test_describes_model_and_pool(sp):
@@ -52,7 +58,7 @@ def _serving_trace(method: str) -> list[str]:
     """Phase trace of a decode step of real requests through a serving engine."""
     k, opts = SPECS[method]
     spec = None if method == "none" else SpecConfig(method=method, k=k, **(opts or {}))
-    engine = LLMEngine("tiny", device="cpu", num_gpu_blocks=200, block_size=16, spec=spec)
+    engine = LLMEngine(EngineConfig("tiny", device="cpu", num_gpu_blocks=200, block_size=16, spec=spec))
     for i in range(3):
         engine.add_request(f"r{i}", [5 + i, 7, 9, 5 + i, 7], SamplingParams(max_tokens=8, ignore_eos=True))
     engine.step()  # prefill
@@ -68,7 +74,7 @@ def test_profiling_times_the_serving_step(method, monkeypatch):
     """Profiling and serving run one step pipeline: the profiler's timed steps are LLMEngine.step calls
     and record the same phase trace as a served decode step."""
     k, opts = SPECS[method]
-    profiler = StepProfiler("tiny", device="cpu", num_blocks=200, method=method, k=k, spec_options=opts)
+    profiler = StepProfiler(_config(method, k, opts, num_gpu_blocks=200))
     calls = []
     real_step = LLMEngine.step
 
@@ -101,7 +107,7 @@ def test_profiling_times_the_serving_step(method, monkeypatch):
 def test_speculative_point_verifies_k_drafts_at_the_coverage(method, coverage):
     k = 3
     opts = {"draft_layers": 1} if method == "draft" else None
-    profiler = StepProfiler("tiny", device="cpu", num_blocks=300, method=method, k=k, spec_options=opts)
+    profiler = StepProfiler(_config(method, k, opts, num_gpu_blocks=300))
     widths = []
     prepare = profiler.runner.prepare
 
@@ -174,10 +180,6 @@ def test_prefill(sp):
 
 
 def test_bad_arguments(sp):
-    with pytest.raises(ConfigError, match="method"):
-        StepProfiler("tiny", method="eagle", k=2)
-    with pytest.raises(ConfigError, match="k must be"):
-        StepProfiler("tiny", method="ngram", k=0)
     with pytest.raises(ConfigError, match="coverage"):
         sp.measure_decode(2, 64, coverage=1.5)
     with pytest.raises(ConfigError, match="min_repeats"):
@@ -186,13 +188,15 @@ def test_bad_arguments(sp):
 
 @pytest.fixture(scope="module")
 def sp_short() -> StepProfiler:
-    return StepProfiler("tiny", device="cpu", num_blocks=100, block_size=16, max_context=128)
+    return StepProfiler(
+        EngineConfig("tiny", device="cpu", num_gpu_blocks=100, block_size=16, max_model_len=128)
+    )
 
 
 @pytest.mark.parametrize("method", ["none", "ngram"])
 def test_decode_point_at_max_context_is_measured(method):
     k = SPECS[method][0]
-    sp = StepProfiler("tiny", device="cpu", method=method, k=k, num_blocks=100, max_context=128)
+    sp = StepProfiler(_config(method, k, None, num_gpu_blocks=100, max_model_len=128))
     try:
         t = sp.measure_decode(2, 128, steps=4, warmup=1)
         assert len(t.step_ms) == 4

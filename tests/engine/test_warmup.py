@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.spec import SpecConfig
@@ -23,7 +24,9 @@ SPECS = {
 
 
 def _engine(spec: SpecConfig | None) -> LLMEngine:
-    return LLMEngine("tiny", device="cpu", num_gpu_blocks=256, block_size=4, max_num_seqs=9, spec=spec)
+    return LLMEngine(
+        EngineConfig("tiny", device="cpu", num_gpu_blocks=256, block_size=4, max_num_seqs=9, spec=spec)
+    )
 
 
 def _generate(engine: LLMEngine) -> dict[str, list[int]]:
@@ -65,7 +68,7 @@ def test_warm_up_records_the_batch_shapes_it_ran() -> None:
 
 
 def test_warm_up_skips_sizes_the_pool_cannot_hold() -> None:
-    engine = LLMEngine("tiny", device="cpu", num_gpu_blocks=40, block_size=4, max_num_seqs=9)
+    engine = LLMEngine(EngineConfig("tiny", device="cpu", num_gpu_blocks=40, block_size=4, max_num_seqs=9))
     report = warm_up(engine, context=24)
     assert report.skipped and min(report.skipped) > max(report.batch_sizes)
     assert engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks

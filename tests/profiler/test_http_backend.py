@@ -195,11 +195,12 @@ def _raw_counters(url: str) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [0, 3])
 def test_engine_serve_tiny(k: int) -> None:
+    from engine.engine_config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.spec import SpecConfig
 
     spec_cfg = SpecConfig(method="ngram", k=k) if k else None
-    engine = LLMEngine("tiny", max_num_seqs=8, num_gpu_blocks=256, spec=spec_cfg, seed=0)
+    engine = LLMEngine(EngineConfig("tiny", max_num_seqs=8, num_gpu_blocks=256, spec=spec_cfg, seed=0))
     with ServerThread(app_for_engine(engine, "tiny", num_spec_tokens=k)) as server:
         url = server.base_url
         assert httpb.served_model_name(url) == "tiny"

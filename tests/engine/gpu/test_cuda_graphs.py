@@ -86,13 +86,16 @@ def test_lm_head_inside_the_graph_matches_eager():
 def test_partial_draft_coverage_replays_the_verify_graph():
     """One request drafts, the other has speculate=False: the engine pads the latter (pad_drafts
     auto), so the mixed batch replays the 1 + k verify graph; greedy output equals plain decoding."""
+    from engine.engine_config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.sampling import SamplingParams
     from engine.spec import SpecConfig
 
     def run(spec):
         engine = LLMEngine(
-            "tiny", dtype="float32", device="cuda", num_gpu_blocks=64, weights="random", spec=spec
+            EngineConfig(
+                "tiny", dtype="float32", device="cuda", num_gpu_blocks=64, weights="random", spec=spec
+            )
         )
         for i in range(2):
             params = SamplingParams(max_tokens=12, ignore_eos=True, speculate=i == 0)

@@ -109,11 +109,11 @@ def test_serve_turns_prefix_caching_off_with_vllms_flag(monkeypatch: pytest.Monk
     class Stop(Exception):
         pass
 
-    def fake_engine(*a, **kw):  # noqa: ANN002, ANN003, ANN202
-        seen.update(kw)
+    def fake_engine(config):  # noqa: ANN001, ANN202
+        seen["config"] = config
         raise Stop
 
     monkeypatch.setattr(llm_engine, "LLMEngine", fake_engine)
     with pytest.raises(Stop):
         cli.main(args)
-    assert seen["enable_prefix_caching"] is False
+    assert seen["config"].enable_prefix_caching is False

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.serve.app import app_for_engine
 from engine.serve.launcher import ServerThread
@@ -53,7 +54,7 @@ def _serve(engine: LLMEngine, name: str, k: int = 0) -> ServerThread:
 
 @pytest.fixture(scope="module")
 def tiny():
-    engine = LLMEngine("tiny", max_num_seqs=32, num_gpu_blocks=512, seed=0)
+    engine = LLMEngine(EngineConfig("tiny", max_num_seqs=32, num_gpu_blocks=512, seed=0))
     server = _serve(engine, "tiny")
     yield engine, server
     server.stop()
@@ -257,7 +258,9 @@ def test_spec_ngram_counters_match_engine(promtext) -> None:
 
     k = 3
     engine = LLMEngine(
-        "tiny", max_num_seqs=16, num_gpu_blocks=256, spec=SpecConfig(method="ngram", k=k), seed=0
+        EngineConfig(
+            "tiny", max_num_seqs=16, num_gpu_blocks=256, spec=SpecConfig(method="ngram", k=k), seed=0
+        )
     )
     server = _serve(engine, "tiny", k=k)
     try:
@@ -309,7 +312,7 @@ def test_spec_ngram_counters_match_engine(promtext) -> None:
 
 @pytest.mark.slow
 def test_smollm2_chat_real_weights(promtext) -> None:
-    engine = LLMEngine("smollm2-135m", max_num_seqs=4, num_gpu_blocks=256, max_model_len=1024)
+    engine = LLMEngine(EngineConfig("smollm2-135m", max_num_seqs=4, num_gpu_blocks=256, max_model_len=1024))
     server = _serve(engine, "smollm2-135m")
     try:
         c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)

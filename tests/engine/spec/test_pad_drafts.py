@@ -1,7 +1,7 @@
 """Padded drafts (LLMEngine._pad_drafts): a sequence without a draft, or with a shorter one, verifies a
-repeat of its last token after its draft so the batch keeps one verify width. Forced on CPU (``pad_drafts=True``): output stays the target's
-(greedy, seeded sampling, speculate=False), and the spec-decode counters count the proposer's drafts
-only, exactly as without padding."""
+repeat of its last token after its draft so the batch keeps one verify width. Forced on CPU
+(``pad_drafts=True``): output stays the target's (greedy, seeded sampling, speculate=False), and the
+spec-decode counters count the proposer's drafts only, exactly as without padding."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine import llm_engine
+from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.presets import resolve_model
 from engine.sampling import SamplingParams, sample
@@ -32,7 +33,9 @@ def v16(monkeypatch) -> None:
 
 def _engine(spec: SpecConfig | None, pad: bool | None = None) -> LLMEngine:
     return LLMEngine(
-        "tiny-v16", device="cpu", num_gpu_blocks=256, block_size=BLOCK, spec=spec, pad_drafts=pad
+        EngineConfig(
+            "tiny-v16", device="cpu", num_gpu_blocks=256, block_size=BLOCK, spec=spec, pad_drafts=pad
+        )
     )
 
 
@@ -145,13 +148,15 @@ def test_pads_never_take_a_sequences_place(v16) -> None:
     spec = SpecConfig(method="draft", k=2, draft_layers=1)
     plain = _run(_engine(spec, pad=False))
     tight_budget = LLMEngine(
-        "tiny-v16",
-        device="cpu",
-        num_gpu_blocks=256,
-        block_size=BLOCK,
-        spec=spec,
-        pad_drafts=True,
-        max_num_batched_tokens=2 * 3 - 1,
+        EngineConfig(
+            "tiny-v16",
+            device="cpu",
+            num_gpu_blocks=256,
+            block_size=BLOCK,
+            spec=spec,
+            pad_drafts=True,
+            max_num_batched_tokens=2 * 3 - 1,
+        )
     )  # fmt: skip  (a padded step holds >= 2 sequences of 1 + 2 tokens)
     assert _run(tight_budget) == plain and tight_budget.spec_stats.num_pad_tokens == 0
     full_pool = _engine(spec, pad=True)

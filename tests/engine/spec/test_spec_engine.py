@@ -13,6 +13,7 @@ from unittest import mock
 import pytest
 
 pytest.importorskip("gguf")
+from engine.engine_config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.presets import resolve_model  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
@@ -61,16 +62,18 @@ def _runner(num_blocks: int) -> ModelRunner:
 
 def _engine(spec: SpecConfig | None, *, num_gpu_blocks: int = 512) -> LLMEngine:
     runner = _runner(num_gpu_blocks)
-    with mock.patch.object(LLMEngine, "_make_runner", lambda self, tp, kwargs: runner):
+    with mock.patch.object(LLMEngine, "_make_runner", lambda self, config: runner):
         return LLMEngine(
-            MODEL,
-            device="cpu",
-            dtype="float32",
-            weights="real",
-            spec=spec,
-            max_num_seqs=16,
-            max_model_len=512,
-            num_gpu_blocks=num_gpu_blocks,
+            EngineConfig(
+                MODEL,
+                device="cpu",
+                dtype="float32",
+                weights="real",
+                spec=spec,
+                max_num_seqs=16,
+                max_model_len=512,
+                num_gpu_blocks=num_gpu_blocks,
+            )
         )
 
 

@@ -14,6 +14,7 @@ from scipy.stats import chisquare
 
 import kvbm
 from engine import llm_engine
+from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.presets import resolve_model
 from engine.runner import ModelRunner, SeqBatchEntry
@@ -40,7 +41,7 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 def _engine(spec: SpecConfig | None, **kw) -> LLMEngine:
     kw.setdefault("num_gpu_blocks", NUM_BLOCKS)
-    return LLMEngine("tiny", device="cpu", block_size=BLOCK, spec=spec, weights="random", **kw)
+    return LLMEngine(EngineConfig("tiny", device="cpu", block_size=BLOCK, spec=spec, weights="random", **kw))
 
 
 def _greedy(engine: LLMEngine, prompts: list[list[int]], n_new: int) -> list[list[int]]:
@@ -187,7 +188,9 @@ def test_draft_rejection_sampling_matches_target_distribution(monkeypatch) -> No
 
     spec = SpecConfig(method="draft", k=2, draft_layers=1, seed=1)
     monkeypatch.setattr(llm_engine, "resolve_model", lambda *a, **kw: src)
-    engine = LLMEngine("tiny-v16", device="cpu", num_gpu_blocks=512, block_size=BLOCK, seed=3, spec=spec)
+    engine = LLMEngine(
+        EngineConfig("tiny-v16", device="cpu", num_gpu_blocks=512, block_size=BLOCK, seed=3, spec=spec)
+    )
     counts = np.zeros((16, 16))
     n, batch = 3000, 250
     for b0 in range(0, n, batch):

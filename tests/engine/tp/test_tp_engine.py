@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from engine.engine_config import EngineConfig
 from engine.errors import ConfigError
 from engine.llm import LLM
 from engine.presets import ModelSource, resolve_model
@@ -76,7 +77,7 @@ def test_engine_refuses_bad_tp_before_starting_workers():
 
 
 def test_executor_sets_multicast_off():
-    ex = TPExecutor("tiny", 2, weights="random", num_blocks=16, **CPU)
+    ex = TPExecutor(EngineConfig("tiny", tp=2, weights="random", num_gpu_blocks=16, **CPU))
     try:
         for key, value in SAFE_ENV.items():
             assert os.environ[key] == value
@@ -115,10 +116,10 @@ def test_tiny_tp2_medusa_deep_paths_move_kv_on_every_rank():
     n = 24
     ref = _generate(1, n=n, weights="random")
     tree = [[0], [1], [2], [0, 0], [1, 0], [1, 1], [1, 1, 0], [1, 1, 1]]
-    engine = LLMEngine(
+    engine = LLMEngine(EngineConfig(
         "tiny", tp=2, spec=SpecConfig(method="medusa", k=3, tree=tree), weights="random",
         max_num_seqs=8, num_gpu_blocks=64, **CPU,
-    )  # fmt: skip
+    ))  # fmt: skip
     try:
         truth = {f"q{i}": r for i, r in enumerate(ref)}
         plen = {f"q{i}": len(p) for i, p in enumerate(PROMPTS)}
@@ -163,9 +164,8 @@ def test_tp3_on_a_six_head_model_equals_tp1():
     base = resolve_model("tiny", weights="random")
     config = base.config.replace(name="tiny-6h", hidden_size=192, num_heads=6, num_kv_heads=3, head_dim=0)
     source = ModelSource(config, "random", None, "bytes", None)
-    kw = dict(num_blocks=16, seed=3, **CPU)
-    ref = _greedy_runner(ModelRunner(source, **kw), [5, 6, 7, 8, 9], 12)
-    with TPExecutor(source, 3, **kw) as ex:
+    ref = _greedy_runner(ModelRunner(source, num_blocks=16, seed=3, **CPU), [5, 6, 7, 8, 9], 12)
+    with TPExecutor(EngineConfig(config.name, tp=3, num_gpu_blocks=16, seed=3, **CPU), source) as ex:
         assert ex.runner.model.layers[0].self_attn.num_kv_heads == 1
         assert _greedy_runner(ex, [5, 6, 7, 8, 9], 12) == ref
 
@@ -181,7 +181,7 @@ def test_smollm2_real_weights_tp3_equals_tp1(smollm2_source, spec_bench_chat_pro
 # -- failures ---------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_dead_rank_raises_clear_error_not_hang():
-    ex = TPExecutor("tiny", 2, weights="random", num_blocks=16, **CPU)
+    ex = TPExecutor(EngineConfig("tiny", tp=2, weights="random", num_gpu_blocks=16, **CPU))
     (pid,) = ex.worker_pids
     ids, pos, meta = ex.prepare([SeqBatchEntry([1, 2, 3], [0], 0)])
     ex.execute(ids, pos, meta, None)
@@ -194,17 +194,19 @@ def test_dead_rank_raises_clear_error_not_hang():
     with pytest.raises(TPWorkerError, match="died"):
         ex.execute(ids, pos, meta, None)
     # the process is free for a new group
-    with TPExecutor("tiny", 2, weights="random", num_blocks=16, **CPU) as again:
+    with TPExecutor(EngineConfig("tiny", tp=2, weights="random", num_gpu_blocks=16, **CPU)) as again:
         _, logits = again.execute(ids, pos, meta, None)
         assert logits.shape == (3, 320) and torch.isfinite(logits).all()
 
 
 PARENT_SCRIPT = """
 import sys, time
+from engine.engine_config import EngineConfig
 from engine.tp import TPExecutor
 
 if __name__ == "__main__":
-    ex = TPExecutor("tiny", 2, weights="random", num_blocks=16, device="cpu", dtype="float32")
+    config = EngineConfig("tiny", tp=2, weights="random", num_gpu_blocks=16, device="cpu", dtype="float32")
+    ex = TPExecutor(config)
     print(ex.worker_pids[0], flush=True)
     time.sleep(600)
 """
