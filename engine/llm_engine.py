@@ -445,8 +445,8 @@ class LLMEngine:
         return min(req.params.max_tokens - len(req.output_token_ids), self.max_model_len - req.num_tokens) - 1
 
     def _pad_drafts(self, drafts: dict[str, list[int]]) -> dict[str, int]:
-        """Pad every decoding sequence's draft to the batch's widest, in place; returns the padded
-        request ids with the number of proposed tokens before their pads (0: no draft at all).
+        """Pad every decoding sequence's draft to one width (``_padded_width``), in place; returns the
+        padded request ids with the number of proposed tokens before their pads (0: no draft at all).
 
         Why: a batch mixing widths (1 + k, 1 + a shorter draft, 1 without one: draft coverage < 1, a
         lookup that found fewer tokens, a request near its max_tokens, speculate=False) runs its forward
@@ -456,13 +456,13 @@ class LLMEngine:
         accepted, so the output is what the sequence would emit without the pad (greedy or sampled,
         speculate=False included; tokens past max_tokens are cut as always), and SpecStats counts pads
         apart from drafts. Only when every sequence of the step decodes (a prefill chunk would break the
-        graph anyway), the widest draft has a verify graph (unless ``pad_drafts`` forces it; never for a
+        graph anyway), a verify graph holds the widest draft (unless ``pad_drafts`` forces it; never for a
         Medusa tree), and every sequence has room for the pads within max_model_len, the step's token
         budget and the free KV blocks (a pad never preempts a sequence); otherwise nothing is padded."""
         if not drafts or self.pad_drafts is False or self.spec is None or self.spec.is_tree:
             return {}
-        width = max(len(d) for d in drafts.values())
-        if self.pad_drafts is None and not self.runner.has_verify_graphs(1 + width):
+        width = self._padded_width(max(len(d) for d in drafts.values()))
+        if width is None:
             return {}
         sched = self.scheduler
         decoding = sched.decode_candidates()
@@ -486,6 +486,18 @@ class LLMEngine:
             drafts[r.request_id] = real + [fill] * (width - len(real))
             padded[r.request_id] = len(real)
         return padded
+
+    def _padded_width(self, longest: int) -> int | None:
+        """The draft width a step pads to: the narrowest with a verify graph that holds the longest
+        draft (a lookup that found 2 of k = 4 tokens still replays the 1 + 4 graph, cheaper on a GPU
+        than an eager 1 + 2 step); without one, the longest draft where ``pad_drafts`` forces padding."""
+        assert self.spec is not None
+        graphed = [
+            q - 1 for q in self.spec.verify_widths if q - 1 >= longest and self.runner.has_verify_graphs(q)
+        ]
+        if graphed:
+            return min(graphed)
+        return longest if self.pad_drafts else None
 
     def _sample_or_verify(
         self, kinds: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor | None

@@ -8,7 +8,8 @@ request 0.1-1 s: on a fresh H200, the first drafting pass of ``profiler validate
 ``warm_up`` runs the engine's own ``step()`` (so the target, the drafter and tensor-parallel ranks all see
 the shapes serving will give them): two prefills, one of them next to a decoding sequence, then for every
 graph batch size from ``max_num_seqs`` down, that many running sequences stepping twice with full drafts
-(the first step of a draft model is its catch-up). It leaves the engine as it found it: no request, every
+(the first step of a draft model is its catch-up) and, with speculation, twice without any draft (the plain
+decode graph of a step where nobody drafts). It leaves the engine as it found it: no request, every
 KV block free, an empty prefix cache.
 """
 
@@ -109,14 +110,16 @@ def _decode_sizes(engine: LLMEngine, context: int, gen: torch.Generator) -> tupl
             if kvbm.capacity.blocks_needed(size, peak, lookahead, bs) > engine.kv_manager.num_free_blocks:
                 skipped.append(size)
                 continue
-            ids = [f"warmup-{size}-{i}" for i in range(size)]
-            add_random_running(engine, ids, context, gen, num_drafting=size)
-            try:
-                for _ in range(STEPS_PER_SIZE):
-                    engine.step()
-            finally:
-                for rid in ids:
-                    engine.abort(rid)
+            # with speculation, a step where no sequence drafts runs the plain decode graph: both
+            for drafting in (size, 0) if spec is not None else (0,):
+                ids = [f"warmup-{size}-{drafting}-{i}" for i in range(size)]
+                add_random_running(engine, ids, context, gen, num_drafting=drafting)
+                try:
+                    for _ in range(STEPS_PER_SIZE):
+                        engine.step()
+                finally:
+                    for rid in ids:
+                        engine.abort(rid)
             stepped.append(size)
     finally:
         engine.proposer = saved

@@ -62,9 +62,10 @@ def test_warm_up_records_the_batch_shapes_it_ran() -> None:
     engine = _engine(SpecConfig(method="ngram", k=3))
     warm_up(engine, context=24)
     shapes = graph_counters(engine)["target"].eager
-    # each decode batch size verified full drafts: 1 + k queries per sequence
+    # each decode batch size verified full drafts (1 + k queries per sequence) and decoded without any
     for size in (9, 8, 4, 2, 1):
         assert shapes[(size, size * 4, 4)] >= 1, sorted(shapes)
+        assert shapes[(size, size, 1)] >= 1, sorted(shapes)
 
 
 def test_warm_up_skips_sizes_the_pool_cannot_hold() -> None:

@@ -109,3 +109,46 @@ def test_partial_draft_coverage_replays_the_verify_graph():
     assert padded == run(None)[1]
     assert engine.spec_stats.num_pad_tokens > 0
     assert engine.runner._verify_graphs[(3, False)].captured_sizes  # the verify graph did replay
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_after_warm_up_serving_captures_nothing_and_decodes_in_graphs(method):
+    """engine serve's warm-up steps every batch bucket and width first; then a run whose drafts differ in
+    width (requests ending at different max_tokens, one with speculate=False, lookups finding fewer
+    tokens) captures no target graph and runs no target decode step eagerly (every decode batch is
+    padded to one width), and its greedy output equals plain decoding."""
+    from engine.engine_config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling import SamplingParams
+    from engine.spec import SpecConfig
+    from engine.warmup import warm_up
+
+    def run(spec):
+        config = EngineConfig(
+            "tiny", dtype="float32", device="cuda", num_gpu_blocks=256, max_num_seqs=4, weights="random",
+            spec=spec,
+        )  # fmt: skip
+        engine = LLMEngine(config)
+        if spec is not None:
+            assert warm_up(engine, context=32).batch_sizes == [4, 2, 1]
+        engine.runner.graph_counters.reset()
+        for i in range(4):
+            params = SamplingParams(max_tokens=9 + 3 * i, ignore_eos=True, speculate=i != 1)
+            engine.add_request(f"r{i}", [5, 6, 7, 8] * 4 + list(range(3 + i, 9 + i)), params)
+        out = {}
+        while engine.has_unfinished():
+            out.update({o.request_id: list(o.token_ids) for o in engine.step() if o.finished})
+        return engine, out
+
+    spec = (
+        SpecConfig(method="ngram", k=3)
+        if method == "ngram"
+        else SpecConfig(method="draft", k=2, draft_layers=1)
+    )
+    engine, out = run(spec)
+    assert out == run(None)[1]
+    counters = engine.runner.graph_counters
+    assert counters.captures == 0 and counters.replays > 0
+    decode_eager = {shape: n for shape, n in counters.eager.items() if shape[2] <= 1 + spec.k}
+    assert not decode_eager, decode_eager  # only the prompts' prefill step ran eagerly

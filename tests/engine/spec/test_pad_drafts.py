@@ -174,3 +174,15 @@ class _NoFreeBlocks:
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
+
+
+def test_short_lookups_pad_up_to_the_graphed_width(v16) -> None:
+    """Where only the 1 + k verify graph exists, a step whose lookups all found fewer than k tokens is
+    padded to k (one graph replay) rather than left at its own, ungraphed width."""
+    plain = _run(_engine(None))
+    engine = _engine(SpecConfig(method="ngram", k=3))  # pad_drafts auto: only where a graph replays
+    engine.runner.has_verify_graphs = lambda q, tree=False: q == 4
+    assert _run(engine) == plain
+    shapes = engine.runner.graph_counters.eager
+    verify = {shape for shape in shapes if 1 < shape[2] <= 4}
+    assert verify and all(q == 4 and tokens == seqs * 4 for seqs, tokens, q in verify), sorted(verify)
