@@ -163,76 +163,100 @@ class IdState:
         self.version = 0
 
 
+def _version_doc(base_doc: dict, pid: str, version: int) -> dict:
+    """The base profile as version ``version`` of ``pid``: the version is in the model name, which every
+    plan answer carries."""
+    doc = json.loads(json.dumps(base_doc))
+    doc["metadata"]["model"]["name"] = f"{pid}-v{version}"
+    return doc
+
+
+def _query(rng: random.Random, pid: str) -> dict:
+    return {"itl_ms": rng.choice([10, 15, 20, 30, 50]), "isl": rng.choice([128, 512, 1024]), "profile": pid}
+
+
+class Race:
+    """What the client threads share: each id's state, the answer counters and the stale answers."""
+
+    def __init__(self, ids: list[str], base_doc: dict, write_share: float) -> None:
+        self.ids = ids
+        self.base_doc = base_doc
+        self.write_share = write_share
+        self.state = {pid: IdState() for pid in ids}
+        self.totals: Counter[str] = Counter()
+        self.status: Counter[int] = Counter()
+        self.stale: list[str] = []
+        self._guard = threading.Lock()
+
+    def record(self, code: int | None = None, **counts: int) -> None:
+        with self._guard:
+            self.totals.update(counts)
+            if code is not None:
+                self.status[code] += 1
+
+    def client(self, n: int, base: str, stop_at: float) -> None:
+        """One client until ``stop_at``: an overwrite when its draw says so and no other client is
+        writing that id, else a plan query."""
+        rng = random.Random(n)
+        with httpx.Client(base_url=base, timeout=120) as c:
+            while time.monotonic() < stop_at:
+                pid = rng.choice(self.ids)
+                st = self.state[pid]
+                if rng.random() < self.write_share and st.lock.acquire(blocking=False):
+                    try:
+                        self._overwrite(c, rng, pid, st)
+                    finally:
+                        st.lock.release()
+                else:
+                    self._read(c, rng, pid, st)
+
+    def _overwrite(self, c: httpx.Client, rng: random.Random, pid: str, st: IdState) -> None:
+        """Post the id's next version (the caller holds its lock); after a 201 the writer's own plan
+        query must already carry that version."""
+        version = st.version + 1
+        doc = _version_doc(self.base_doc, pid, version)
+        st.seq += 1  # odd: a write is in flight
+        r = c.post("/profiles", params={"id": pid, "overwrite": "true"}, json=doc)
+        if r.status_code == 201:
+            st.version = version
+        st.seq += 1
+        self.record(r.status_code, writes=1, writes_ok=int(r.status_code == 201))
+        if r.status_code != 201:
+            return
+        got = c.get("/plan", params=_query(rng, pid))
+        self.record(got.status_code)
+        if got.status_code == 200:
+            self.record(checked=1, checked_after_own_201=1)
+            self._check(pid, version, got)
+
+    def _read(self, c: httpx.Client, rng: random.Random, pid: str, st: IdState) -> None:
+        """A plan query, checked only when no overwrite of the id was in flight from before it was sent
+        until its answer arrived."""
+        seq0, expected = st.seq, st.version
+        got = c.get("/plan", params=_query(rng, pid))
+        self.record(got.status_code, reads=1)
+        if got.status_code != 200 or seq0 % 2 or st.seq != seq0:
+            return
+        self.record(checked=1)
+        self._check(pid, expected, got)
+
+    def _check(self, pid: str, version: int, got: httpx.Response) -> None:
+        if got.json()["model"] != f"{pid}-v{version}":
+            self.stale.append(f"{pid}: acknowledged v{version}, served {got.json()['model']}")
+
+
 def run_race(work: Path, clients: int, duration: float, n_ids: int, write_share: float) -> dict:
     base_doc = json.loads(SYN.read_text())
     ids = [f"p{i}" for i in range(n_ids)]
     profiles = work / "race"
     profiles.mkdir()
     for pid in ids:
-        doc = json.loads(json.dumps(base_doc))
-        doc["metadata"]["model"]["name"] = f"{pid}-v0"
-        (profiles / f"{pid}.json").write_text(json.dumps(doc))
-    state = {pid: IdState() for pid in ids}
-    totals: Counter[str] = Counter()
-    status: Counter[int] = Counter()
-    stale: list[str] = []
-    guard = threading.Lock()
-
-    def record(code: int | None = None, **counts: int) -> None:
-        with guard:
-            totals.update(counts)
-            if code is not None:
-                status[code] += 1
-
-    def query(rng: random.Random, pid: str) -> dict:
-        return {
-            "itl_ms": rng.choice([10, 15, 20, 30, 50]),
-            "isl": rng.choice([128, 512, 1024]),
-            "profile": pid,
-        }
-
-    def one_client(n: int, base: str, stop_at: float) -> None:
-        rng = random.Random(n)
-        with httpx.Client(base_url=base, timeout=120) as c:
-            while time.monotonic() < stop_at:
-                pid = rng.choice(ids)
-                st = state[pid]
-                if rng.random() < write_share and st.lock.acquire(blocking=False):
-                    try:
-                        version = st.version + 1
-                        doc = json.loads(json.dumps(base_doc))
-                        doc["metadata"]["model"]["name"] = f"{pid}-v{version}"
-                        st.seq += 1  # odd: a write is in flight
-                        r = c.post("/profiles", params={"id": pid, "overwrite": "true"}, json=doc)
-                        if r.status_code == 201:
-                            st.version = version
-                        st.seq += 1
-                        record(r.status_code, writes=1, writes_ok=int(r.status_code == 201))
-                        if r.status_code == 201:  # the writer's own read right after its 201
-                            got = c.get("/plan", params=query(rng, pid))
-                            record(got.status_code)
-                            if got.status_code == 200:
-                                record(checked=1, checked_after_own_201=1)
-                                if got.json()["model"] != f"{pid}-v{version}":
-                                    stale.append(
-                                        f"{pid}: acknowledged v{version}, served {got.json()['model']}"
-                                    )
-                    finally:
-                        st.lock.release()
-                    continue
-                seq0, expected = st.seq, st.version
-                got = c.get("/plan", params=query(rng, pid))
-                record(got.status_code, reads=1)
-                if got.status_code != 200 or seq0 % 2 or st.seq != seq0:
-                    continue
-                record(checked=1)
-                if got.json()["model"] != f"{pid}-v{expected}":
-                    stale.append(f"{pid}: acknowledged v{expected}, served {got.json()['model']}")
-
+        (profiles / f"{pid}.json").write_text(json.dumps(_version_doc(base_doc, pid, 0)))
+    race = Race(ids, base_doc, write_share)
     with Server(profiles) as srv:
         stop_at = time.monotonic() + duration
         print(f"[race] {clients} clients, {n_ids} profile ids, {duration:g} s ...", flush=True)
-        threads = [threading.Thread(target=one_client, args=(n, srv.base, stop_at)) for n in range(clients)]
+        threads = [threading.Thread(target=race.client, args=(n, srv.base, stop_at)) for n in range(clients)]
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -244,11 +268,11 @@ def run_race(work: Path, clients: int, duration: float, n_ids: int, write_share:
         "profile_ids": n_ids,
         "duration_s": round(elapsed, 1),
         "write_share": write_share,
-        **dict(totals),
-        "status": dict(sorted(status.items())),
-        "server_errors": sum(v for k, v in status.items() if k >= 500),
-        "stale": len(stale),
-        "stale_examples": stale[:5],
+        **dict(race.totals),
+        "status": dict(sorted(race.status.items())),
+        "server_errors": sum(v for k, v in race.status.items() if k >= 500),
+        "stale": len(race.stale),
+        "stale_examples": race.stale[:5],
     }
 
 

@@ -412,61 +412,76 @@ class KVCacheManager:
         rule of the module docstring applies: blocks wholly past ``max(num_computed, num_reserved)``
         go back to the pool before this returns (unless ``release_lookahead=False``).
         """
-        try:
-            seq = self._seqs.get(seq_id)
-        except TypeError:
-            raise _unhashable("commit", seq_id) from None
-        if seq is None:
-            raise UnknownSequenceError("commit", seq_id)
+        seq = self._get("commit", seq_id)
         if type(num_tokens) is not int or num_tokens < 0:
             num_tokens = as_count("commit", "num_tokens", num_tokens, seq_id)
         start = seq.num_computed
         computed = start + num_tokens
         if computed > seq.num_granted:
             raise CommitBeyondGrantedError(seq_id, num_tokens, start, seq.num_granted)
-        bs = self._block_size
         if self._caching:
-            known = seq.token_ids
-            if token_ids is not None:
-                if start == len(known) and len(token_ids) == num_tokens:  # the decode fast path
-                    try:
-                        known.extend(token_ids)
-                    except (TypeError, OverflowError):
-                        del known[start:]  # array.extend may have appended a prefix
-                        self._as_array("commit", seq_id, token_ids)  # raises the clear error
-                        raise
-                else:
-                    known.extend(self._new_ids("commit", seq_id, seq, start, num_tokens, token_ids))
-            elif computed > len(known):
-                raise TokenIdsError(
-                    f"commit: sequence {seq_id!r}: ids are known for {len(known)} tokens but {computed} "
-                    f"would be computed; pass token_ids for the {num_tokens} committed tokens"
-                )
+            self._record_ids(seq_id, seq, num_tokens, token_ids)
             seq.num_computed = computed
-            if computed // bs > len(seq.hashes):
-                self._cache_full_blocks(seq, computed // bs)
+            num_full = computed // self._block_size
+            if num_full > len(seq.hashes):
+                self._cache_full_blocks(seq, num_full)
         else:
             if token_ids is not None:
-                if len(token_ids) != num_tokens:
-                    raise TokenIdsError(
-                        f"commit: sequence {seq_id!r}: len(token_ids) must equal num_tokens, "
-                        f"got {len(token_ids)} ids for num_tokens={num_tokens}"
-                    )
-                self._as_array("commit", seq_id, token_ids)
+                self._check_ids_uncached(seq_id, num_tokens, token_ids)
             seq.num_computed = computed
         keep = computed if computed > seq.num_reserved else seq.num_reserved
         seq.num_reserved = keep
         seq.num_granted = keep
         if self._release_lookahead:
-            blocks = seq.blocks
-            keep_blocks = -(-keep // bs)
-            extra = len(blocks) - keep_blocks
-            if extra > 0:
-                tail = blocks[keep_blocks:]
-                del blocks[keep_blocks:]
-                tail.reverse()
-                self._pool.release(tail)
-                self._counters.lookahead_blocks_released += extra
+            self._release_past(seq, keep)
+
+    def _record_ids(
+        self, seq_id: Hashable, seq: _Seq, num_tokens: int, token_ids: Sequence[int] | None
+    ) -> None:
+        """With prefix caching, every computed token's id must be known (full blocks are hashed from
+        them): append the ids of the ``num_tokens`` being committed, or refuse a commit past the known
+        ids when none are given. Called before ``num_computed`` moves."""
+        known = seq.token_ids
+        start = seq.num_computed
+        if token_ids is None:
+            if start + num_tokens > len(known):
+                raise TokenIdsError(
+                    f"commit: sequence {seq_id!r}: ids are known for {len(known)} tokens but "
+                    f"{start + num_tokens} would be computed; pass token_ids for the {num_tokens} "
+                    "committed tokens"
+                )
+            return
+        if start == len(known) and len(token_ids) == num_tokens:  # the decode fast path
+            try:
+                known.extend(token_ids)
+            except (TypeError, OverflowError):
+                del known[start:]  # array.extend may have appended a prefix
+                self._as_array("commit", seq_id, token_ids)  # raises the clear error
+                raise
+        else:
+            known.extend(self._new_ids("commit", seq_id, seq, start, num_tokens, token_ids))
+
+    def _check_ids_uncached(self, seq_id: Hashable, num_tokens: int, token_ids: Sequence[int]) -> None:
+        """Without prefix caching the ids are not kept, but bad ones are still the caller's bug."""
+        if len(token_ids) != num_tokens:
+            raise TokenIdsError(
+                f"commit: sequence {seq_id!r}: len(token_ids) must equal num_tokens, "
+                f"got {len(token_ids)} ids for num_tokens={num_tokens}"
+            )
+        self._as_array("commit", seq_id, token_ids)
+
+    def _release_past(self, seq: _Seq, keep: int) -> None:
+        """The lookahead rule: blocks wholly past ``keep`` tokens go back to the pool, tail first (as
+        ``free`` releases), so the next step's allocation takes them back in table order."""
+        blocks = seq.blocks
+        keep_blocks = -(-keep // self._block_size)
+        extra = len(blocks) - keep_blocks
+        if extra > 0:
+            tail = blocks[keep_blocks:]
+            del blocks[keep_blocks:]
+            tail.reverse()
+            self._pool.release(tail)
+            self._counters.lookahead_blocks_released += extra
 
     def _cache_full_blocks(self, seq: _Seq, num_full: int) -> None:
         """Hash and register the sequence's full committed blocks ``len(seq.hashes) .. num_full``."""

@@ -142,101 +142,158 @@ def run_trace(
     rng = random.Random(cfg.seed)
     waiting = _make_requests(cfg, rng)
     mgr = KVCacheManager(cfg.num_blocks, cfg.block_size, release_lookahead=release_lookahead)
-    res = TraceResult(release_lookahead=release_lookahead)
+    res = TraceResult(release_lookahead=release_lookahead, op_ns={name: [0, 0] for name in OPS})
     running: dict[int, _Req] = {}  # insertion order = admission order
-    ns = time.thread_time_ns
-    wall = time.perf_counter_ns
-    ops = res.op_ns
-    for name in OPS:
-        ops[name] = [0, 0]
-    allocate, commit, free, block_table = mgr.allocate, mgr.commit, mgr.free, mgr.block_table
-    vocab, k, coverage, acceptance = cfg.vocab_size, cfg.k, cfg.draft_coverage, cfg.acceptance
     while (waiting or running) and (max_steps is None or res.steps < max_steps):
-        # decisions for this step, drawn before the timer: (lookahead, tokens to commit, their ids)
-        plan: dict[int, tuple[int, int, list[int]]] = {}
-        for rid in running:
-            n_draft = k if rng.random() < coverage else 0
-            acc = 0
-            while acc < n_draft and rng.random() < acceptance:
-                acc += 1
-            plan[rid] = (n_draft, 1 + acc, [rng.randrange(vocab) for _ in range(1 + acc)])
-        preempted = 0
-        w0 = wall()
-        t0 = ns()
-        # 1. lookahead allocation for the running, preempting the newest on failure
-        batch: list[int] = []
-        for rid, (n_draft, _, _) in plan.items():
-            if rid not in running:
-                continue  # preempted earlier in this loop
-            if allocate(rid, 1, n_draft) is not None:
-                batch.append(rid)
-            else:
-                preempted += _preempt(mgr, rid, n_draft, running, waiting, batch)
-        t1 = ns()
-        # 2. admission with what is left
-        admitted = []
-        while waiting and len(running) < cfg.max_running:
-            req = waiting[0]
-            if allocate(req.rid, len(req.prompt), 0, token_ids=req.prompt) is None:
-                if not running:
-                    raise ValueError(
-                        f"run_trace: request {req.rid} ({len(req.prompt)} prompt tokens) does not fit "
-                        f"in an empty pool of {cfg.num_blocks} blocks of {cfg.block_size}"
-                    )
-                break
-            commit(req.rid, len(req.prompt) - mgr.num_computed_tokens(req.rid))
-            waiting.popleft()
-            running[req.rid] = req
-            admitted.append(req.rid)
-        t2 = ns()
-        # 3. block tables for the forward pass
-        for rid in batch:
-            block_table(rid)
-        for rid in admitted:
-            block_table(rid)
-        held_peak = cfg.num_blocks - mgr.num_free_blocks
-        t3 = ns()
-        # 4. verification results
-        for rid in batch:
-            commit(rid, plan[rid][1], plan[rid][2])
-        t4 = ns()
-        # 5. departures
-        finished = []
-        for rid in batch:
-            req = running[rid]
-            req.remaining -= plan[rid][1]
-            if req.remaining <= 0:
-                finished.append(rid)
-                del running[rid]
-        t5 = ns()
-        for rid in finished:
-            free(rid)
-        t6 = ns()
-        res.step_wall_ns.append(wall() - w0)
-        step = (t6 - t0) - (t5 - t4)  # leave out the simulator's own bookkeeping of phase 5
-        res.step_ns.append(step)
-        if not (preempted or admitted or finished):
-            res.decode_step_ns.append(step)
-        for name, calls, elapsed in (
-            ("allocate (1 + k lookahead)", len(batch), t1 - t0),
-            ("admit (allocate prompt + commit prefill)", len(admitted), t2 - t1),
-            ("block_table", len(batch) + len(admitted), t3 - t2),
-            ("commit (1 + accepted)", len(batch), t4 - t3),
-            ("free (finished)", len(finished), t6 - t5),
-        ):
-            entry = ops[name]
-            entry[0] += calls
-            entry[1] += elapsed
-        res.steps += 1
-        res.finished += len(finished)
-        res.preemptions += preempted
-        res.tokens_generated += sum(plan[rid][1] for rid in batch)
-        res.held_peak_sum += held_peak
-        res.held_peak_max = max(res.held_peak_max, held_peak)
-        res.held_after_sum += cfg.num_blocks - mgr.num_free_blocks
-        res.running_sum += len(batch)
-        res.usage_trace.append(mgr.usage)
+        step = _Step(_draw(cfg, rng, running))
+        _run_step(mgr, cfg, step, running, waiting)
+        _tally(res, step, held_after=cfg.num_blocks - mgr.num_free_blocks, usage=mgr.usage)
     metrics = mgr.metrics()
     res.prefix_hit_rate = metrics.prefix_hit_rate
     res.lookahead_blocks_released = metrics.lookahead_blocks_released
     return res
+
+
+@dataclass
+class _Step:
+    """What one scheduler step did, with its clock readings; the result's counters come from it."""
+
+    plan: dict[int, tuple[int, int, list[int]]]  # rid -> (lookahead, tokens to commit, their ids)
+    batch: list[int] = field(default_factory=list)  # running sequences that got their lookahead
+    preempted: int = 0
+    admitted: list[int] = field(default_factory=list)
+    finished: list[int] = field(default_factory=list)
+    held_peak: int = 0  # blocks held after the step's allocations
+    clock: list[int] = field(default_factory=list)  # thread CPU time at each phase boundary
+    wall_ns: int = 0
+
+
+def _draw(
+    cfg: TraceConfig, rng: random.Random, running: dict[int, _Req]
+) -> dict[int, tuple[int, int, list[int]]]:
+    """Every random decision of a step, drawn before its timer starts: per running sequence, its
+    lookahead, the tokens verification accepts plus the bonus token, and their ids."""
+    plan: dict[int, tuple[int, int, list[int]]] = {}
+    for rid in running:
+        n_draft = cfg.k if rng.random() < cfg.draft_coverage else 0
+        acc = 0
+        while acc < n_draft and rng.random() < cfg.acceptance:
+            acc += 1
+        plan[rid] = (n_draft, 1 + acc, [rng.randrange(cfg.vocab_size) for _ in range(1 + acc)])
+    return plan
+
+
+def _run_step(
+    mgr: KVCacheManager, cfg: TraceConfig, step: _Step, running: dict[int, _Req], waiting: deque[_Req]
+) -> None:
+    """Phases 1-5 of the module docstring, the clock read at each boundary."""
+    ns = time.thread_time_ns
+    block_table, commit, free = mgr.block_table, mgr.commit, mgr.free
+    plan, clock = step.plan, step.clock
+    w0 = time.perf_counter_ns()
+    clock.append(ns())
+    step.batch, step.preempted = _allocate_lookahead(mgr, plan, running, waiting)
+    clock.append(ns())
+    step.admitted = _admit(mgr, cfg, running, waiting)
+    clock.append(ns())
+    for rid in step.batch:
+        block_table(rid)
+    for rid in step.admitted:
+        block_table(rid)
+    step.held_peak = cfg.num_blocks - mgr.num_free_blocks
+    clock.append(ns())
+    for rid in step.batch:
+        commit(rid, plan[rid][1], plan[rid][2])
+    clock.append(ns())
+    step.finished = _departures(step.batch, plan, running)
+    clock.append(ns())
+    for rid in step.finished:
+        free(rid)
+    clock.append(ns())
+    step.wall_ns = time.perf_counter_ns() - w0
+
+
+def _allocate_lookahead(
+    mgr: KVCacheManager,
+    plan: dict[int, tuple[int, int, list[int]]],
+    running: dict[int, _Req],
+    waiting: deque[_Req],
+) -> tuple[list[int], int]:
+    """Phase 1: the running sequences' lookahead, preempting the newest on failure; the sequences that
+    got theirs and the number preempted."""
+    allocate = mgr.allocate
+    batch: list[int] = []
+    preempted = 0
+    for rid, (n_draft, _, _) in plan.items():
+        if rid not in running:
+            continue  # preempted earlier in this loop
+        if allocate(rid, 1, n_draft) is not None:
+            batch.append(rid)
+        else:
+            preempted += _preempt(mgr, rid, n_draft, running, waiting, batch)
+    return batch, preempted
+
+
+def _admit(
+    mgr: KVCacheManager, cfg: TraceConfig, running: dict[int, _Req], waiting: deque[_Req]
+) -> list[int]:
+    """Phase 2: waiting requests, first come first served, while a slot and the blocks for the prompt
+    remain; each prefill completes within the step. A prompt that no empty pool can hold is an error
+    (the trace would never finish)."""
+    allocate, commit = mgr.allocate, mgr.commit
+    admitted: list[int] = []
+    while waiting and len(running) < cfg.max_running:
+        req = waiting[0]
+        if allocate(req.rid, len(req.prompt), 0, token_ids=req.prompt) is None:
+            if not running:
+                raise ValueError(
+                    f"run_trace: request {req.rid} ({len(req.prompt)} prompt tokens) does not fit "
+                    f"in an empty pool of {cfg.num_blocks} blocks of {cfg.block_size}"
+                )
+            break
+        commit(req.rid, len(req.prompt) - mgr.num_computed_tokens(req.rid))
+        waiting.popleft()
+        running[req.rid] = req
+        admitted.append(req.rid)
+    return admitted
+
+
+def _departures(
+    batch: list[int], plan: dict[int, tuple[int, int, list[int]]], running: dict[int, _Req]
+) -> list[int]:
+    """Phase 5's bookkeeping: count each sequence's committed tokens; those done leave ``running``."""
+    finished = []
+    for rid in batch:
+        req = running[rid]
+        req.remaining -= plan[rid][1]
+        if req.remaining <= 0:
+            finished.append(rid)
+            del running[rid]
+    return finished
+
+
+def _tally(res: TraceResult, step: _Step, *, held_after: int, usage: float) -> None:
+    """Add one step to the result. Its time leaves out the simulator's own bookkeeping of phase 5;
+    a step without admission, departure or preemption also counts as a pure decode step."""
+    t0, t1, t2, t3, t4, t5, t6 = step.clock
+    batch, admitted, finished = step.batch, step.admitted, step.finished
+    res.step_wall_ns.append(step.wall_ns)
+    elapsed = (t6 - t0) - (t5 - t4)
+    res.step_ns.append(elapsed)
+    if not (step.preempted or admitted or finished):
+        res.decode_step_ns.append(elapsed)
+    calls = (len(batch), len(admitted), len(batch) + len(admitted), len(batch), len(finished))
+    phases = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t6 - t5)
+    for name, n, ns in zip(OPS, calls, phases, strict=True):
+        entry = res.op_ns[name]
+        entry[0] += n
+        entry[1] += ns
+    res.steps += 1
+    res.finished += len(finished)
+    res.preemptions += step.preempted
+    res.tokens_generated += sum(step.plan[rid][1] for rid in batch)
+    res.held_peak_sum += step.held_peak
+    res.held_peak_max = max(res.held_peak_max, step.held_peak)
+    res.held_after_sum += held_after
+    res.running_sum += len(batch)
+    res.usage_trace.append(usage)

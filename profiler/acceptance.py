@@ -362,70 +362,106 @@ def measure_entries(
 
 def run_acceptance(a: argparse.Namespace) -> int:
     """Entry point of ``profiler acceptance`` (arguments defined in profiler/cli.py)."""
-    import gc
     import shlex
 
-    from profiler.prompts import SPEC_BENCH
-
     try:
-        ks = parse_ks(a.k)
-        max_tokens = int(a.max_tokens)
-        if max_tokens < 2:
-            raise AcceptanceError(f"max_tokens: must be >= 2, got {max_tokens}")
-        limit = getattr(a, "limit", None)
-        if limit is not None and limit < 1:
-            raise AcceptanceError(f"limit: must be >= 1 prompt per category, got {limit}")
-        batch = int(getattr(a, "batch", 8))
-        if batch < 1:
-            raise AcceptanceError(f"batch: must be >= 1, got {batch}")
-        check_real_weights(a.model)
-        dataset = Path(a.dataset) if a.dataset else SPEC_BENCH
-        categories = getattr(a, "categories", None) or None
-        if categories:
-            known = {p.category for p in load_prompts(dataset)}
-            unknown = sorted(set(categories) - known)
-            if unknown:
-                raise AcceptanceError(f"categories: {unknown} not in {dataset.name} (has {sorted(known)})")
-        prompts = tokenized(
-            a.model, load_prompts(dataset, categories=categories), chat=True, room=max_tokens + max(ks) + 1,
-            per_category=limit,
-        )  # fmt: skip
-        from engine.spec.config import SpecConfig
-
-        if a.method not in SPEC_METHODS:
-            raise AcceptanceError(f"method: must be one of {', '.join(SPEC_METHODS)}, got {a.method!r}")
-        for k in ks:  # every bad drafter option fails before the first model loads
-            SpecConfig(**spec_fields(a.method, k, a))
+        run = _checked_run(a)
     except (AcceptanceError, ValueError) as exc:
         print(f"profiler acceptance: {exc}", file=sys.stderr)
         return 2
-    if prompts.skipped:
-        print(f"acceptance: passed over {prompts.skipped} prompt(s) longer than the model's context allows",
+    skipped = run.prompts.skipped
+    if skipped:
+        print(f"acceptance: passed over {skipped} prompt(s) longer than the model's context allows",
               file=sys.stderr)  # fmt: skip
     command = shlex.join(["profiler", *sys.argv[1:]])
     out: Path | None = Path(a.out) if getattr(a, "out", None) else None
-    progress = not getattr(a, "no_progress", False)
-    results = []
-    for k in ks:
-        res, entries, llm = measure_entries(
-            a.model, spec_fields(a.method, k, a), prompts, dataset=dataset.name, max_tokens=max_tokens,
-            batch=batch, device=getattr(a, "device", None), progress=progress,
-        )  # fmt: skip
-        results.append(res)
-        if out is not None:
-            for entry in entries:
-                append_point(out, entry, None if out.exists() else _metadata_from(llm, a.model, command))
-        settings = entries[0].drafter_settings if entries else None
-        print(
-            f"{a.method} k={k} {settings or ''}: coverage {res.overall.coverage:.3f}, tokens/step "
-            f"{res.overall.tokens_per_step(k):.3f} over {res.overall.decode_steps} decode steps"
-            + (f" -> {out} ({len(entries)} entries)" if out else ""),
-            flush=True,
-        )
-        del llm
-        gc.collect()
+    results = [_measure_k(a, run, k, out, command) for k in run.ks]
     print(table(results))
     return 0
+
+
+@dataclass
+class _AcceptanceRun:
+    """The checked arguments of one ``profiler acceptance`` run."""
+
+    ks: list[int]
+    max_tokens: int
+    batch: int
+    dataset: Path
+    prompts: PromptSet
+
+
+def _checked_run(a: argparse.Namespace) -> _AcceptanceRun:
+    """Every argument checked, and the prompts tokenized, before the first model loads (an
+    AcceptanceError or ValueError names the bad one)."""
+    from profiler.prompts import SPEC_BENCH
+
+    ks = parse_ks(a.k)
+    max_tokens = int(a.max_tokens)
+    if max_tokens < 2:
+        raise AcceptanceError(f"max_tokens: must be >= 2, got {max_tokens}")
+    limit = getattr(a, "limit", None)
+    if limit is not None and limit < 1:
+        raise AcceptanceError(f"limit: must be >= 1 prompt per category, got {limit}")
+    batch = int(getattr(a, "batch", 8))
+    if batch < 1:
+        raise AcceptanceError(f"batch: must be >= 1, got {batch}")
+    check_real_weights(a.model)
+    dataset = Path(a.dataset) if a.dataset else SPEC_BENCH
+    categories = getattr(a, "categories", None) or None
+    if categories:
+        _check_categories(dataset, categories)
+    prompts = tokenized(
+        a.model, load_prompts(dataset, categories=categories), chat=True, room=max_tokens + max(ks) + 1,
+        per_category=limit,
+    )  # fmt: skip
+    _check_drafter(a, ks)
+    return _AcceptanceRun(ks, max_tokens, batch, dataset, prompts)
+
+
+def _check_categories(dataset: Path, categories: list[str]) -> None:
+    """Categories the dataset does not have would measure nothing."""
+    known = {p.category for p in load_prompts(dataset)}
+    unknown = sorted(set(categories) - known)
+    if unknown:
+        raise AcceptanceError(f"categories: {unknown} not in {dataset.name} (has {sorted(known)})")
+
+
+def _check_drafter(a: argparse.Namespace, ks: list[int]) -> None:
+    """The method and its drafter options, through SpecConfig for every k."""
+    from engine.spec.config import SpecConfig
+
+    if a.method not in SPEC_METHODS:
+        raise AcceptanceError(f"method: must be one of {', '.join(SPEC_METHODS)}, got {a.method!r}")
+    for k in ks:
+        SpecConfig(**spec_fields(a.method, k, a))
+
+
+def _measure_k(
+    a: argparse.Namespace, run: _AcceptanceRun, k: int, out: Path | None, command: str
+) -> AcceptanceResult:
+    """Measure one k, append its entries to ``out`` (the file's first entry brings the metadata) and
+    print its line; the engine is released before the next k loads its own."""
+    import gc
+
+    res, entries, llm = measure_entries(
+        a.model, spec_fields(a.method, k, a), run.prompts, dataset=run.dataset.name,
+        max_tokens=run.max_tokens, batch=run.batch, device=getattr(a, "device", None),
+        progress=not getattr(a, "no_progress", False),
+    )  # fmt: skip
+    if out is not None:
+        for entry in entries:
+            append_point(out, entry, None if out.exists() else _metadata_from(llm, a.model, command))
+    settings = entries[0].drafter_settings if entries else None
+    print(
+        f"{a.method} k={k} {settings or ''}: coverage {res.overall.coverage:.3f}, tokens/step "
+        f"{res.overall.tokens_per_step(k):.3f} over {res.overall.decode_steps} decode steps"
+        + (f" -> {out} ({len(entries)} entries)" if out else ""),
+        flush=True,
+    )
+    del llm
+    gc.collect()
+    return res
 
 
 def given_acceptance(method: str, k: int, alpha: float, why: str) -> Acceptance:

@@ -8,18 +8,19 @@ measurement, naming the field and the value.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import configs
-from common.methods import METHODS, WEIGHT_KINDS
+from common.methods import EngineMethod, Weights
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = configs.DEFAULT_SWEEP
-BACKENDS = ("engine", "http", "vllm", "hf")
+Backend = Literal["engine", "http", "vllm", "hf"]
 
 
 class GridError(ValueError):
@@ -45,124 +46,92 @@ class PointSpec:
         return f"tp={self.tp} {self.method} k={self.k} c={self.concurrency} L={self.context_len}{cov}"
 
 
-@dataclass
-class SweepConfig:
-    model: str
-    backend: str = "engine"
-    tp: list[int] = field(default_factory=lambda: [1])
-    method: list[str] = field(default_factory=lambda: ["none"])
-    k: list[int] = field(default_factory=lambda: [0])
-    concurrency: list[int] = field(default_factory=lambda: [1])
-    context: list[int] = field(default_factory=lambda: [512])
-    steps: int = 12
-    warmup: int = 3
-    coverage: list[float] = field(default_factory=lambda: [1.0])  # engine backend: draft coverages
-    min_repeats: int = 1  # engine backend: repeats of `steps` timed steps until the median settles
-    max_repeats: int = 1
-    repeat_tol: float = 0.02  # relative move of the running median that counts as settled
-    prefill_lens: list[int] = field(default_factory=list)
+PositiveInt = Annotated[int, Field(ge=1)]
+NonEmpty = Field(min_length=1)
+
+
+class SweepConfig(BaseModel):
+    """A sweep grid, checked when it is built: the field types and bounds below, then the rules that tie
+    fields together. Any problem is a ``GridError`` that names each bad field and its value."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: Annotated[str, Field(min_length=1)]  # a model preset name or path
+    backend: Backend = "engine"
+    tp: Annotated[list[PositiveInt], NonEmpty] = [1]
+    method: Annotated[list[EngineMethod], NonEmpty] = ["none"]
+    k: Annotated[list[Annotated[int, Field(ge=0)]], NonEmpty] = [0]
+    concurrency: Annotated[list[PositiveInt], NonEmpty] = [1]
+    context: Annotated[list[PositiveInt], NonEmpty] = [512]
+    steps: PositiveInt = 12
+    warmup: Annotated[int, Field(ge=0)] = 3
+    coverage: Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], NonEmpty] = [1.0]  # engine: drafts
+    min_repeats: PositiveInt = 1  # engine backend: repeats of `steps` timed steps until the median settles
+    max_repeats: PositiveInt = 1
+    # relative move of the running median that counts as settled
+    repeat_tol: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.02
+    prefill_lens: list[PositiveInt] = []
     draft_model: str | None = None
-    sla_itl_ms: float = 25.0
-    acceptance: float | None = None
+    sla_itl_ms: Annotated[float, Field(gt=0.0)] = 25.0
+    acceptance: Annotated[float, Field(ge=0.0, le=1.0)] | None = None  # per-position acceptance
     dtype: str = "auto"
     url: str | None = None  # http backend
     served_model: str | None = None  # http/vllm: the model name requests carry
     vllm_python: str | None = None
-    max_tokens: int = 64
+    max_tokens: PositiveInt = 64
     requests_per_point: int | None = None  # http: default 2 x concurrency
     # Acceptance: measured with real weights on the shipped Spec-Bench prompts (engine backend), read
     # from the server's counters (http/vllm); never measured with random weights.
     measure_acceptance: bool = True
-    acceptance_prompts: int = 4  # per Spec-Bench category
-    acceptance_batch: int = 8  # prompts running at once (sizes the KV pool)
-    categories: list[str] | None = None  # Spec-Bench categories (None: all)
-    prompt_lookup_min: int | None = None  # ngram window; vLLM's defaults when omitted
-    prompt_lookup_max: int | None = None
-    kv_blocks: int | None = None  # http: the server's KV blocks when its /metrics does not say
-    weights: str | None = None  # http: real|random (a remote server's weights cannot be seen)
+    acceptance_prompts: PositiveInt = 4  # per Spec-Bench category
+    acceptance_batch: PositiveInt = 8  # prompts running at once (sizes the KV pool)
+    categories: list[Annotated[str, Field(min_length=1)]] | None = None  # Spec-Bench categories (None: all)
+    prompt_lookup_min: PositiveInt | None = None  # ngram window; vLLM's defaults when omitted
+    prompt_lookup_max: PositiveInt | None = None
+    kv_blocks: PositiveInt | None = None  # http: the server's KV blocks when its /metrics does not say
+    weights: Weights | None = None  # http: real|random (a remote server's weights cannot be seen)
 
-    def validate(self) -> SweepConfig:
-        def ints(name: str, lo: int) -> None:
-            vals = getattr(self, name)
-            if not isinstance(vals, list) or not vals:
-                raise GridError(f"field '{name}' must be a non-empty list, got {vals!r}")
-            for v in vals:
-                if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                    raise GridError(f"field '{name}': every value must be an integer >= {lo}, got {v!r}")
+    def __init__(self, **fields: Any) -> None:
+        try:
+            super().__init__(**fields)
+        except ValidationError as exc:
+            raise GridError(_describe(exc)) from None
 
-        if not isinstance(self.model, str) or not self.model:
-            raise GridError(f"field 'model' must be a model preset name or path, got {self.model!r}")
-        if self.backend not in BACKENDS:
-            raise GridError(f"field 'backend' must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        ints("tp", 1)
-        ints("k", 0)
-        ints("concurrency", 1)
-        ints("context", 1)
-        for m in self.method:
-            if m not in METHODS:
-                raise GridError(f"field 'method' must hold values from {', '.join(METHODS)}, got {m!r}")
-        if not self.method:
-            raise GridError("field 'method' must be a non-empty list, got []")
+    @model_validator(mode="after")
+    def _k_fits_methods(self) -> SweepConfig:
+        """Speculative methods are measured at k > 0 and method 'none' at k = 0, so the grid needs both."""
         if any(m != "none" for m in self.method) and not any(k > 0 for k in self.k):
-            raise GridError(f"field 'k': speculative methods {self.method} need some k > 0, got {self.k}")
-        if "none" in self.method and 0 not in self.k and self.method == ["none"]:
-            raise GridError(f"field 'k': method 'none' needs k=0, got {self.k}")
-        for name in ("steps", "warmup", "max_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "warmup" else 1):
-                raise GridError(f"field '{name}' must be a positive integer, got {v!r}")
-        for v in self.coverage if isinstance(self.coverage, list) else [self.coverage]:
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
-                raise GridError(f"field 'coverage': every value must be a number in [0, 1], got {v!r}")
-        if not self.coverage:
-            raise GridError("field 'coverage' must be a non-empty list, got []")
-        if not isinstance(self.min_repeats, int) or not 1 <= self.min_repeats <= self.max_repeats:
-            raise GridError(
+            raise ValueError(f"field 'k': speculative methods {self.method} need some k > 0, got {self.k}")
+        if self.method == ["none"] and 0 not in self.k:
+            raise ValueError(f"field 'k': method 'none' needs k=0, got {self.k}")
+        return self
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> SweepConfig:
+        """Fields that are the two ends of one range."""
+        if self.min_repeats > self.max_repeats:
+            raise ValueError(
                 f"fields 'min_repeats'/'max_repeats' need 1 <= min_repeats <= max_repeats, got "
                 f"{self.min_repeats!r}/{self.max_repeats!r}"
             )
-        if not isinstance(self.repeat_tol, int | float) or not 0 < self.repeat_tol < 1:
-            raise GridError(f"field 'repeat_tol' must be a number in (0, 1), got {self.repeat_tol!r}")
-        for v in self.prefill_lens:
-            if not isinstance(v, int) or v < 1:
-                raise GridError(f"field 'prefill_lens': every value must be an integer >= 1, got {v!r}")
-        if self.backend == "http" and not self.url:
-            raise GridError("field 'url' is required for backend 'http' (e.g. --url http://host:8000)")
-        if self.sla_itl_ms <= 0:
-            raise GridError(f"field 'sla_itl_ms' must be > 0, got {self.sla_itl_ms!r}")
-        self._validate_acceptance()
-        return self
-
-    def _validate_acceptance(self) -> None:
-        for name in ("acceptance_prompts", "acceptance_batch"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise GridError(f"field '{name}' must be an integer >= 1, got {v!r}")
-        for name in ("prompt_lookup_min", "prompt_lookup_max", "kv_blocks"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise GridError(f"field '{name}' must be an integer >= 1, got {v!r}")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if lo is not None and hi is not None and lo > hi:
-            raise GridError(f"field 'prompt_lookup_min' ({lo}) must be <= prompt_lookup_max ({hi})")
-        if self.acceptance is not None and not 0.0 <= self.acceptance <= 1.0:
-            raise GridError(
-                f"field 'acceptance' must be a per-position acceptance in [0, 1], got {self.acceptance!r}"
-            )
-        if self.weights is not None and self.weights not in WEIGHT_KINDS:
-            raise GridError(f"field 'weights' must be real or random, got {self.weights!r}")
-        if self.backend == "http" and self.weights is None:
-            raise GridError(
+            raise ValueError(f"field 'prompt_lookup_min' ({lo}) must be <= prompt_lookup_max ({hi})")
+        return self
+
+    @model_validator(mode="after")
+    def _http_says_where_and_what(self) -> SweepConfig:
+        """A remote server is reached by its URL, and its weights cannot be seen from here."""
+        if self.backend != "http":
+            return self
+        if not self.url:
+            raise ValueError("field 'url' is required for backend 'http' (e.g. --url http://host:8000)")
+        if self.weights is None:
+            raise ValueError(
                 "field 'weights' is required for backend 'http': a remote server's weights cannot be seen "
                 "from here (pass --weights real or --weights random)"
             )
-        if self.categories is not None and (
-            not isinstance(self.categories, list)
-            or not all(isinstance(c, str) and c for c in self.categories)
-        ):
-            raise GridError(
-                f"field 'categories' must be a list of Spec-Bench categories, got {self.categories!r}"
-            )
+        return self
 
     def points(self) -> Iterator[PointSpec]:
         """Grid points; method 'none' pairs only with k=0 and speculative methods only with k>0.
@@ -209,15 +178,28 @@ def load_config(
     if path is not None:
         merged.update(_section(Path(path), section))
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = set(SweepConfig.__dataclass_fields__)
-    unknown = sorted(set(merged) - known)
+    return SweepConfig(**merged)
+
+
+def _describe(exc: ValidationError) -> str:
+    """One sentence per problem, each naming the field and the value it was given; unknown fields are
+    listed once, beside the known ones."""
+    parts: list[str] = []
+    unknown: list[str] = []
+    for err in exc.errors():
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden":
+            unknown.append(str(loc[0]))
+        elif err["type"] == "value_error":  # a rule between fields: its message names them
+            parts.append(str(err["ctx"]["error"]))
+        elif err["type"] == "missing":
+            parts.append(f"field '{loc[0]}' is required")
+        else:
+            where = f"'{loc[0]}'" + "".join(f"[{i}]" for i in loc[1:])
+            parts.append(f"field {where}: {err['msg']}, got {err['input']!r}")
     if unknown:
-        raise GridError(f"unknown sweep field(s) {unknown}; known: {sorted(known)}")
-    try:
-        cfg = SweepConfig(**merged)
-    except TypeError as exc:
-        raise GridError(str(exc)) from None
-    return cfg.validate()
+        parts.append(f"unknown sweep field(s) {sorted(unknown)}; known: {sorted(SweepConfig.model_fields)}")
+    return "; ".join(parts)
 
 
 def quick(cfg: SweepConfig) -> SweepConfig:
@@ -227,10 +209,11 @@ def quick(cfg: SweepConfig) -> SweepConfig:
         s = sorted(set(v))
         return s if len(s) <= 2 else [s[0], s[-1]]
 
-    return replace(
-        cfg,
-        concurrency=ends(cfg.concurrency),
-        context=ends(cfg.context),
-        k=ends(cfg.k),
-        steps=min(cfg.steps, 6),
+    return cfg.model_copy(
+        update={
+            "concurrency": ends(cfg.concurrency),
+            "context": ends(cfg.context),
+            "k": ends(cfg.k),
+            "steps": min(cfg.steps, 6),
+        }
     )

@@ -4,6 +4,8 @@ Each request is validated (pydantic, then context length against the model), tur
 and ``SamplingParams``, and handed to the ``AsyncEngine``. Streaming sends one SSE event per engine
 step that produced text; under speculation one event may carry several tokens, as with vLLM.
 A client that goes away mid-request (stream or not) aborts its request at once.
+The routes sit on three routers (health and metrics, models, completions) and share one
+``ServeState`` through ``app.state.serve``.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.errors import RequestError
@@ -88,6 +90,168 @@ def _sampling_params(**kwargs: Any) -> Any:
     return params
 
 
+@dataclass
+class ServeState:
+    """What every route shares, kept on ``app.state.serve``: the engine thread, the model it serves, the
+    metrics registry and how a request's sampling fields become engine parameters."""
+
+    async_engine: AsyncEngine
+    served: ServedModel
+    metrics: ServeMetrics | None
+    params_factory: Callable[..., Any]
+
+    def check_model(self, requested: str | None) -> None:
+        """A request naming another model is a 404, as vLLM answers it."""
+        if not self.served.accepts(requested):
+            raise APIError(
+                f"The model `{requested}` does not exist.", status=404, param="model", kind="NotFoundError"
+            )
+
+    def prepare(
+        self,
+        prompt_ids: list[int],
+        req: CompletionRequest | ChatCompletionRequest,
+        max_tokens: int | None,
+        prefix: str,
+    ) -> _Prepared:
+        """Check the request against the context length and build its sampling parameters."""
+        max_tokens = self._output_budget(len(prompt_ids), max_tokens)
+        kwargs: dict[str, Any] = {"max_tokens": max_tokens, "ignore_eos": req.ignore_eos}
+        kwargs["temperature"] = 1.0 if req.temperature is None else req.temperature
+        if req.top_p is not None:
+            kwargs["top_p"] = req.top_p
+        if req.seed is not None:
+            kwargs["seed"] = req.seed
+        try:
+            params = self.params_factory(**kwargs)
+        except RequestError as exc:
+            raise APIError(str(exc)) from exc
+        return _Prepared(new_id(prefix), prompt_ids, params, max_tokens, req.stop_list())
+
+    def _output_budget(self, n_prompt: int, max_tokens: int | None) -> int:
+        """The output tokens a request may have: what it asked for (the rest of the context if nothing),
+        refused with vLLM's wording when the prompt and the output do not fit the context."""
+        max_len = self.served.max_model_len
+        if n_prompt == 0:
+            raise APIError("prompt: must contain at least one token", param="prompt")
+        if n_prompt >= max_len:
+            raise APIError(
+                f"This model's maximum context length is {max_len} tokens. However, your "
+                f"prompt has {n_prompt} tokens; leave room for at least one output token.",
+                param="prompt",
+            )
+        if max_tokens is None:
+            return max_len - n_prompt
+        if n_prompt + max_tokens > max_len:
+            raise APIError(
+                f"This model's maximum context length is {max_len} tokens. However, you "
+                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the length of the prompt or max_tokens.",
+                param="max_tokens",
+            )
+        return max_tokens
+
+    async def submit(self, p: _Prepared) -> RequestHandle:
+        """Hand a prepared request to the engine thread; a refusal is a 400, a dead engine a 503."""
+        try:
+            return await self.async_engine.submit(
+                p.request_id, p.prompt_ids, p.params, max_tokens=p.max_tokens
+            )
+        except RequestError as exc:
+            raise APIError(str(exc)) from exc
+        except EngineDeadError as exc:
+            raise APIError(str(exc), status=503) from exc
+
+
+def _serve_state(request: Request) -> ServeState:
+    return request.app.state.serve
+
+
+State = Annotated[ServeState, Depends(_serve_state)]
+
+health_router = APIRouter()
+models_router = APIRouter()
+completions_router = APIRouter()
+ROUTERS = (health_router, models_router, completions_router)
+
+
+@health_router.get("/health")
+async def health(state: State) -> Response:
+    if not state.async_engine.running:
+        return JSONResponse(error_body("engine loop is not running", status=503), status_code=503)
+    return Response(status_code=200)
+
+
+@health_router.get("/metrics")
+async def prometheus_metrics(state: State) -> Response:
+    body = state.metrics.exposition() if state.metrics is not None else b""
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+@models_router.get("/v1/models")
+async def models(state: State) -> ModelList:
+    served = state.served
+    names = (served.name, *served.aliases)
+    return ModelList(
+        data=[ModelCard(id=n, created=served.created, max_model_len=served.max_model_len) for n in names]
+    )
+
+
+@models_router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, state: State) -> TokenizeResponse:
+    """vLLM's endpoint: clients (the profiler's exact-length prompts) cut ids instead of probing."""
+    state.check_model(req.model)
+    ids = state.served.tokenizer.encode(req.prompt)
+    return TokenizeResponse(count=len(ids), max_model_len=state.served.max_model_len, tokens=ids)
+
+
+@completions_router.post("/v1/completions")
+async def completions(req: CompletionRequest, raw: Request, state: State) -> Response:
+    state.check_model(req.model)
+    served = state.served
+    prepared = state.prepare(_completion_prompt_ids(req, served), req, req.max_tokens, "cmpl")
+    handle = await state.submit(prepared)
+    if req.stream:
+        return _sse(_completion_events(handle, prepared, served, req.include_usage), handle)
+    return await _until_disconnect(raw, handle, _completion_body(handle, prepared, served))
+
+
+@completions_router.post("/v1/chat/completions")
+async def chat(req: ChatCompletionRequest, raw: Request, state: State) -> Response:
+    state.check_model(req.model)
+    served = state.served
+    prepared = state.prepare(_chat_prompt_ids(req, served), req, req.requested_max_tokens(), "chatcmpl")
+    handle = await state.submit(prepared)
+    if req.stream:
+        return _sse(_chat_events(handle, prepared, served, req.include_usage), handle)
+    return await _until_disconnect(raw, handle, _chat_body(handle, prepared, served))
+
+
+def _completion_prompt_ids(req: CompletionRequest, served: ServedModel) -> list[int]:
+    """A text prompt is tokenized; a prompt of ids is taken as given once every id is in the vocabulary,
+    so a bad id is a 400 naming it rather than an index error inside the model."""
+    prompt = req.single_prompt()
+    if isinstance(prompt, str):
+        return served.tokenizer.encode(prompt)
+    bad = next((t for t in prompt if not 0 <= t < served.vocab_size), None)
+    if bad is not None:
+        raise APIError(
+            f"prompt: token id {bad} is outside the vocabulary [0, {served.vocab_size})",
+            param="prompt",
+        )
+    return list(prompt)
+
+
+def _chat_prompt_ids(req: ChatCompletionRequest, served: ServedModel) -> list[int]:
+    """The conversation through the model's chat template; a template that rejects it is bad input."""
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        text = served.tokenizer.apply_chat_template(messages)
+    except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation is bad input
+        raise APIError(f"messages: the chat template rejected them: {exc}", param="messages") from exc
+    return served.tokenizer.encode(text)
+
+
 def build_app(
     async_engine: AsyncEngine,
     served: ServedModel,
@@ -107,121 +271,9 @@ def build_app(
 
     app = FastAPI(title="specplan engine serve", lifespan=lifespan)
     install_error_handlers(app)
-    app.state.async_engine = async_engine
-    app.state.served = served
-
-    # -- helpers ------------------------------------------------------------------------------------
-    def check_model(requested: str | None) -> None:
-        if not served.accepts(requested):
-            raise APIError(
-                f"The model `{requested}` does not exist.", status=404, param="model", kind="NotFoundError"
-            )
-
-    def prepare(
-        prompt_ids: list[int],
-        req: CompletionRequest | ChatCompletionRequest,
-        max_tokens: int | None,
-        prefix: str,
-    ) -> _Prepared:
-        n_prompt = len(prompt_ids)
-        if n_prompt == 0:
-            raise APIError("prompt: must contain at least one token", param="prompt")
-        if n_prompt >= served.max_model_len:
-            raise APIError(
-                f"This model's maximum context length is {served.max_model_len} tokens. However, your "
-                f"prompt has {n_prompt} tokens; leave room for at least one output token.",
-                param="prompt",
-            )
-        if max_tokens is None:
-            max_tokens = served.max_model_len - n_prompt
-        if n_prompt + max_tokens > served.max_model_len:
-            raise APIError(
-                f"This model's maximum context length is {served.max_model_len} tokens. However, you "
-                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
-                "completion). Please reduce the length of the prompt or max_tokens.",
-                param="max_tokens",
-            )
-        kwargs: dict[str, Any] = {"max_tokens": max_tokens, "ignore_eos": req.ignore_eos}
-        kwargs["temperature"] = 1.0 if req.temperature is None else req.temperature
-        if req.top_p is not None:
-            kwargs["top_p"] = req.top_p
-        if req.seed is not None:
-            kwargs["seed"] = req.seed
-        try:
-            params = params_factory(**kwargs)
-        except RequestError as exc:
-            raise APIError(str(exc)) from exc
-        return _Prepared(new_id(prefix), prompt_ids, params, max_tokens, req.stop_list())
-
-    async def submit(p: _Prepared) -> RequestHandle:
-        try:
-            return await async_engine.submit(p.request_id, p.prompt_ids, p.params, max_tokens=p.max_tokens)
-        except RequestError as exc:
-            raise APIError(str(exc)) from exc
-        except EngineDeadError as exc:
-            raise APIError(str(exc), status=503) from exc
-
-    # -- routes -------------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health() -> Response:
-        if not async_engine.running:
-            return JSONResponse(error_body("engine loop is not running", status=503), status_code=503)
-        return Response(status_code=200)
-
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        names = (served.name, *served.aliases)
-        return ModelList(
-            data=[ModelCard(id=n, created=served.created, max_model_len=served.max_model_len) for n in names]
-        )
-
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        body = metrics.exposition() if metrics is not None else b""
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
-        """vLLM's endpoint: clients (the profiler's exact-length prompts) cut ids instead of probing."""
-        check_model(req.model)
-        ids = served.tokenizer.encode(req.prompt)
-        return TokenizeResponse(count=len(ids), max_model_len=served.max_model_len, tokens=ids)
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, raw: Request) -> Response:
-        check_model(req.model)
-        prompt = req.single_prompt()
-        if isinstance(prompt, str):
-            prompt_ids = served.tokenizer.encode(prompt)
-        else:
-            bad = next((t for t in prompt if not 0 <= t < served.vocab_size), None)
-            if bad is not None:
-                raise APIError(
-                    f"prompt: token id {bad} is outside the vocabulary [0, {served.vocab_size})",
-                    param="prompt",
-                )
-            prompt_ids = list(prompt)
-        prepared = prepare(prompt_ids, req, req.max_tokens, "cmpl")
-        handle = await submit(prepared)
-        if req.stream:
-            return _sse(_completion_events(handle, prepared, served, req.include_usage), handle)
-        return await _until_disconnect(raw, handle, _completion_body(handle, prepared, served))
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, raw: Request) -> Response:
-        check_model(req.model)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = served.tokenizer.apply_chat_template(messages)
-        except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation is bad input
-            raise APIError(f"messages: the chat template rejected them: {exc}", param="messages") from exc
-        prompt_ids = served.tokenizer.encode(text)
-        prepared = prepare(prompt_ids, req, req.requested_max_tokens(), "chatcmpl")
-        handle = await submit(prepared)
-        if req.stream:
-            return _sse(_chat_events(handle, prepared, served, req.include_usage), handle)
-        return await _until_disconnect(raw, handle, _chat_body(handle, prepared, served))
-
+    app.state.serve = ServeState(async_engine, served, metrics, params_factory)
+    for router in ROUTERS:
+        app.include_router(router)
     return app
 
 

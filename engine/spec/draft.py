@@ -171,67 +171,79 @@ class DraftModelProposer:
         ks = per_seq_k(k, len(seqs))
         out: list[list[int]] = [[] for _ in seqs]
         active: list[int] = []
-        catch_ups: list[list[int]] = []
         starts: list[int] = []
         for i, (s, kk) in enumerate(zip(seqs, ks, strict=True)):
             self._pending.pop(s.seq_id, None)  # an unverified older proposal is void
-            n = len(s.token_ids)
-            kk = min(kk, self.runner.max_model_len - n)  # drafts must fit the drafter's positions
-            if kk <= 0 or n == 0:
+            # drafts must fit the drafter's positions
+            kk = min(kk, self.runner.max_model_len - len(s.token_ids))
+            start = self._reserve(s, kk)
+            if start is None:
                 continue
-            if not self.kv.has_sequence(s.seq_id):
-                if self.kv.allocate(s.seq_id, n, kk - 1, token_ids=list(s.token_ids)) is None:
-                    continue  # drafter pool full: this sequence goes without a draft this step
-                done = self.kv.num_computed_tokens(s.seq_id)
-            else:
-                done = self.kv.num_computed_tokens(s.seq_id)
-                if done >= n:
-                    raise RuntimeError(
-                        f"draft proposer: sequence {s.seq_id!r} has {done} drafter tokens but only {n} ids"
-                    )
-                if self.kv.allocate(s.seq_id, n - done, kk - 1) is None:
-                    continue
             ks[i] = kk
             active.append(i)
-            catch_ups.append(list(s.token_ids[done:]))
-            starts.append(done)
+            starts.append(start)
         if not active:
             return out
-        from engine.runner import SeqBatchEntry
-
-        runner = self.runner
         act_seqs = [seqs[i] for i in active]
-        tables = [self.kv.block_table(seqs[i].seq_id) for i in active]
-        # 1) catch-up chunk for every active sequence, logits of its last row -> draft 1
-        entries = self._uniform_entries(
-            [SeqBatchEntry(catch_ups[j], tables[j], starts[j]) for j in range(len(active))], act_seqs
-        )
-        ids, pos, meta = runner.prepare(entries)
-        _, logits = runner.execute(ids, pos, meta, runner.logits_indices(meta))
-        tokens, probs = self._sample(logits, act_seqs)
-        drafts = [[t] for t in tokens]
-        dprobs: list[list[torch.Tensor]] = [[p] if p is not None else [] for p in probs]
-        # 2) drafts 2..k: one pure-decode step at a time over the sequences still drafting
-        lens = [starts[j] + len(catch_ups[j]) for j in range(len(active))]
-        step = 1
-        while True:
-            live = [j for j in range(len(active)) if ks[active[j]] > step]
-            if not live:
-                break
-            entries = [SeqBatchEntry([drafts[j][-1]], tables[j], lens[j] + step - 1) for j in live]
-            ids, pos, meta = runner.prepare(entries)
-            _, logits = runner.execute(ids, pos, meta, None)
-            tokens, probs = self._sample(logits, [act_seqs[j] for j in live])
-            for r, j in enumerate(live):
-                drafts[j].append(tokens[r])
-                if probs[r] is not None:
-                    dprobs[j].append(probs[r])
-            step += 1
+        catch_ups = [list(s.token_ids[start:]) for s, start in zip(act_seqs, starts, strict=True)]
+        drafts, dprobs = self._draft(act_seqs, [ks[i] for i in active], catch_ups, starts)
         for j, i in enumerate(active):
             out[i] = drafts[j]
             q = torch.stack(dprobs[j]) if dprobs[j] else None
             self._pending[seqs[i].seq_id] = _Pending(catch_ups[j], drafts[j], q)
         return out
+
+    def _reserve(self, s: SpecSequence, k: int) -> int | None:
+        """Drafter KV for the tokens it has not seen plus ``k - 1`` lookahead slots; the tokens it has
+        already computed (where the catch-up starts), or None when the sequence drafts nothing this step
+        (no room for a draft, or the drafter's pool is full)."""
+        n = len(s.token_ids)
+        if k <= 0 or n == 0:
+            return None
+        if not self.kv.has_sequence(s.seq_id):
+            if self.kv.allocate(s.seq_id, n, k - 1, token_ids=list(s.token_ids)) is None:
+                return None
+            return self.kv.num_computed_tokens(s.seq_id)
+        done = self.kv.num_computed_tokens(s.seq_id)
+        if done >= n:
+            raise RuntimeError(
+                f"draft proposer: sequence {s.seq_id!r} has {done} drafter tokens but only {n} ids"
+            )
+        if self.kv.allocate(s.seq_id, n - done, k - 1) is None:
+            return None
+        return done
+
+    def _draft(
+        self, seqs: list[SpecSequence], ks: list[int], catch_ups: list[list[int]], starts: list[int]
+    ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+        """``ks[j]`` drafts for each sequence, with the distributions of sampled rows: one catch-up
+        forward gives draft 1, then one pure-decode step per further draft over the sequences still
+        drafting (the shapes CUDA graphs replay)."""
+        from engine.runner import SeqBatchEntry
+
+        runner = self.runner
+        tables = [self.kv.block_table(s.seq_id) for s in seqs]
+        entries = self._uniform_entries(
+            [SeqBatchEntry(catch_ups[j], tables[j], starts[j]) for j in range(len(seqs))], seqs
+        )
+        ids, pos, meta = runner.prepare(entries)
+        _, logits = runner.execute(ids, pos, meta, runner.logits_indices(meta))
+        tokens, probs = self._sample(logits, seqs)
+        drafts = [[t] for t in tokens]
+        dprobs: list[list[torch.Tensor]] = [[p] if p is not None else [] for p in probs]
+        lens = [starts[j] + len(catch_ups[j]) for j in range(len(seqs))]
+        step = 1
+        while live := [j for j in range(len(seqs)) if ks[j] > step]:
+            entries = [SeqBatchEntry([drafts[j][-1]], tables[j], lens[j] + step - 1) for j in live]
+            ids, pos, meta = runner.prepare(entries)
+            _, logits = runner.execute(ids, pos, meta, None)
+            tokens, probs = self._sample(logits, [seqs[j] for j in live])
+            for r, j in enumerate(live):
+                drafts[j].append(tokens[r])
+                if probs[r] is not None:
+                    dprobs[j].append(probs[r])
+            step += 1
+        return drafts, dprobs
 
     def _uniform_entries(self, entries: list, seqs: Sequence[SpecSequence]) -> list:
         """The catch-up entries, with each 1-token catch-up widened to ``UNIFORM_CATCH_UP_WIDTH`` by

@@ -18,9 +18,7 @@ def test_defaults_differ_by_machine() -> None:
 
 
 def test_points_pair_none_with_k0_and_group_by_configuration() -> None:
-    cfg = SweepConfig(
-        model="tiny", method=["none", "ngram"], k=[0, 2], concurrency=[4, 1], context=[64]
-    ).validate()
+    cfg = SweepConfig(model="tiny", method=["none", "ngram"], k=[0, 2], concurrency=[4, 1], context=[64])
     pts = [p.key for p in cfg.points()]
     assert pts == [
         (1, "none", 0, 1, 64, 0.0),
@@ -38,7 +36,7 @@ def test_speculative_engine_points_at_each_realisable_coverage() -> None:
         concurrency=[1, 4],
         context=[64],
         coverage=[0, 0.5, 1],
-    ).validate()
+    )
     pts = [(p.method, p.concurrency, p.coverage) for p in cfg.points()]
     # one sequence realises only coverage 0 or 1; method none has no drafts to cover
     assert pts == [
@@ -53,7 +51,7 @@ def test_speculative_engine_points_at_each_realisable_coverage() -> None:
     http = SweepConfig(
         model="m", backend="http", url="http://x", method=["ngram"], k=[2], coverage=[0, 1], weights="real"
     )
-    assert [p.coverage for p in http.validate().points()] == [None]  # a server's drafter has its own
+    assert [p.coverage for p in http.points()] == [None]  # a server's drafter has its own
 
 
 def test_overrides_and_config_file(tmp_path: Path) -> None:
@@ -71,11 +69,13 @@ def test_overrides_and_config_file(tmp_path: Path) -> None:
         ({"method": ["eagle9"]}, r"'method'.*'eagle9'"),
         ({"backend": "tgi"}, r"'backend'.*'tgi'"),
         ({"method": ["ngram"], "k": [0]}, r"'k'.*need some k > 0"),
-        ({"context": []}, r"'context' must be a non-empty list"),
+        ({"context": []}, r"'context'.*at least 1 item.*got \[\]"),
         ({"backend": "http"}, r"'url' is required"),
         ({"bogus": 1}, r"unknown sweep field.*bogus"),
         ({"coverage": [1.5]}, r"'coverage'.*1.5"),
         ({"min_repeats": 3, "max_repeats": 2}, r"min_repeats.*3/2"),
+        ({"steps": True}, r"'steps'.*valid integer.*True"),
+        ({"tp": "1"}, r"'tp'.*valid list.*'1'"),
     ],
 )
 def test_invalid_grids_fail_with_field_and_value(override: dict, match: str) -> None:

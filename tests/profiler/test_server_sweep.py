@@ -21,7 +21,7 @@ _spec.loader.exec_module(fake_openai)  # type: ignore[union-attr]
 def _cfg(url: str, **kw) -> SweepConfig:
     base = dict(model="tiny", backend="http", url=url, method=["ngram"], k=[4], concurrency=[1, 2],
                 context=[32], max_tokens=9, requests_per_point=2, weights="random")  # fmt: skip
-    return SweepConfig(**{**base, **kw}).validate()
+    return SweepConfig(**{**base, **kw})
 
 
 def test_kv_capacity_served_model_and_every_points_acceptance(tmp_path: Path) -> None:

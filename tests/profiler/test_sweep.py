@@ -43,7 +43,7 @@ def _ok(spec: PointSpec) -> DecodePoint:
 
 def test_each_point_is_persisted_and_failures_are_recorded(tmp_path: Path) -> None:
     out = tmp_path / "p.json"
-    cfg = SweepConfig(model="tiny", concurrency=[1, 2, 3], context=[64]).validate()
+    cfg = SweepConfig(model="tiny", concurrency=[1, 2, 3], context=[64])
     seen: list[int] = []
 
     def measure(spec: PointSpec) -> DecodePoint:
@@ -65,7 +65,7 @@ def test_each_point_is_persisted_and_failures_are_recorded(tmp_path: Path) -> No
 
 def test_interrupt_keeps_finished_points_and_resume_skips_them(tmp_path: Path) -> None:
     out = tmp_path / "p.json"
-    cfg = SweepConfig(model="tiny", concurrency=[1, 2, 3, 4], context=[64]).validate()
+    cfg = SweepConfig(model="tiny", concurrency=[1, 2, 3, 4], context=[64])
 
     def measure(spec: PointSpec) -> DecodePoint:
         if spec.concurrency == 3:
@@ -139,9 +139,7 @@ def test_unknown_model_fails_before_measuring(tmp_path: Path, capsys: pytest.Cap
 
 def test_show_and_plot_read_a_profile(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "p.json"
-    cfg = SweepConfig(
-        model="tiny", method=["none", "ngram"], k=[0, 2], concurrency=[1, 2], context=[64]
-    ).validate()
+    cfg = SweepConfig(model="tiny", method=["none", "ngram"], k=[0, 2], concurrency=[1, 2], context=[64])
     run_points(cfg.points(), _ok, out, _meta)
     assert main(["show", str(out)]) == 0
     assert "decode points: 4 ok, 0 failed" in capsys.readouterr().out
@@ -192,7 +190,7 @@ def test_real_weights_sweep_measures_acceptance_per_category(
 def test_no_acceptance_measures_none_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from profiler.acceptance import sweep_acceptance
 
-    cfg = SweepConfig(model="tiny", method=["ngram"], k=[2], measure_acceptance=False).validate()
+    cfg = SweepConfig(model="tiny", method=["ngram"], k=[2], measure_acceptance=False)
     out = tmp_path / "p.json"
     run_points(cfg.points(), _ok, out, _meta)
     assert sweep_acceptance(cfg, out, "real") == [] and load_profile(out).acceptance == []

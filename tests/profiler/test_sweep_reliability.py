@@ -86,7 +86,7 @@ def fake_backend(monkeypatch: pytest.MonkeyPatch) -> type[FakeBackend]:
 
 
 def _cfg() -> SweepConfig:
-    return SweepConfig(model="tiny", concurrency=[1, 2], context=[64], prefill_lens=[32, 64]).validate()
+    return SweepConfig(model="tiny", concurrency=[1, 2], context=[64], prefill_lens=[32, 64])
 
 
 def _sweep_args(out: Path, *extra: str) -> list[str]:

@@ -183,7 +183,7 @@ def test_sweep_records_a_config_that_cannot_start(
     model.mkdir()
     (model / "config.json").write_text(json.dumps(TINY_CONFIG))
     cfg = SweepConfig(model=str(model), backend="vllm", method=["ngram"], k=[2], concurrency=[1, 2],
-                      context=[16], vllm_python=sys.executable).validate()  # fmt: skip
+                      context=[16], vllm_python=sys.executable)  # fmt: skip
     profile = sweep_vllm(cfg, tmp_path / "p.json", resume=False, command="test", progress=False)
     assert [p.key for p in profile.decode] == [(1, "ngram", 2, 1, 16, 1.0), (1, "ngram", 2, 2, 16, 1.0)]
     assert all(not p.ok and "exited with code 3" in p.error for p in profile.decode)
@@ -221,7 +221,7 @@ def test_real_vllm_sweep_points_with_live_acceptance(
     cfg = SweepConfig(
         model=str(model), backend="http", url=vllm_server, method=["ngram"], k=[4], concurrency=[1, 2],
         context=[128], max_tokens=32, requests_per_point=4, weights="real", prompt_lookup_max=4,
-    ).validate()  # fmt: skip
+    )  # fmt: skip
     profile = sweep_http(cfg, tmp_path / "p.json", resume=False, command="test", progress=False)
     assert profile.metadata.backend == "http" and profile.metadata.weights == "real"
     # the server's KV capacity and model path, read from vLLM itself
