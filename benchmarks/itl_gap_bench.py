@@ -127,10 +127,6 @@ def main() -> None:
         help="output lengths spread around --osl as profiler validate sends them (default on)",
     )  # fmt: skip
     ap.add_argument(
-        "--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
-        help="freeze the start-up heap before the passes, as engine serve does (default on)",
-    )  # fmt: skip
-    ap.add_argument(
         "--warm-up", action=argparse.BooleanOptionalAction, default=None,
         help="engine serve's start-up warm-up before the first pass (default: on a GPU, as engine serve)",
     )  # fmt: skip
@@ -151,9 +147,6 @@ def main() -> None:
     )
     if args.warm_up or (args.warm_up is None and engine.runner.device.type == "cuda"):
         print(f"# {warm_up(engine).describe()}")
-    if args.gc_freeze:  # as engine serve does after start-up
-        gc.collect()
-        gc.freeze()
     gc_time = GcTime()
     rng = np.random.default_rng(0)
     vocab = engine.runner.config.vocab_size

@@ -653,6 +653,7 @@ class Planner:
         pre = self.surfaces.prefill.get(tp)
         if pre is not None:
             ttft = self._cached(("ttft", tp, inp.isl), lambda: pre.ttft_ms(inp.isl))
+            flags.extend(pre.flags)
             if not pre.input_range.contains(inp.isl):
                 flags.append(
                     f"isl {inp.isl} outside measured prefill input lengths [{pre.input_range.lo:g}, "

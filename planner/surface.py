@@ -192,6 +192,19 @@ def point_flags(points: list[DecodePoint]) -> dict[tuple, list[str]]:
     return flags
 
 
+def prefill_flags(points: list[PrefillPoint]) -> list[str]:
+    """Why a prefill surface is doubtful: a longer prompt measured faster than a shorter one (by more than
+    NON_MONOTONIC_TOL). Prefill can only cost more with more tokens, so such a pair is noise in one of
+    them, and every plan's prefill stall (``c x TTFT / osl``) inherits it."""
+    pts = sorted(points, key=lambda p: p.input_len)
+    return [
+        f"prefill non-monotonic for tp={p.tp}: TTFT {p.ttft_ms:.3g} ms at {p.input_len} tokens below "
+        f"{prev.ttft_ms:.3g} ms at {prev.input_len}: one of them is noise, and the prefill stall carries it"
+        for prev, p in zip(pts, pts[1:], strict=False)
+        if p.ttft_ms < prev.ttft_ms * (1 - NON_MONOTONIC_TOL)
+    ]
+
+
 class PrefillSurface:
     """TTFT of one sequence over input length for one tp: PCHIP of log(ttft) over log(input_len)."""
 
@@ -200,6 +213,7 @@ class PrefillSurface:
         if not ok:
             raise ValueError(f"prefill for tp={tp} has no successful point")
         self.tp = tp
+        self.flags = prefill_flags(ok)
         x = np.log(np.array([p.input_len for p in ok], dtype=float))
         y = np.log(np.array([p.ttft_ms for p in ok], dtype=float))
         self.input_range = Range(float(ok[0].input_len), float(ok[-1].input_len))

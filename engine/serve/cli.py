@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import time
 
@@ -75,10 +74,6 @@ def main(args: argparse.Namespace) -> int:
 
         log.info("warming up: every CUDA-graph batch size up to --max-num-seqs %d ...", args.max_num_seqs)
         log.info(warm_up(engine).describe())
-    # what start-up built (model, tokenizer, graphs, warm-up garbage aside) stays alive for the server's
-    # life: frozen, the collector's full passes while serving scan only what requests create
-    gc.collect()
-    gc.freeze()
     names = tuple(args.served_model_name or (args.model,))
     app = app_for_engine(
         engine, names[0], aliases=names[1:], num_spec_tokens=config.spec.k if config.spec else 0
