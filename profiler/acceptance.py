@@ -517,7 +517,7 @@ def sweep_acceptance(
         written = [given_acceptance(m, k, float(cfg.acceptance), why) for m, k in keys]
         for entry in written:
             append_point(out, entry)
-        print(f"acceptance: {weights} weights measure none; stored the grid's given alpha={cfg.acceptance} "
+        print(f"acceptance: {weights} weights measure none; stored the grid's given alpha={cfg.acceptance:g} "
               f"for {len(written)} (method, k)", file=sys.stderr)  # fmt: skip
         return written
     if not in_process:

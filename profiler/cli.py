@@ -210,16 +210,16 @@ def _print_plan(out: Path, itl_ms: float, acceptance: float | None) -> None:
     try:  # the acceptance the profile stores (measured, or the grid's given one): what `planner plan` uses
         res = Planner(profile, out.stem).plan(itl_ms=itl_ms)
     except Exception as exc:  # noqa: BLE001 - the sweep's result stands even if planning fails
-        print(f"\nplan for ITL <= {itl_ms} ms failed: {exc}")
+        print(f"\nplan for ITL <= {itl_ms:g} ms failed: {exc}")
         return
     given = [a for a in profile.acceptance if a.source.kind == "given"]
     note = (
-        f" (acceptance given: alpha={acceptance}, {profile.metadata.weights} weights)"
+        f" (acceptance given: alpha={acceptance:g}, {profile.metadata.weights} weights)"
         if given and acceptance
         else ""
     )
-    print(f"\nrecommended plan for ITL <= {itl_ms} ms{note}:\n{render_plan(res)}")
-    print(f"same answer: planner plan {out} --itl-ms {itl_ms}")
+    print(f"\nrecommended plan for ITL <= {itl_ms:g} ms{note}:\n{render_plan(res)}")
+    print(f"same answer: planner plan {out} --itl-ms {itl_ms:g}")
 
 
 def cmd_show(a: argparse.Namespace) -> int:
