@@ -37,8 +37,9 @@ class EngineConfig:
     KV-cache blocks (None: sized from device memory at ``gpu_memory_utilization``, or on CPU from
     ``max_num_seqs`` full-length sequences). ``max_model_len``: None = the model's context.
     ``max_num_batched_tokens``: tokens per step (None: 2048). ``spec``: speculative decoding, or None.
-    ``pad_drafts``: give sequences without a draft a padded one so the batch keeps one verify width;
-    None = where that width replays a CUDA graph, True = also without a graph (CPU tests), False = never.
+    ``pad_drafts``: pad every decoding sequence's draft (none, or shorter than its batch-mates') to one
+    verify width (``LLMEngine._pad_drafts``); None = where that width replays a CUDA graph, True = also
+    without a graph (CPU tests), False = never.
     """
 
     model: str
