@@ -37,6 +37,16 @@ class LatencyStats(BaseModel):
     p99: float = Field(ge=0)
 
 
+MAX_TIMING_SPREAD = 0.25  # a measured point whose timing_spread is above this is noisy (flagged unstable)
+
+
+def timing_spread(samples: Sequence[float]) -> float:
+    """(p90 - p10) / median of repeated timings of one point (0 with one sample): how far to trust it."""
+    if len(samples) < 2:
+        return 0.0
+    return (percentile(samples, 90) - percentile(samples, 10)) / percentile(samples, 50)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Percentile ``q`` (0..100) with linear interpolation between closest ranks (numpy's default).
 

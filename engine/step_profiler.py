@@ -28,15 +28,13 @@ from typing import Any
 import torch
 
 from common.metadata import cpu_description
-from common.metrics import percentile
+from common.metrics import MAX_TIMING_SPREAD, timing_spread
 from engine.engine_config import EngineConfig
 from engine.errors import CapacityError, ConfigError
 from engine.llm_engine import LLMEngine
 from engine.phases import PhaseClock
 from engine.sampling import SamplingParams
 from engine.synthetic import PaddedDrafts, add_random_running
-
-MAX_SPREAD = 0.25  # (p90 - p10) / median of the repeat medians above this: the point is noisy
 
 
 @dataclass
@@ -56,15 +54,12 @@ class StepTiming:
 
     @property
     def spread(self) -> float:
-        """(p90 - p10) / median of the repeat medians (0 with one repeat)."""
-        if len(self.repeat_medians) < 2:
-            return 0.0
-        p10, p90 = percentile(self.repeat_medians, 10), percentile(self.repeat_medians, 90)
-        return float((p90 - p10) / self.median_ms)
+        """``timing_spread`` of the repeat medians (0 with one repeat)."""
+        return timing_spread(self.repeat_medians)
 
     @property
     def stable(self) -> bool:
-        return self.settled and self.spread <= MAX_SPREAD
+        return self.settled and self.spread <= MAX_TIMING_SPREAD
 
 
 def describe_device(device: torch.device) -> str:

@@ -198,6 +198,10 @@ class PrefillPoint(_Strict):
     ttft_ms: float | None = Field(default=None, ge=MIN_MS, le=MAX_MS)
     prefill_tokens_per_s_per_gpu: float | None = Field(default=None, gt=0, le=MAX_RATE)
     samples: int = Field(default=0, ge=0, le=MAX_INT)
+    ttft_ms_spread: float | None = Field(
+        default=None, ge=0, description="(p90 - p10) / median of the samples"
+    )
+    stable: bool | None = Field(default=None, description="False: the timing was noisy")
     error: str | None = None
 
     @model_validator(mode="after")

@@ -193,11 +193,19 @@ def point_flags(points: list[DecodePoint]) -> dict[tuple, list[str]]:
 
 
 def prefill_flags(points: list[PrefillPoint]) -> list[str]:
-    """Why a prefill surface is doubtful: a longer prompt measured faster than a shorter one (by more than
-    NON_MONOTONIC_TOL). Prefill can only cost more with more tokens, so such a pair is noise in one of
-    them, and every plan's prefill stall (``c x TTFT / osl``) inherits it."""
+    """Why a prefill surface is doubtful: a point whose samples spread (``stable`` False), or a longer
+    prompt measured faster than a shorter one (by more than NON_MONOTONIC_TOL). Prefill can only cost more
+    with more tokens, so such a pair is noise in one of them, and every plan's prefill stall
+    (``c x TTFT / osl``) inherits it."""
     pts = sorted(points, key=lambda p: p.input_len)
-    return [
+    unstable = [
+        f"prefill for tp={p.tp} at {p.input_len} tokens: unstable timing ({p.samples} samples"
+        + ("" if p.ttft_ms_spread is None else f", spread {p.ttft_ms_spread:.0%}")
+        + "): the prefill stall carries it"
+        for p in pts
+        if p.stable is False
+    ]
+    return unstable + [
         f"prefill non-monotonic for tp={p.tp}: TTFT {p.ttft_ms:.3g} ms at {p.input_len} tokens below "
         f"{prev.ttft_ms:.3g} ms at {prev.input_len}: one of them is noise, and the prefill stall carries it"
         for prev, p in zip(pts, pts[1:], strict=False)

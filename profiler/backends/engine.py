@@ -132,15 +132,22 @@ class EngineBackend:
             draft_coverage=timing.draft_coverage,
         )
 
-    def measure_prefill(self, tp: int, input_len: int, *, repeats: int = 3) -> PrefillPoint:
+    def measure_prefill(self, tp: int, input_len: int, *, repeats: int = 7) -> PrefillPoint:
+        """Median TTFT of ``repeats`` prefills, with their spread: an eager prefill's time is mostly
+        kernel launches from Python, which the host's load moves (2x between two H200 sweeps), and every
+        plan's prefill stall inherits it, so a noisy point is flagged (``stable``)."""
         self.configure(tp, "none", 0)
-        ms = statistics.median(self.sp.measure_prefill(input_len, repeats=repeats))
+        samples = self.sp.measure_prefill(input_len, repeats=repeats)
+        ms = statistics.median(samples)
+        spread = md.timing_spread(samples)
         return PrefillPoint(
             tp=tp,
             input_len=input_len,
             ttft_ms=ms,
             prefill_tokens_per_s_per_gpu=input_len / (ms / 1000.0) / tp,
             samples=repeats,
+            ttft_ms_spread=spread,
+            stable=spread <= md.MAX_TIMING_SPREAD,
         )
 
     def close(self) -> None:

@@ -9,13 +9,14 @@ import time
 import pytest
 import torch
 
+from common.metrics import MAX_TIMING_SPREAD
 from engine.engine_config import EngineConfig
 from engine.errors import CapacityError, ConfigError
 from engine.llm_engine import LLMEngine
 from engine.phases import PhaseClock
 from engine.sampling import SamplingParams
 from engine.spec import SpecConfig
-from engine.step_profiler import MAX_SPREAD, StepProfiler, StepTiming
+from engine.step_profiler import StepProfiler, StepTiming
 
 SPECS = {
     "none": (0, None),
@@ -155,7 +156,7 @@ def test_injected_noise_is_flagged(sp, one_thread):
     finally:
         del sp.runner.execute
     assert len(noisy.repeat_medians) == 5
-    assert noisy.spread > MAX_SPREAD and not noisy.stable
+    assert noisy.spread > MAX_TIMING_SPREAD and not noisy.stable
 
 
 def test_stability_is_settled_and_narrow():

@@ -284,8 +284,8 @@ def test_itl_includes_the_prefills_of_arriving_requests(planner: Planner) -> Non
 
 
 def test_a_non_monotonic_prefill_surface_is_flagged_on_the_plan() -> None:
-    """A longer prompt measured faster than a shorter one is noise, and the prefill stall every plan adds
-    inherits it: the answer says so (and a monotonic surface says nothing)."""
+    """A longer prompt measured faster than a shorter one is noise, as is a point whose samples spread, and
+    the prefill stall every plan adds inherits it: the answer says so (a clean surface says nothing)."""
     from planner.profile import PrefillPoint
 
     prof = synthetic_profile(M, configs=(("none", 0),), tps=(1,))
@@ -295,7 +295,10 @@ def test_a_non_monotonic_prefill_surface_is_flagged_on_the_plan() -> None:
         PrefillPoint(tp=1, input_len=n, ttft_ms=ms, prefill_tokens_per_s_per_gpu=n / ms * 1e3, samples=3)
         for n, ms in ((128, 25.6), (512, 15.4), (2048, 49.2))
     ]
+    prof.prefill[2] = prof.prefill[2].model_copy(update={"ttft_ms_spread": 0.4, "stable": False})
     res = Planner(prof).plan(1e4, isl=512, osl=64)
+    unstable = "prefill for tp=1 at 2048 tokens: unstable timing (3 samples, spread 40%)"
+    assert any(unstable in f for f in res.choice.flags), res.choice.flags
     want = "prefill non-monotonic for tp=1: TTFT 15.4 ms at 512 tokens below 25.6 ms at 128"
     assert any(want in f for f in res.choice.flags), res.choice.flags
     assert want in render_plan(res)
