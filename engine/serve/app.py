@@ -348,6 +348,20 @@ def _chunk_dict(model: Any, include_usage: bool) -> dict[str, Any]:
     return d
 
 
+def _usage_event(
+    body: type[CompletionResponse] | type[ChatCompletionChunk],
+    p: _Prepared,
+    served: ServedModel,
+    created: int,
+    result: _Result,
+) -> str:
+    """The closing chunk of a stream that asked for usage: no choices, the request's token counts."""
+    usage = UsageInfo.of(len(p.prompt_ids), result.num_tokens)
+    return _event(
+        body(id=p.request_id, created=created, model=served.name, choices=[], usage=usage).model_dump()
+    )
+
+
 async def _completion_events(
     handle: RequestHandle, p: _Prepared, served: ServedModel, include_usage: bool
 ) -> AsyncIterator[str]:
@@ -367,14 +381,7 @@ async def _completion_events(
         result = res
         yield chunk(delta, res.finish_reason if res else None)
     if include_usage and result is not None:
-        usage = CompletionResponse(
-            id=p.request_id,
-            created=created,
-            model=served.name,
-            choices=[],
-            usage=UsageInfo.of(len(p.prompt_ids), result.num_tokens),
-        )
-        yield _event(usage.model_dump())
+        yield _usage_event(CompletionResponse, p, served, created, result)
 
 
 async def _chat_events(
@@ -400,14 +407,7 @@ async def _chat_events(
         if res is not None:
             yield chunk(DeltaMessage(), res.finish_reason)
     if include_usage and result is not None:
-        usage = ChatCompletionChunk(
-            id=p.request_id,
-            created=created,
-            model=served.name,
-            choices=[],
-            usage=UsageInfo.of(len(p.prompt_ids), result.num_tokens),
-        )
-        yield _event(usage.model_dump())
+        yield _usage_event(ChatCompletionChunk, p, served, created, result)
 
 
 def _sse(events: AsyncIterator[str], handle: RequestHandle) -> StreamingResponse:
