@@ -33,7 +33,7 @@ from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.spec.flags import add_spec_arguments, spec_config
-from engine.warmup import graph_counters, warm_up
+from engine.warmup import graph_counters, wants_warm_up, warm_up
 from profiler.validate import spread_output_lengths
 
 
@@ -145,7 +145,7 @@ def main() -> None:
             enable_prefix_caching=False,  # as profiler validate's server: every pass prefills its prompts
         )
     )
-    if args.warm_up or (args.warm_up is None and engine.runner.device.type == "cuda"):
+    if wants_warm_up(args.warm_up, engine):
         print(f"# {warm_up(engine).describe()}")
     gc_time = GcTime()
     rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ import torch
 
 import kvbm
 from engine.engine_config import EngineConfig
-from engine.errors import CapacityError, ConfigError, RequestError
+from engine.errors import CapacityError, RequestError
 from engine.presets import resolve_model
 from engine.request import Request, RequestOutput, Status
 from engine.runner import ModelRunner, Runner, SeqBatchEntry
@@ -88,21 +88,13 @@ class LLMEngine:
     def _make_runner(self, config: EngineConfig) -> Runner:
         if config.tp == 1:
             return ModelRunner.from_config(self.source, config)
-        try:
-            from engine.tp import build_tp_runner
-        except ImportError as exc:
-            raise ConfigError(
-                f"tp={config.tp} needs engine.tp (tensor-parallel workers), which is unavailable: {exc}"
-            ) from exc
+        from engine.tp import build_tp_runner  # the worker machinery loads only for tp > 1
+
         return build_tp_runner(self.source, config)
 
     def _init_spec(self, spec: SpecConfig) -> None:
-        try:
-            from engine.spec import SpecStats, build_proposer
-        except ImportError as exc:
-            raise ConfigError(
-                f"speculative decoding requested but engine.spec is unavailable: {exc}"
-            ) from exc
+        from engine.spec import SpecStats, build_proposer
+
         if spec.is_tree:
             from engine.spec.medusa_decoder import MedusaDecoder
 

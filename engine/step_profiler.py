@@ -34,7 +34,7 @@ from engine.errors import CapacityError, ConfigError
 from engine.llm_engine import LLMEngine
 from engine.phases import PhaseClock
 from engine.sampling import SamplingParams
-from engine.synthetic import PaddedDrafts, add_random_running
+from engine.synthetic import add_random_running, random_token_proposer
 
 
 @dataclass
@@ -85,10 +85,7 @@ class StepProfiler:
                 enable_prefix_caching=False,  # random contexts share nothing; no hashing cost either
             )
         )
-        if spec is not None and spec.method == "ngram":
-            # only prompt lookup comes up short on random tokens; a draft model drafts k (and its KV
-            # bookkeeping must not see padding), a Medusa tree is full once its heads have state
-            self.engine.proposer = PaddedDrafts(self.engine.proposer)
+        self.engine.proposer = random_token_proposer(self.engine.proposer, spec)
         self.source = self.engine.source
         self.runner = self.engine.runner
         self.config = self.runner.config

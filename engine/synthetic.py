@@ -19,6 +19,7 @@ from engine.spec.base import SpecSequence
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
+    from engine.spec import SpecConfig
 
 
 class PaddedDrafts:
@@ -38,6 +39,13 @@ class PaddedDrafts:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+def random_token_proposer(proposer: Any, spec: SpecConfig | None) -> Any:
+    """The proposer to step random-token sequences with: prompt lookup's drafts padded to k (it finds
+    nothing on random tokens); a draft model drafts k itself (and its KV bookkeeping must not see
+    padding), and a Medusa tree is full once its heads have state."""
+    return PaddedDrafts(proposer) if spec is not None and spec.method == "ngram" else proposer
 
 
 def add_random_running(

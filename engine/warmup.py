@@ -25,7 +25,7 @@ import kvbm
 from engine.cuda_graphs import GraphCounters, bucket_sizes
 from engine.sampling import SamplingParams
 from engine.spec.draft import DraftModelProposer
-from engine.synthetic import PaddedDrafts, add_random_running
+from engine.synthetic import add_random_running, random_token_proposer
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -64,6 +64,11 @@ def graph_counters(engine: LLMEngine) -> dict[str, GraphCounters]:
     return {name: r.graph_counters for name, r in model_runners(engine).items()}
 
 
+def wants_warm_up(flag: bool | None, engine: LLMEngine) -> bool:
+    """``--[no-]warm-up`` as given; not given: on a GPU, where graphs and Triton kernels exist."""
+    return flag if flag is not None else engine.runner.device.type == "cuda"
+
+
 def warm_up(engine: LLMEngine, *, context: int = 64, seed: int = 0) -> WarmUpReport:
     """Step every shape serving will replay (see the module docstring); the engine must be idle."""
     if engine.has_unfinished():
@@ -77,8 +82,7 @@ def warm_up(engine: LLMEngine, *, context: int = 64, seed: int = 0) -> WarmUpRep
     if engine.kv_manager.enable_prefix_caching:
         engine.kv_manager.reset_prefix_cache()
     captures = sum(c.captures for c in graph_counters(engine).values()) - before
-    report = WarmUpReport(stepped, skipped, captures, time.perf_counter() - t0)
-    return report
+    return WarmUpReport(stepped, skipped, captures, time.perf_counter() - t0)
 
 
 def _prefills(engine: LLMEngine, context: int, gen: torch.Generator) -> None:
@@ -97,16 +101,14 @@ def _decode_sizes(engine: LLMEngine, context: int, gen: torch.Generator) -> tupl
     """Every graph batch size from the largest down: that many sequences step ``STEPS_PER_SIZE`` times."""
     spec = engine.spec
     lookahead = spec.num_lookahead_tokens if spec is not None else 0
-    pad = spec is not None and spec.method == "ngram"  # prompt lookup finds nothing on random tokens
     saved = engine.proposer
-    if pad:
-        engine.proposer = PaddedDrafts(saved)
+    engine.proposer = random_token_proposer(saved, spec)
     stepped: list[int] = []
     skipped: list[int] = []
     bs = engine.runner.block_size
+    peak = context + STEPS_PER_SIZE * (1 + lookahead)
     try:
         for size in sorted(bucket_sizes(engine.scheduler.max_num_seqs), reverse=True):
-            peak = context + STEPS_PER_SIZE * (1 + lookahead)
             if kvbm.capacity.blocks_needed(size, peak, lookahead, bs) > engine.kv_manager.num_free_blocks:
                 skipped.append(size)
                 continue

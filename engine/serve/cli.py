@@ -55,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
     from engine.llm_engine import LLMEngine
     from engine.serve.app import app_for_engine
     from engine.serve.launcher import bind_socket
+    from engine.warmup import wants_warm_up, warm_up
 
     log.info(
         "loading %s (weights %s, dtype %s, device %s, tp %d%s) ...",
@@ -69,9 +70,7 @@ def main(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", exc)
         return 2
     log.info("loaded %s in %.1f s", args.model, time.perf_counter() - t0)
-    if args.warm_up or (args.warm_up is None and engine.runner.device.type == "cuda"):
-        from engine.warmup import warm_up
-
+    if wants_warm_up(args.warm_up, engine):
         log.info("warming up: every CUDA-graph batch size up to --max-num-seqs %d ...", args.max_num_seqs)
         log.info(warm_up(engine).describe())
     names = tuple(args.served_model_name or (args.model,))
