@@ -1,16 +1,14 @@
-"""The async front end: one thread drives ``engine.step()``; each request reads its own asyncio queue.
+"""The async front end of ``engine serve``: per-request asyncio streams over an ``EngineCore``.
 
-Why a thread: ``LLMEngine`` is synchronous and its steps are long (milliseconds to seconds of model
-compute). Running them on the event loop would stall every HTTP connection, so the engine lives on a
-single background thread that alone touches it (the engine is not thread-safe). HTTP handlers talk
-to it through a command queue (add, abort) and get results on per-request ``asyncio.Queue``s, filled
-with one ``call_soon_threadsafe`` per step. Requests that arrive while a step runs join the batch at
-the next step (continuous batching is the engine's scheduler's job).
-
-An abort (client gone, stop string found) is applied before the next step, so the request's KV
-blocks return to the pool at once. The same thread records the metrics, following vLLM's rules
-(see ``engine.serve.metrics``), so counters only ever change between steps and agree with the
-engine's own counters.
+Why not on the event loop: ``LLMEngine`` is synchronous and its steps are long (milliseconds to seconds
+of model compute), so running them on the loop would stall every HTTP connection. ``AsyncEngine`` runs
+the core (``engine.serve.engine_core``) on one background thread of this process, the only thread that
+touches the engine; ``engine.serve.core_process.CoreProcessEngine`` runs it in a process of its own, so
+the HTTP loop's Python work (parsing, detokenising, one SSE event per request per step) never holds the
+interpreter lock the step's host work needs. Handlers talk to either through the same calls: ``submit``
+and ``abort`` send commands; each ``CoreOutput`` settles admissions and fills the requests' queues on the
+loop. Requests that arrive while a step runs join the batch at the next step (continuous batching is the
+engine's scheduler's job).
 """
 
 from __future__ import annotations
@@ -21,67 +19,26 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from engine.errors import RequestError
-from engine.serve.metrics import FINISH_REASONS, FinishedRequest, ServeMetrics
+from engine.serve.engine_core import (
+    AbortCommand,
+    AddCommand,
+    Command,
+    CoreOutput,
+    EngineCore,
+    EngineDeadError,
+    EngineLike,
+    StepItem,
+)
+from engine.serve.metrics import FINISH_REASONS, ServeMetrics
+
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineLike", "RequestHandle", "StepItem"]
 
 log = logging.getLogger(__name__)
-
-
-class EngineLike(Protocol):
-    """What the front end needs of ``engine.llm_engine.LLMEngine`` (the engine internal contract)."""
-
-    def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: Any, arrival_time: float | None = None
-    ) -> None: ...
-    def step(self) -> list[Any]: ...
-    def abort(self, request_id: str) -> None: ...
-    def has_unfinished(self) -> bool: ...
-
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-
-
-@dataclass(frozen=True)
-class StepItem:
-    """What one step produced for one request."""
-
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-
-
-@dataclass
-class _Tracked:
-    """Engine-thread bookkeeping of one request, for metrics."""
-
-    arrival: float
-    num_prompt_tokens: int
-    max_tokens: int
-    first_token_ts: float | None = None
-    last_token_ts: float | None = None
-    num_generated: int = 0
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: Any
-    arrival: float
-    max_tokens: int
-    accepted: asyncio.Future[None]
-
-
-@dataclass
-class _Abort:
-    request_id: str
-    reason: str  # recorded finish reason: "abort" (client gone) or "stop" (stop string)
 
 
 @dataclass
@@ -123,51 +80,73 @@ class RequestHandle:
         self._owner._streams.pop(self.request_id, None)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine raised inside ``step()``; in-flight requests get this, the server keeps serving."""
-
-
 class AsyncEngine:
-    """Drive an engine from a background thread and expose per-request async streams."""
+    """Per-request async streams over an ``EngineCore`` on a background thread of this process.
 
-    def __init__(self, engine: EngineLike, metrics: ServeMetrics | None = None) -> None:
+    Subclasses change the transport (``_start_core``, ``_send``, ``_stop_core``, ``running``); the
+    request API and the delivery of ``CoreOutput`` are shared."""
+
+    def __init__(self, engine: EngineLike | None, metrics: ServeMetrics | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # event-loop side
-        self._tracked: dict[str, _Tracked] = {}  # engine-thread side
+        self._pending: dict[str, asyncio.Future[None]] = {}  # admissions not yet settled
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._spec_prev: tuple[int, int, int, list[int]] | None = None
-        self._prefix_prev: tuple[int, int] | None = None
-        self._preempt_prev = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will read the streams."""
+        """Start serving; call from the event loop that will read the streams."""
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._stopping = False
-        self._spec_prev = self._spec_snapshot()
-        self._prefix_prev = self._prefix_snapshot()
-        self._preempt_prev = int(getattr(self.engine, "num_preemptions", 0) or 0)
-        self._update_gauges()
-        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
-        self._thread.start()
+        self._start_core()
 
     async def shutdown(self) -> None:
         if self._thread is None:
             return
-        self._stopping = True
-        self._commands.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._send(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._stop_core)
         self._thread = None
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def _start_core(self) -> None:
+        assert self.engine is not None
+        core = EngineCore(self.engine, self.metrics)
+        self._thread = threading.Thread(
+            target=core.run, args=(self._receive, self._publish), name="engine-step-loop", daemon=True
+        )
+        self._thread.start()
+
+    def _stop_core(self) -> None:
+        assert self._thread is not None
+        self._thread.join()
+
+    def _send(self, cmd: Command) -> None:
+        self._commands.put(cmd)
+
+    def _receive(self, timeout: float) -> list[Command]:
+        """Core side: the commands that arrived, waiting up to ``timeout`` s for the first."""
+        try:
+            first = self._commands.get(timeout=timeout) if timeout > 0 else self._commands.get_nowait()
+        except queue.Empty:
+            return []
+        cmds = [first]
+        while True:
+            try:
+                cmds.append(self._commands.get_nowait())
+            except queue.Empty:
+                return cmds
+
+    def _publish(self, out: CoreOutput) -> None:
+        """Core side: hand one output to the event loop."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(self._on_output, out)
 
     # -- request API (event loop) -----------------------------------------------------------------
     async def submit(
@@ -185,226 +164,43 @@ class AsyncEngine:
         stream = _Stream()
         self._streams[request_id] = stream
         accepted: asyncio.Future[None] = self._loop.create_future()
-        self._commands.put(
-            _Add(request_id, list(prompt_token_ids), params, time.monotonic(), max_tokens, accepted)
-        )
+        self._pending[request_id] = accepted
+        self._send(AddCommand(request_id, list(prompt_token_ids), params, time.monotonic(), max_tokens))
         try:
             await accepted
         except BaseException:
             # Rejected, or the caller was cancelled while waiting: make sure nothing stays behind.
             self.abort(request_id)
             raise
+        finally:
+            self._pending.pop(request_id, None)
         return RequestHandle(self, request_id, stream)
 
     def abort(self, request_id: str, *, reason: str = "abort") -> None:
-        """Ask the engine thread to drop a request (no-op when it already finished)."""
+        """Ask the engine to drop a request (no-op when it already finished)."""
         if reason not in FINISH_REASONS:
             raise ValueError(f"reason must be one of {FINISH_REASONS}, got {reason!r}")
         self._streams.pop(request_id, None)
-        self._commands.put(_Abort(request_id, reason))
+        self._send(AbortCommand(request_id, reason))
 
-    # -- engine thread ------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stopping:
-            busy = self._safe_has_unfinished()
-            try:
-                cmd = self._commands.get_nowait() if busy else self._commands.get(timeout=0.5)
-            except queue.Empty:
-                cmd = None
-                if not busy:
-                    continue
-            while cmd is not None:
-                self._apply(cmd)
-                try:
-                    cmd = self._commands.get_nowait()
-                except queue.Empty:
-                    cmd = None
-            if self._stopping:
-                break
-            if self._safe_has_unfinished():
-                self._step_once()
-            self._update_gauges()
-        self._fail_all(EngineDeadError("server shutting down"), reason="abort")
-
-    def _safe_has_unfinished(self) -> bool:
-        try:
-            return bool(self.engine.has_unfinished())
-        except Exception:  # pragma: no cover - a broken engine must not kill the loop
-            log.exception("engine.has_unfinished() failed")
-            return False
-
-    def _apply(self, cmd: _Add | _Abort | None) -> None:
-        if cmd is None:
-            return
-        if isinstance(cmd, _Add):
-            try:
-                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
-            except Exception as exc:  # noqa: BLE001 - hand every rejection back to its caller
-                self._resolve(cmd.accepted, exc if isinstance(exc, RequestError) else RequestError(str(exc)))
-                return
-            self._tracked[cmd.request_id] = _Tracked(cmd.arrival, len(cmd.prompt_token_ids), cmd.max_tokens)
-            if self.metrics is not None:
-                self.metrics.record_new_request(max_tokens=cmd.max_tokens)
-            self._resolve(cmd.accepted, None)
-            return
-        tracked = self._tracked.pop(cmd.request_id, None)
-        if tracked is None:
-            return  # finished already, or never admitted
-        try:
-            self.engine.abort(cmd.request_id)
-        except Exception:  # pragma: no cover
-            log.exception("engine.abort(%r) failed", cmd.request_id)
-        self._record_finished(tracked, cmd.reason, time.monotonic())
-
-    def _resolve(self, fut: asyncio.Future[None], exc: BaseException | None) -> None:
-        def settle() -> None:
-            if fut.done():
-                return
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(exc)
-
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            self._loop.call_soon_threadsafe(settle)
-
-    def _step_once(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:  # noqa: BLE001
-            log.exception("engine.step() failed; failing the in-flight requests")
-            self._fail_all(
-                EngineDeadError(f"engine step failed: {type(exc).__name__}: {exc}"), reason="error"
-            )
-            return
-        now = time.monotonic()
-        deliveries: list[tuple[str, StepItem]] = []
-        prompt_tokens = gen_tokens = 0
-        ttfts: list[float] = []
-        itls: list[float] = []
-        for out in outputs:
-            tracked = self._tracked.get(out.request_id)
-            if tracked is None:
-                continue  # aborted while the step ran
-            new = list(out.new_token_ids)
-            if new:
-                gen_tokens += len(new)
-                tracked.num_generated += len(new)
-                if tracked.first_token_ts is None:
-                    tracked.first_token_ts = now
-                    prompt_tokens += tracked.num_prompt_tokens
-                    ttfts.append(now - tracked.arrival)
-                elif tracked.last_token_ts is not None:
-                    itls.append(now - tracked.last_token_ts)
-                tracked.last_token_ts = now
-            reason = out.finish_reason if out.finished else None
-            if out.finished:
-                reason = reason if reason in FINISH_REASONS else "stop"
-                del self._tracked[out.request_id]
-                self._record_finished(tracked, reason, now)
-            deliveries.append(
-                (out.request_id, StepItem(new, bool(out.finished), reason, tracked.num_prompt_tokens))
-            )
-        if self.metrics is not None:
-            self.metrics.record_iteration(
-                num_prompt_tokens=prompt_tokens, num_generation_tokens=gen_tokens, ttfts=ttfts, itls=itls
-            )
-            self._record_engine_counters()
-        if deliveries:
-            self._post(deliveries)
-
-    def _post(self, deliveries: Sequence[tuple[str, StepItem | BaseException]]) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._deliver, deliveries)
-
-    def _deliver(self, deliveries: Sequence[tuple[str, StepItem | BaseException]]) -> None:
-        for request_id, item in deliveries:
+    def _on_output(self, out: CoreOutput) -> None:
+        """Event loop: settle admissions, then deliver every request's items."""
+        for request_id, rejection in out.accepted:
+            fut = self._pending.get(request_id)
+            if fut is not None and not fut.done():
+                if rejection is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(RequestError(rejection))
+        for request_id, item in out.items:
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream.queue.put_nowait(item)
 
-    def _fail_all(self, exc: BaseException, *, reason: str) -> None:
-        failed = list(self._tracked)
-        for request_id in failed:
-            with contextlib.suppress(Exception):
-                self.engine.abort(request_id)
-            tracked = self._tracked.pop(request_id)
-            self._record_finished(tracked, reason, time.monotonic())
-        self._post([(rid, exc) for rid in failed])
-
-    # -- metrics ----------------------------------------------------------------------------------
-    def _record_finished(self, tracked: _Tracked, reason: str, now: float) -> None:
-        if self.metrics is None:
-            return
-        decode = 0.0
-        if tracked.first_token_ts is not None and tracked.last_token_ts is not None:
-            decode = tracked.last_token_ts - tracked.first_token_ts
-        self.metrics.record_finished(
-            FinishedRequest(
-                finish_reason=reason,
-                e2e_latency=now - tracked.arrival,
-                num_prompt_tokens=tracked.num_prompt_tokens,
-                num_generation_tokens=tracked.num_generated,
-                max_tokens_param=tracked.max_tokens,
-                decode_time=decode,
-            )
-        )
-
-    def _update_gauges(self) -> None:
-        if self.metrics is None:
-            return
-        try:
-            self.metrics.set_scheduler_state(
-                running=int(self.engine.num_running),
-                waiting=int(self.engine.num_waiting),
-                kv_usage=float(self.engine.kv_usage),
-            )
-        except Exception:  # pragma: no cover
-            log.exception("reading the engine's scheduler state failed")
-
-    def _spec_snapshot(self) -> tuple[int, int, int, list[int]] | None:
-        stats = getattr(self.engine, "spec_stats", None)
-        if stats is None:
-            return None
-        return (
-            int(stats.num_drafts),
-            int(stats.num_draft_tokens),
-            int(stats.num_accepted_tokens),
-            [int(x) for x in stats.accepted_per_pos],
-        )
-
-    def _prefix_snapshot(self) -> tuple[int, int] | None:
-        """Cumulative (queried tokens, hit tokens) of the engine's kvbm prefix cache, if it has one."""
-        mgr = getattr(self.engine, "kv_manager", None)
-        get = getattr(mgr, "metrics", None)
-        if get is None:
-            return None
-        m = get() if callable(get) else get
-        if not hasattr(m, "prefix_query_tokens"):
-            return None
-        return int(m.prefix_query_tokens), int(m.prefix_hit_tokens)
-
-    def _record_engine_counters(self) -> None:
-        assert self.metrics is not None
-        spec = self._spec_snapshot()
-        if spec is not None:
-            prev = self._spec_prev or (0, 0, 0, [])
-            per_pos = [v - (prev[3][i] if i < len(prev[3]) else 0) for i, v in enumerate(spec[3])]
-            self.metrics.record_spec(
-                drafts=spec[0] - prev[0],
-                draft_tokens=spec[1] - prev[1],
-                accepted_tokens=spec[2] - prev[2],
-                accepted_per_pos=per_pos,
-            )
-            self._spec_prev = spec
-        prefix = self._prefix_snapshot()
-        if prefix is not None:
-            prev_p = self._prefix_prev or (0, 0)
-            self.metrics.record_prefix_cache(queries=prefix[0] - prev_p[0], hits=prefix[1] - prev_p[1])
-            self._prefix_prev = prefix
-        preempt = getattr(self.engine, "num_preemptions", None)
-        if preempt is not None:
-            self.metrics.record_preemptions(int(preempt) - self._preempt_prev)
-            self._preempt_prev = int(preempt)
+    def _fail_in_flight(self, exc: BaseException) -> None:
+        """Event loop: the core is gone; every waiting admission and stream gets ``exc``."""
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        for stream in self._streams.values():
+            stream.queue.put_nowait(exc)

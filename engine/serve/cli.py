@@ -13,6 +13,7 @@ import logging
 import time
 
 import uvicorn
+from fastapi import FastAPI
 
 from engine.engine_config import EngineConfig, add_engine_args
 from engine.errors import EngineError
@@ -42,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "pays a graph capture or a kernel compile (default: on a GPU)",
     )
     parser.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the engine in a process of its own, so the HTTP loop and the engine's steps never "
+        "wait for each other's Python (default: on a GPU)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="server log level"
     )
 
@@ -52,10 +60,7 @@ def main(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     log = logging.getLogger("engine.serve")
-    from engine.llm_engine import LLMEngine
-    from engine.serve.app import app_for_engine
     from engine.serve.launcher import bind_socket
-    from engine.warmup import wants_warm_up, warm_up
 
     log.info(
         "loading %s (weights %s, dtype %s, device %s, tp %d%s) ...",
@@ -63,20 +68,14 @@ def main(args: argparse.Namespace) -> int:
         f", spec {args.spec} k={args.k}" if args.spec != "none" else "",
     )  # fmt: skip
     t0 = time.perf_counter()
+    names = tuple(args.served_model_name or (args.model,))
     try:
         config = EngineConfig.from_args(args, "engine serve")
-        engine = LLMEngine(config)
+        app = _app(args, config, names)
     except EngineError as exc:
         log.error("cannot start: %s", exc)
         return 2
     log.info("loaded %s in %.1f s", args.model, time.perf_counter() - t0)
-    if wants_warm_up(args.warm_up, engine):
-        log.info("warming up: every CUDA-graph batch size up to --max-num-seqs %d ...", args.max_num_seqs)
-        log.info(warm_up(engine).describe())
-    names = tuple(args.served_model_name or (args.model,))
-    app = app_for_engine(
-        engine, names[0], aliases=names[1:], num_spec_tokens=config.spec.k if config.spec else 0
-    )
     sock = bind_socket(args.host, args.port)
     log.info(
         "serving %s on http://%s:%d (OpenAI API under /v1, metrics at /metrics)",
@@ -101,6 +100,33 @@ def main(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
+
+
+def _app(args: argparse.Namespace, config: EngineConfig, names: tuple[str, ...]) -> FastAPI:
+    """The server's app over an engine in this process or in an engine-core process of its own."""
+    from engine.serve.core_process import app_for_core, wants_engine_process
+
+    log = logging.getLogger("engine.serve")
+    if wants_engine_process(args.engine_process, config):
+        log.info("starting the engine core process (it loads the model and warms up) ...")
+        app = app_for_core(
+            config, names[0], aliases=names[1:], warm_up=args.warm_up, log_level=args.log_level
+        )
+        warm = app.state.serve.async_engine.info.warm_up
+        if warm:
+            log.info(warm)
+        return app
+    from engine.llm_engine import LLMEngine
+    from engine.serve.app import app_for_engine
+    from engine.warmup import wants_warm_up, warm_up
+
+    engine = LLMEngine(config)
+    if wants_warm_up(args.warm_up, engine):
+        log.info("warming up: every CUDA-graph batch size up to --max-num-seqs %d ...", args.max_num_seqs)
+        log.info(warm_up(engine).describe())
+    return app_for_engine(
+        engine, names[0], aliases=names[1:], num_spec_tokens=config.spec.k if config.spec else 0
+    )
 
 
 def _standalone() -> int:  # `python -m engine.serve.cli ...` while engine/cli.py lacks the subcommand
