@@ -384,10 +384,8 @@ class LLMEngine:
                 continue
             real = self._padded.get(s.request.request_id)
             if real is not None:  # the drafter proposed only the first `real` tokens of the draft
-                kept = min(a, real)
-                self.proposer.commit(s.request.request_id, kept)
-                emitted = min(a, max(kept, self._draft_room(s.request)))  # pads past max_tokens are cut
-                self._spec_stats.record_padded(real, kept, len(s.draft) - real, emitted - kept)
+                self.proposer.commit(s.request.request_id, a)
+                self._spec_stats.record_padded(real, a, len(s.draft) - real)
             else:
                 self.proposer.commit(s.request.request_id, a)
                 self._spec_stats.record(len(s.draft), a)
@@ -443,14 +441,14 @@ class LLMEngine:
         Why: a batch mixing widths (1 + k, 1 + a shorter draft, 1 without one: draft coverage < 1, a
         lookup that found fewer tokens, a request near its max_tokens, speculate=False) runs its forward
         eagerly, several times slower on a GPU than the CUDA graph a uniform batch replays. A pad
-        repeats the draft's last token (or the sequence's); it is no proposal: ``verify_padding`` keeps
-        a pad only when it equals the target's own draw at that row, after every proposed token was
-        accepted, so the output is what the sequence would emit without the pad (greedy or sampled,
-        speculate=False included; tokens past max_tokens are cut as always), and SpecStats counts pads
-        apart from drafts. Only when every sequence of the step decodes (a prefill chunk would break the
-        graph anyway), a verify graph holds the widest draft (unless ``pad_drafts`` forces it; never for a
-        Medusa tree), and every sequence has room for the pads within max_model_len, the step's token
-        budget and the free KV blocks (a pad never preempts a sequence); otherwise nothing is padded."""
+        repeats the draft's last token (or the sequence's); it is a dummy position, as vLLM pads a batch
+        to its graph size: its logits are never read (``_verify_chain`` verifies the proposed part only),
+        so the output and the spec-decode counters are exactly those of the unpadded step, and SpecStats
+        counts pads apart from drafts. Only when every sequence of the step decodes (a prefill chunk
+        would break the graph anyway), a verify graph holds the widest draft (unless ``pad_drafts``
+        forces it; never for a Medusa tree), and every sequence has room for the pads within
+        max_model_len, the step's token budget and the free KV blocks (a pad never preempts a
+        sequence); otherwise nothing is padded."""
         if not drafts or self.pad_drafts is False or self.spec is None or self.spec.is_tree:
             return {}
         width = self._padded_width(max(len(d) for d in drafts.values()))
@@ -513,12 +511,6 @@ class LLMEngine:
             for q, t in zip(reqs, toks, strict=True):
                 out[q.request_id] = [t]
         verify = [(s, r, n) for s, r, n in kinds if self.proposer is not None and self._is_decode(s)]
-        pads_only = [
-            (s.request, r, s.draft) for s, r, _ in verify if self._padded.get(s.request.request_id) == 0
-        ]
-        if pads_only:
-            self._verify_padding(pads_only, logits, out)
-            verify = [v for v in verify if self._padded.get(v[0].request.request_id) != 0]
         if verify and self.spec is not None and self.spec.is_tree:
             self._medusa_verify(verify, logits, out)
         elif verify:
@@ -528,8 +520,8 @@ class LLMEngine:
     def _verify_chain(
         self, verify: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor, out: dict[str, list[int]]
     ) -> None:
-        """Tokens of the sequences that verify a proposed draft; where pads follow it (``_pad_drafts``)
-        and every proposed token was accepted, the pads are verified next, from the bonus row on."""
+        """Tokens of the sequences that verify a draft: the proposed part only, never the pads after it
+        (``_pad_drafts``), so a padded sequence emits what it would emit unpadded."""
         from engine.spec import verify_chain
 
         reqs = [s.request for s, _, _ in verify]
@@ -548,38 +540,8 @@ class LLMEngine:
             generators=[q.generator for q in reqs],
             draft_probs=draft_probs,
         )
-        tails = []
-        for (s, r, _), q, m, toks in zip(verify, reqs, real, res.tokens, strict=True):
-            out[q.request_id] = list(toks)
-            if m < len(s.draft) and len(toks) == m + 1:  # every proposed token kept: the pads' turn
-                out[q.request_id] = list(toks[:m])
-                tails.append((q, r + m, s.draft[m:]))
-        if tails:
-            self._verify_padding(tails, logits, out, extend=True)
-
-    def _verify_padding(
-        self,
-        padded: list[tuple[Request, int, list[int]]],
-        logits: torch.Tensor,
-        out: dict[str, list[int]],
-        *,
-        extend: bool = False,
-    ) -> None:
-        """Tokens of sequences verifying pads (see ``_pad_drafts``): each item is (request, first logits
-        row, pads); ``extend`` appends them to the tokens the proposed part of the draft kept."""
-        from engine.spec import verify_padding
-
-        reqs = [q for q, _, _ in padded]
-        rows = torch.cat([torch.arange(r, r + len(p) + 1) for _, r, p in padded]).to(logits.device)
-        res = verify_padding(
-            logits.index_select(0, rows),
-            [p for _, _, p in padded],
-            temperatures=[q.params.temperature for q in reqs],
-            top_ps=[q.params.top_p for q in reqs],
-            generators=[q.generator for q in reqs],
-        )
         for q, toks in zip(reqs, res.tokens, strict=True):
-            out[q.request_id] = (out[q.request_id] if extend else []) + list(toks)
+            out[q.request_id] = list(toks)
 
     def _medusa_verify(
         self, verify: list[tuple[ScheduledSeq, int, int]], logits: torch.Tensor, out: dict[str, list[int]]

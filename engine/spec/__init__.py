@@ -4,7 +4,7 @@ Public API (the engine, profiler and server import from here):
 - ``SpecConfig`` (config.py): method, k and method options, validated.
 - ``SpecStats`` (stats.py): vLLM-style counters and the derived tokens per step.
 - ``SpecSequence``, ``Proposer`` (base.py): the chain-proposer contract; ``build_proposer``.
-- ``verify_greedy``, ``verify_chain``, ``verify_padding``, ``verify_tree``, ``filtered_probs`` (verify.py).
+- ``verify_greedy``, ``verify_chain``, ``verify_tree``, ``filtered_probs`` (verify.py).
 - ``NgramProposer`` (ngram.py), ``DraftModelProposer`` (draft.py), ``MedusaHeads``/``MedusaTree``
   (medusa.py), ``MedusaDecoder`` (medusa_decoder.py: a Proposer whose drafts are tree nodes, plus
   ``apply_tree``/``accept``/``observe`` for the engine's verify step).
@@ -27,7 +27,6 @@ from engine.spec.verify import (
     filtered_probs,
     verify_chain,
     verify_greedy,
-    verify_padding,
     verify_tree,
 )
 
@@ -42,7 +41,6 @@ __all__ = [
     "filtered_probs",
     "verify_chain",
     "verify_greedy",
-    "verify_padding",
     "verify_tree",
 ]
 

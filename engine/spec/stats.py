@@ -12,10 +12,10 @@ A step emits ``1 + accepted`` tokens, so tokens per decode step = ``1 + accepted
 are the project's metric definitions (``common.metrics``); this module only counts.
 
 Padded drafts (``LLMEngine`` gives a sequence without a draft a repeat of its last token so the batch
-keeps one verify width and replays its CUDA graph) are no proposals: such a step is recorded as a decode
-step without a draft, and the pad tokens and the pad tokens kept (the target's own tokens, emitted) are
-counted apart in ``num_pad_tokens`` / ``num_pad_accepted_tokens``, so coverage and acceptance (and the
-vLLM-named /metrics read from them) describe the proposer alone.
+keeps one verify width and replays its CUDA graph) are no proposals and never emit a token: the step is
+recorded as it would be unpadded, and the pads are counted apart in ``num_pad_tokens``, so coverage and
+acceptance (and the vLLM-named /metrics read from them) describe the proposer alone and tokens per step
+is exactly ``1 + accepted / decode_steps``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class SpecStats:
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
     num_pad_tokens: int = 0
-    num_pad_accepted_tokens: int = 0
     # Wall time spent proposing and verifying (seconds), for logs; the profiler times steps itself.
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
@@ -64,23 +63,11 @@ class SpecStats:
         for i in range(num_accepted):
             self.accepted_per_pos[i] += 1
 
-    def record_padded(
-        self, num_draft_tokens: int, num_accepted: int, num_pad_tokens: int, num_pad_accepted: int
-    ) -> None:
-        """One sequence's decode step verified ``num_draft_tokens`` proposed tokens (0: none) followed by
-        ``num_pad_tokens`` pads (no proposal, see ``LLMEngine._pad_drafts``); ``num_accepted`` of the
-        proposed and then ``num_pad_accepted`` of the pads were kept. Pads count apart from drafts."""
-        if not 0 <= num_pad_accepted <= num_pad_tokens or (
-            num_pad_accepted and num_accepted < num_draft_tokens
-        ):
-            raise ValueError(
-                f"SpecStats.record_padded: need 0 <= num_pad_accepted ({num_pad_accepted}) <= num_pad_tokens "
-                f"({num_pad_tokens}), and pads kept only after every draft token ({num_accepted} of "
-                f"{num_draft_tokens})"
-            )
+    def record_padded(self, num_draft_tokens: int, num_accepted: int, num_pad_tokens: int) -> None:
+        """One sequence's decode step verified ``num_draft_tokens`` proposed tokens (0: none), of which
+        ``num_accepted`` were kept, then carried ``num_pad_tokens`` pads (see ``LLMEngine._pad_drafts``)."""
         self.record(num_draft_tokens, num_accepted)
         self.num_pad_tokens += num_pad_tokens
-        self.num_pad_accepted_tokens += num_pad_accepted
 
     def merge(self, other: SpecStats) -> None:
         self.num_decode_steps += other.num_decode_steps
@@ -88,7 +75,6 @@ class SpecStats:
         self.num_draft_tokens += other.num_draft_tokens
         self.num_accepted_tokens += other.num_accepted_tokens
         self.num_pad_tokens += other.num_pad_tokens
-        self.num_pad_accepted_tokens += other.num_pad_accepted_tokens
         n = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
         a = self.accepted_per_pos + [0] * (n - len(self.accepted_per_pos))
         b = other.accepted_per_pos + [0] * (n - len(other.accepted_per_pos))
@@ -98,8 +84,7 @@ class SpecStats:
 
     @property
     def tokens_per_step(self) -> float:
-        """Output tokens per decode step from the proposer's drafts (1.0 before any step; pad tokens kept
-        are not in it)."""
+        """Output tokens per decode step from the proposer's drafts (1.0 before any step)."""
         return md.tokens_per_step(self.draft_coverage, self.acceptance_rate_per_pos)
 
     @property
@@ -125,7 +110,6 @@ class SpecStats:
             "num_accepted_tokens": self.num_accepted_tokens,
             "accepted_per_pos": list(self.accepted_per_pos),
             "num_pad_tokens": self.num_pad_tokens,
-            "num_pad_accepted_tokens": self.num_pad_accepted_tokens,
             "tokens_per_step": self.tokens_per_step,
             "draft_coverage": self.draft_coverage,
             "acceptance_given_draft": self.acceptance_given_draft,

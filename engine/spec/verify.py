@@ -18,13 +18,6 @@ argmax; sampling tries the children in order, accepting child c with probability
 is p renormalised over the tokens not yet rejected -- sampling without replacement, so the emitted
 token is again distributed exactly as p.
 
-Padded drafts (a sequence without a real draft gets a repeat of its last token so the batch keeps
-one verify width, see ``LLMEngine._pad_drafts``): ``verify_padding`` draws the target's token at each
-row exactly as plain decoding does and keeps a pad token only when it equals that draw. That is
-rejection sampling with ``q = one_hot(pad)`` (accept with probability ``p(pad)``, else a token from p
-without pad), so the tokens are the target's own; a seeded request also draws its generator in the
-same order as without the pad.
-
 Every random draw uses the request's own ``torch.Generator`` (seeded requests are reproducible
 whatever else is in the batch).
 """
@@ -36,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling import filtered_probs, sample
+from engine.sampling import filtered_probs
 
 
 @dataclass
@@ -153,42 +146,6 @@ def verify_chain(
         accepted.append(a)
         tokens.append(toks)
     return VerifyResult(accepted, tokens)
-
-
-def verify_padding(
-    logits: torch.Tensor,
-    pads: Sequence[Sequence[int]],
-    *,
-    temperatures: Sequence[float],
-    top_ps: Sequence[float],
-    generators: Sequence[torch.Generator | None],
-) -> VerifyResult:
-    """Verify padded drafts (no proposals) of a flattened batch: row j's token is drawn by
-    ``engine.sampling.sample`` as a plain decode step would draw it; pad j + 1 is kept while it equals
-    that token. Rows after the first mismatch are never drawn from."""
-    offs = _row_offsets(pads)
-    if logits.shape[0] != offs[-1]:
-        raise ValueError(f"verify_padding: {logits.shape[0]} logit rows for {offs[-1]} verify tokens")
-    if all(t <= 0 for t in temperatures):
-        return verify_greedy(logits, pads)
-    tokens: list[list[int]] = [[] for _ in pads]
-    active = list(range(len(pads)))
-    j = 0
-    while active:
-        rows = torch.tensor([offs[b] + j for b in active], device=logits.device)
-        drawn = sample(
-            logits.index_select(0, rows),
-            [temperatures[b] for b in active],
-            [top_ps[b] for b in active],
-            [generators[b] for b in active],
-        )
-        still = []
-        for b, t in zip(active, drawn, strict=True):
-            tokens[b].append(t)
-            if j < len(pads[b]) and t == pads[b][j]:
-                still.append(b)
-        active, j = still, j + 1
-    return VerifyResult([len(t) - 1 for t in tokens], tokens)
 
 
 def verify_tree(

@@ -9,14 +9,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from engine import llm_engine
 from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.presets import resolve_model
-from engine.sampling import SamplingParams, sample
-from engine.spec import SpecConfig, verify_greedy, verify_padding
+from engine.sampling import SamplingParams
+from engine.spec import SpecConfig
 
 BLOCK = 8
 N_NEW = 24
@@ -24,8 +23,9 @@ N_NEW = 24
 
 @pytest.fixture
 def v16(monkeypatch) -> None:
-    """The tiny preset with a 16-token vocabulary: its greedy choice often repeats the last token, so
-    pads do get kept and the paths that emit them are exercised."""
+    """The tiny preset with a 16-token vocabulary: its greedy choice often repeats the last token, so a
+    pad (a repeat of the last token) often equals the target's next token, and the test shows it is
+    still never emitted."""
     base = resolve_model("tiny", weights="random")
     src = dataclasses.replace(base, config=base.config.replace(name="tiny-v16", vocab_size=16))
     monkeypatch.setattr(llm_engine, "resolve_model", lambda *a, **kw: src)
@@ -76,7 +76,7 @@ def test_padding_is_lossless(v16, make) -> None:
     padded = _engine(make(), pad=True)
     assert _run(padded) == plain
     st = padded.spec_stats
-    assert st.num_pad_tokens > 0 and st.num_pad_accepted_tokens > 0  # pads were verified, some kept
+    assert st.num_pad_tokens > 0
 
 
 def _mixed_width_decode_steps(engine: LLMEngine) -> int:
@@ -100,17 +100,21 @@ def test_padding_leaves_no_mixed_width_decode_step(v16, make) -> None:
 
 
 def test_counters_count_the_proposers_drafts_only(v16) -> None:
-    """The draft model drafts k for every speculating request at every step, so padding only touches
-    the speculate=False requests: the proposer's counters must equal those of the unpadded run."""
+    """Pads are dummy positions: every counter (decode steps included, so tokens per step) equals the
+    unpadded run's, although with a 16-token vocabulary many pads equal the target's next token."""
     spec = SpecConfig(method="draft", k=2, draft_layers=1)
     off, on = _engine(spec, pad=False), _engine(spec, pad=True)
     assert _run(off) == _run(on)
     a, b = off.spec_stats, on.spec_stats
     assert a.num_pad_tokens == 0 and b.num_pad_tokens > 0
-    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_pos"):
+    for name in (
+        "num_decode_steps",
+        "num_drafts",
+        "num_draft_tokens",
+        "num_accepted_tokens",
+        "accepted_per_pos",
+    ):
         assert getattr(b, name) == getattr(a, name), name
-    # kept pads save decode steps of the padded requests; none of them counts as a draft
-    assert b.num_decode_steps == a.num_decode_steps - b.num_pad_accepted_tokens
 
 
 @pytest.mark.parametrize("graph_width", [None, 3, 4])
@@ -122,24 +126,6 @@ def test_auto_pads_only_where_a_verify_graph_replays(v16, graph_width) -> None:
         engine.runner.has_verify_graphs = lambda q, tree=False: q == graph_width
     _run(engine)
     assert (engine.spec_stats.num_pad_tokens > 0) == (graph_width == 3)
-
-
-def test_verify_padding_draws_as_plain_sampling() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(4 + 3, 16)
-    pads = [[5, 5, 5], [2, 2]]
-    assert verify_padding(logits, pads, temperatures=[0, 0], top_ps=[1, 1], generators=[None, None]) == (
-        verify_greedy(logits, pads)
-    )
-    # pad 0 equal to the sampled token, then a pad that cannot be drawn (zero probability after top-p)
-    gen = torch.Generator().manual_seed(3)
-    first = sample(logits[0:1], [1.0], [1.0], [torch.Generator().manual_seed(3)])[0]
-    logits[1, 9] = -1e9
-    res = verify_padding(logits[:4], [[first, 9, 9]], temperatures=[1.0], top_ps=[1.0], generators=[gen])
-    ref = torch.Generator().manual_seed(3)
-    expect = [sample(logits[j : j + 1], [1.0], [1.0], [ref])[0] for j in range(2)]
-    assert res.tokens == [expect] and res.num_accepted == [1]
-    assert gen.get_state().equal(ref.get_state())  # rows after the mismatch were never drawn from
 
 
 def test_pads_never_take_a_sequences_place(v16) -> None:
