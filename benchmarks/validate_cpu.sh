@@ -41,7 +41,7 @@ if [ -z "$PROFILE" ]; then
 fi
 t0=$(date +%s)
 "$PY" -m profiler.cli validate "$PROFILE" --points "$POINTS" --max-tokens "$OSL" \
-    --requests-per-seq "$WAVES" --controlled off --draft-model smollm2-135m ${data[@]+"${data[@]}"} 2>&1 |
+    --requests-per-seq "$WAVES" --min-requests "${MIN_REQUESTS:-24}" --controlled off --draft-model smollm2-135m ${data[@]+"${data[@]}"} 2>&1 |
     tee "$OUT/validate.txt"
 rc=${PIPESTATUS[0]}
 echo "validate rc=$rc in $(($(date +%s) - t0)) s"

@@ -9,7 +9,8 @@
 #
 # From the repo root on the GPU host:   OUT=runs/validate_gpu bash benchmarks/validate_gpu.sh
 # Knobs: K (the k validated for ngram and draft, default 4), POINTS (per config, default 3), OSL
-# (output tokens per request, default 128), WAVES (closed-loop rounds per point, default 3),
+# (output tokens per request, default 128), WAVES (closed-loop rounds per point, default 3), MIN_REQUESTS
+# (requests per point at least, default 24),
 # CONTROLLED (default alpha=0.7,coverage=0.8), SWEEP_LIMIT_S, VALIDATE_LIMIT_S, PROFILE (skip the
 # sweep and validate this profile), SWEEP_ARGS (sweep flags instead of the default GPU grid, e.g. a
 # smaller grid), DRAFT (draft model, default llama-68m), DATASET (prompts JSONL; default: the packaged
@@ -48,7 +49,7 @@ data=()
 t0=$(date +%s)
 timeout "${VALIDATE_LIMIT_S:-500}" python3 -m profiler.cli validate "$PROFILE" \
     --method "${METHODS:-none,ngram,draft}" --k "0,$K" --points "${POINTS:-3}" --max-tokens "${OSL:-128}" \
-    --requests-per-seq "${WAVES:-3}" --controlled "${CONTROLLED:-alpha=0.7,coverage=0.8}" \
+    --requests-per-seq "${WAVES:-3}" --min-requests "${MIN_REQUESTS:-24}" --controlled "${CONTROLLED:-alpha=0.7,coverage=0.8}" \
     --draft-model "${DRAFT:-llama-68m}" ${data[@]+"${data[@]}"} 2>&1 | tee "$OUT/validate.txt"
 rc=${PIPESTATUS[0]}
 echo "validate rc=$rc in $(($(date +%s) - t0)) s"

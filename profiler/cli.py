@@ -345,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--points", type=int, default=4, help="off-grid points to run")
     v.add_argument("--model", help="model to run (default: the profile's)")
     v.add_argument("--requests-per-seq", type=int, default=2, help="requests each concurrent slot sends")
+    v.add_argument(
+        "--min-requests",
+        type=int,
+        default=24,
+        help="requests per point at least, whatever the concurrency (default 24: on one H200 a c = 2 "
+        "point of 8 requests moved 20%% between runs)",
+    )
     v.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     v.add_argument(
         "--controlled",

@@ -352,15 +352,23 @@ def warm_then_measure(
 
 
 def measure_point(
-    url: str, model: str, profile: Profile, t: Target, *, waves: int, dataset: Path | None = None
+    url: str,
+    model: str,
+    profile: Profile,
+    t: Target,
+    *,
+    waves: int,
+    min_requests: int = 1,
+    dataset: Path | None = None,
 ) -> tuple[Outcome, Acceptance | None]:
-    """Warm-up pass then measured pass of closed-loop load at ``t``; the planner's prediction at the
-    acceptance measured in the measured pass."""
+    """Warm-up pass then measured pass of closed-loop load at ``t`` (``waves`` requests per slot, at
+    least ``min_requests``); the planner's prediction at the acceptance measured in the measured pass."""
     from profiler.backends import http as httpb
     from profiler.grid import PointSpec
 
     res = warm_then_measure(
-        url, model, concurrency=t.concurrency, requests=waves * t.concurrency, isl=t.isl, osl=t.osl, k=t.k,
+        url, model, concurrency=t.concurrency, requests=max(waves * t.concurrency, min_requests), isl=t.isl,
+        osl=t.osl, k=t.k,
         dataset=dataset,
     )  # fmt: skip
     spec = PointSpec(t.tp, t.method, t.k, t.concurrency, t.isl)
@@ -388,6 +396,7 @@ def validate(
     waves: int,
     osl: int,
     controlled: str | None,
+    min_requests: int = 1,
     draft_model: str | None = None,
     draft_layers: int | None = None,
     methods: list[str] | None = None,
@@ -414,7 +423,9 @@ def validate(
             with running_server(cmd, port, timeout_s=startup_s) as url:
                 for t in group:
                     echo(f"[validate]   c={t.concurrency} isl={t.isl} osl={t.osl} ...", flush=True)
-                    outcome, acc = measure_point(url, model, profile, t, waves=waves, dataset=dataset)
+                    outcome, acc = measure_point(
+                        url, model, profile, t, waves=waves, min_requests=min_requests, dataset=dataset
+                    )
                     run.outcomes.append(outcome)
                     if acc is not None:
                         run.acceptance.setdefault(key, []).append(acc)
@@ -505,6 +516,9 @@ def run_validate(a: argparse.Namespace) -> int:
         waves = int(getattr(a, "requests_per_seq", 2))
         if waves < 1:
             raise ValidateError(f"requests_per_seq: must be >= 1, got {waves}")
+        min_requests = int(getattr(a, "min_requests", 1))
+        if min_requests < 1:
+            raise ValidateError(f"min_requests: must be >= 1, got {min_requests}")
         controlled = getattr(a, "controlled", None)
         if controlled is None and profile.metadata.weights != "real":
             controlled = DEFAULT_CONTROLLED  # random weights accept nothing: validate at a known acceptance
@@ -532,7 +546,7 @@ def run_validate(a: argparse.Namespace) -> int:
         run = validate(
             profile, points=a.points, model=model, waves=waves, osl=int(a.max_tokens), controlled=controlled,
             draft_model=draft_model, draft_layers=getattr(a, "draft_layers", None), methods=methods, ks=ks,
-            dataset=dataset,
+            dataset=dataset, min_requests=min_requests,
         )  # fmt: skip
     except (ProfileError, ValidateError, FileNotFoundError, ValueError) as exc:
         print(f"profiler validate: {exc}", file=sys.stderr)

@@ -124,6 +124,10 @@ def test_bad_inputs_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixture
         choose_targets(_profile(), 0, 32)
     with pytest.raises(ValidateError, match="max_tokens: 400 does not fit"):
         choose_targets(_profile(), 2, 400)
+    real = tmp_path / "measured.json"
+    save_profile(_profile(), real)
+    assert main(["validate", str(real), "--min-requests", "0"]) == 2
+    assert "min_requests: must be >= 1, got 0" in capsys.readouterr().err
     path = tmp_path / "synthetic.json"
     save_profile(_profile("synthetic"), path)
     assert main(["validate", str(path), "--points", "1"]) == 2
@@ -149,11 +153,13 @@ def test_validate_none_ngram_draft_over_http_on_tiny(
     prof.metadata.command = "profiler sweep --model tiny --draft-model tiny"
     save_profile(prof, path)
     args = ["validate", str(path), "--points", "1", "--max-tokens", "16", "--requests-per-seq", "2"]
+    args += ["--min-requests", "6"]
     assert main(args) == 0
     text = capsys.readouterr().out
     for method in ("none", "ngram", "draft"):
         cells = next(line for line in text.splitlines() if line.strip().startswith(method)).split()
         assert cells[2] == "2" and 128 < int(cells[3]) < 512  # c=2 off the grid, isl inside (128, 512)
+        assert cells[5] == "6"  # --min-requests over 2 requests per slot x 2 slots
         assert re.fullmatch(r"[+-]\d+\.\d%", cells[10]), cells  # a finite ITL error
         assert float(cells[9]) > 0 and float(cells[14]) > 0  # measured ITL and throughput
         assert re.search(rf"{method} k=\d \(1 points\): ITL: median \d+\.\d%", text)
