@@ -35,11 +35,21 @@ def goodput(ev, c: int, sla: float) -> float:
     return float(ev.thr[i]) if float(ev.itl[i]) <= sla else 0.0
 
 
-def planned_schedule(pl: Planner, inp, method: str, tp: int) -> tuple[dict, list[list[int]]] | None:
+def planned_schedule(
+    pl: Planner,
+    inp,
+    method: str,
+    tp: int,
+    acceptance: float | None = None,
+    draft_coverage: float | None = None,
+) -> tuple[dict, list[list[int]]] | None:
     """The evaluations per fixed k (0 = no speculation) of ``method`` at ``tp`` and the planner's k
-    schedule over them; None when the profile lacks none or the method."""
+    schedule over them; None when the profile lacks none or the method. ``acceptance`` (alpha per
+    position) and ``draft_coverage``: a given acceptance instead of the planner's own."""
     evals = {
-        key: ev for key, ev in pl.evaluations(inp).items() if key[0] == tp and key[1] in ("none", method)
+        key: ev
+        for key, ev in pl.evaluations(inp, acceptance, draft_coverage).items()
+        if key[0] == tp and key[1] in ("none", method)
     }
     fixed = {key[2]: ev for key, ev in evals.items()}
     if 0 not in fixed or len(fixed) < 2:

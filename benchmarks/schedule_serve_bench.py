@@ -8,11 +8,16 @@ profiler's closed-loop HTTP load generator (Spec-Bench prompts of exactly ``isl`
 then a measured pass), as `profiler validate` does. Goodput at a concurrency is the measured decode
 throughput over the steady window when the measured mean ITL meets the SLA, else 0.
 
-Speculation here is the engine's real drafter with the model's real weights (acceptance is what the
-prompts give); a random-weight profile accepts nothing and is refused.
+With real weights, speculation is the engine's real drafter (acceptance is what the prompts give). A
+random-weight profile accepts nothing, so it needs ``--controlled alpha=A,coverage=C``: every server runs
+the controlled drafter at that acceptance (``engine serve --spec-controlled``, as ``profiler validate``
+does) and the schedule is planned at the same acceptance. Servers run as validate's do: no prefix
+caching, so every pass prefills its prompts.
 
     python benchmarks/schedule_serve_bench.py --profile runs/sched/smollm2.json --itl-ms 40 \
         [--method ngram] [--concurrency 1,2,4,8] [--isl 256] [--osl 64] [--waves 2] [--out result.json]
+    python benchmarks/schedule_serve_bench.py --profile vicuna7b-h200.json --itl-ms 30 --method ngram \
+        --controlled alpha=0.7,coverage=0.8 --fixed-k 2,4 --concurrency 1,4,16,64,128
 """
 
 from __future__ import annotations
@@ -30,26 +35,34 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from schedule_bench import planned_schedule  # noqa: E402
 
+from engine.spec.controlled import ControlledAcceptance  # noqa: E402
 from planner.plan import Planner  # noqa: E402
 from planner.profile import load_profile  # noqa: E402
 from planner.schedule import k_at  # noqa: E402
 from profiler.validate import _free_port, longest_output, running_server, warm_then_measure  # noqa: E402
 
 
-def serve_command(model: str, port: int, config: str, k: int, sched, max_seqs: int, max_len: int, meta):
+def serve_command(model: str, port: int, config: str, k: int, sched, max_seqs: int, max_len: int, meta, a):
     cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", meta.dtype, "--max-num-seqs", str(max_seqs),
-           "--max-model-len", str(max_len), "--log-level", "warning"]  # fmt: skip
+           "--max-model-len", str(max_len), "--log-level", "warning", "--weights", meta.weights,
+           "--no-enable-prefix-caching"]  # fmt: skip
     if config == "none":
         return cmd
-    cmd += ["--spec", config.split()[0], "--k", str(k)]
+    method = config.split()[0]
+    cmd += ["--spec", method, "--k", str(k)]
+    if method == "draft" and a.draft_model:
+        cmd += ["--draft-model", a.draft_model]
+    if a.controlled:
+        cmd += ["--spec-controlled", a.controlled]
     if config.endswith("schedule"):
         cmd += ["--spec-schedule", json.dumps(sched, separators=(",", ":"))]
     return cmd
 
 
 def measure(url: str, model: str, c: int, isl: int, osl: int, waves: int, k: int) -> dict:
-    """Warm-up then measured closed-loop pass at concurrency ``c``: mean ITL and steady throughput."""
+    """Warm-up then measured closed-loop pass at concurrency ``c``: mean ITL and steady throughput. ``k``: the
+    server's k (the controlled drafter's record pass must cover its longest draft)."""
     res = warm_then_measure(url, model, concurrency=c, requests=waves * c, isl=isl, osl=osl, k=k)
     tps = res.counters.tokens_per_step if res.counters else 1.0
     return {"itl_ms": statistics.mean(res.itl_ms()), "thr": res.throughput_per_gpu(1), "tokens_per_step": tps}
@@ -65,18 +78,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--isl", type=int, default=256, help="input length (default 256)")
     ap.add_argument("--osl", type=int, default=64, help="output tokens per request (default 64)")
     ap.add_argument("--waves", type=int, default=2, help="closed-loop rounds per point (default 2)")
+    ap.add_argument(
+        "--controlled", default=None, help="alpha=A,coverage=C: the controlled drafter at that acceptance"
+    )
+    ap.add_argument("--fixed-k", default=None, help="fixed k to run besides the schedule (default: all)")
+    ap.add_argument("--draft-model", default=None, help="drafter for --method draft")
     ap.add_argument("--out", default=None, help="write the measurements as JSON here")
     a = ap.parse_args(argv)
 
     path = Path(a.profile)
     profile = load_profile(path)
     meta = profile.metadata
-    if meta.weights != "real":
-        print(f"error: {path.name} has {meta.weights} weights: their acceptance is not real", file=sys.stderr)
+    alpha = coverage = None
+    if a.controlled:
+        ctl = ControlledAcceptance.parse(a.controlled, 1)
+        alpha, coverage = ctl.accepted_per_pos[0], ctl.coverage
+    elif meta.weights != "real":
+        print(f"error: {path.name} has {meta.weights} weights: their acceptance is not real; give "
+              "--controlled alpha=A,coverage=C", file=sys.stderr)  # fmt: skip
         return 2
     pl = Planner(profile, path.stem)
     inp = pl.resolve_inputs(a.itl_ms, None, a.isl, a.osl, None, None, 1.0, None)
-    planned = planned_schedule(pl, inp, a.method, 1)
+    planned = planned_schedule(pl, inp, a.method, 1, alpha, coverage)
     if planned is None:
         print(f"error: {path.name} needs tp=1 points for none and {a.method}", file=sys.stderr)
         return 2
@@ -86,21 +109,27 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     model = a.model or meta.model.name
     ks = sorted(k for k in fixed if k)
+    if a.fixed_k:
+        ks = [k for k in ks if k in {int(x) for x in a.fixed_k.split(",")}]
     configs = ["none", *(f"{a.method} k={k}" for k in ks), f"{a.method} schedule"]
+    acc = f"controlled {a.controlled}" if a.controlled else "the drafter's own acceptance"
     print(f"{path.name}: {meta.model.name} on {meta.hardware.gpu_name}; SLA {a.itl_ms:g} ms; isl {a.isl} "
-          f"osl {a.osl}; schedule {sched}", flush=True)  # fmt: skip
+          f"osl {a.osl}; {acc}; schedule {sched}", flush=True)  # fmt: skip
     rows: dict[str, dict[int, dict]] = {}
     for config in configs:
-        k = 0 if config == "none" else max(ks) if config.endswith("schedule") else int(config.split("=")[1])
+        if config == "none":
+            k = 0
+        else:
+            k = max(fixed) if config.endswith("schedule") else int(config.split("=")[1])
         port = _free_port()
         cmd = serve_command(
-            model, port, config, k, sched, max(conc), a.isl + longest_output(a.osl) + k + 2, meta
+            model, port, config, k, sched, max(conc), a.isl + longest_output(a.osl) + 2 * k + 2, meta, a
         )
         t0 = time.monotonic()
         with running_server(cmd, port, timeout_s=600) as url:
             for c in conc:
-                kc = k_at(sched, c) if config.endswith("schedule") else k
-                m = measure(url, model, c, a.isl, a.osl, a.waves, kc)
+                m = measure(url, model, c, a.isl, a.osl, a.waves, k)
+                m["k_run"] = k_at(sched, c) if config.endswith("schedule") else k
                 m["goodput"] = m["thr"] if m["itl_ms"] <= a.itl_ms else 0.0
                 rows.setdefault(config, {})[c] = m
                 print(f"  {config:>16} c={c:<3} ITL {m['itl_ms']:7.2f} ms  {m['thr']:8.1f} tok/s  "
@@ -119,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         cells += [f"{sg / best:.3f}" if best else "-", f"{sg / g['none']:.3f}" if g["none"] else "-"]
         print("| " + " | ".join(cells) + " |")
     if a.out:
-        Path(a.out).write_text(json.dumps({"schedule": sched, "sla_ms": a.itl_ms, "rows": rows}, indent=1))
+        out = {"schedule": sched, "sla_ms": a.itl_ms, "controlled": a.controlled, "rows": rows}
+        Path(a.out).write_text(json.dumps(out, indent=1))
     return 0
 
 
