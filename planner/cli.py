@@ -10,11 +10,15 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.cli_help import use_everywhere
 from planner.plan import PlanInputError, Planner
 from planner.priors import workloads
 from planner.profile import ProfileError, load_profile, save_profile
+
+if TYPE_CHECKING:
+    from planner.daemon import DaemonConfig
 
 
 def _sla_args(p: argparse.ArgumentParser, *, itl_required: bool = True) -> None:
@@ -31,6 +35,21 @@ def _sla_kwargs(a: argparse.Namespace) -> dict:
         itl_ms=a.itl_ms, ttft_ms=a.ttft_ms, isl=a.isl, osl=a.osl,
         request_rate=a.request_rate, max_gpus=a.max_gpus,
     )  # fmt: skip
+
+
+def _daemon_config(a: argparse.Namespace) -> DaemonConfig:
+    """The correction daemon's settings from the flags ``planner serve`` and ``planner daemon`` share."""
+    from planner.daemon import DaemonConfig
+
+    return DaemonConfig(
+        metrics_url=a.metrics_url,
+        interval_s=a.interval,
+        tp=a.tp,
+        method=a.method,
+        k=a.k,
+        smoothing=a.smoothing,
+        **_sla_kwargs(a),
+    )
 
 
 def _load_planner(path: str) -> Planner:
@@ -57,21 +76,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     from api.app import create_app
     from api.guard import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES
-    from planner.daemon import DaemonConfig
 
     daemon_cfg = None
     if a.metrics_url:
         if a.itl_ms is None:
             raise PlanInputError("--itl-ms", None, "is required with --metrics-url (the daemon's SLA)")
-        daemon_cfg = DaemonConfig(
-            metrics_url=a.metrics_url,
-            interval_s=a.interval,
-            tp=a.tp,
-            method=a.method,
-            k=a.k,
-            smoothing=a.smoothing,
-            **_sla_kwargs(a),
-        )
+        daemon_cfg = _daemon_config(a)
     api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV)
     if api_key is None and not a.read_only and a.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("planner.serve").warning(
@@ -104,18 +114,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_daemon(a: argparse.Namespace) -> int:
-    from planner.daemon import CorrectionDaemon, DaemonConfig, make_connector
+    from planner.daemon import CorrectionDaemon, make_connector
 
-    cfg = DaemonConfig(
-        metrics_url=a.metrics_url,
-        interval_s=a.interval,
-        tp=a.tp,
-        method=a.method,
-        k=a.k,
-        smoothing=a.smoothing,
-        **_sla_kwargs(a),
-    )
-    daemon = CorrectionDaemon(_load_planner(a.profile), cfg, make_connector(a.connector))
+    daemon = CorrectionDaemon(_load_planner(a.profile), _daemon_config(a), make_connector(a.connector))
     logging.getLogger("planner.daemon").info(
         "correcting %s for %s every %ss", daemon.state.running_config, a.metrics_url, a.interval
     )
