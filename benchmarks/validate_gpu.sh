@@ -23,15 +23,8 @@ set -uo pipefail
 OUT="${OUT:-runs/validate_gpu}"
 K="${K:-4}"
 mkdir -p "$OUT"
-export PYTHONPATH=. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-if ! python3 -c "import pydantic, fastapi, uvicorn, prometheus_client, yaml, tqdm" 2>/dev/null; then
-    python3 -m pip install -q --no-index --find-links .whl --find-links build/gpuwheels \
-        pydantic fastapi uvicorn prometheus_client pyyaml tqdm ||
-        { echo "validate_gpu: missing wheels for pydantic/fastapi/uvicorn in .whl/ (see the header)"; exit 3; }
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+# shellcheck source=benchmarks/gpu_host.sh
+source "$(dirname "$0")/gpu_host.sh"
 PROFILE="${PROFILE:-}"
 if [ -z "$PROFILE" ]; then
     PROFILE="$OUT/vicuna7b.json"

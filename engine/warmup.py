@@ -15,6 +15,7 @@ KV block free, an empty prefix cache.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,10 @@ from engine.spec.draft import DraftModelProposer
 from engine.synthetic import add_random_running, random_token_proposer
 
 if TYPE_CHECKING:
+    from engine.engine_config import EngineConfig
     from engine.llm_engine import LLMEngine
+
+log = logging.getLogger(__name__)
 
 
 STEPS_PER_SIZE = 2  # a draft model's first step catches the drafter up; the second is a steady step
@@ -67,6 +71,18 @@ def graph_counters(engine: LLMEngine) -> dict[str, GraphCounters]:
 def wants_warm_up(flag: bool | None, engine: LLMEngine) -> bool:
     """``--[no-]warm-up`` as given; not given: on a GPU, where graphs and Triton kernels exist."""
     return flag if flag is not None else engine.runner.device.type == "cuda"
+
+
+def serving_engine(config: EngineConfig, flag: bool | None) -> tuple[LLMEngine, WarmUpReport | None]:
+    """The engine ``engine serve`` runs (on its thread or in its core process): built from ``config``,
+    then warmed up where ``wants_warm_up(flag, ...)`` says so; the report is None when it was not."""
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(config)
+    if not wants_warm_up(flag, engine):
+        return engine, None
+    log.info("warming up: every CUDA-graph batch size up to max_num_seqs %d ...", config.max_num_seqs)
+    return engine, warm_up(engine)
 
 
 def warm_up(engine: LLMEngine, *, context: int = 64, seed: int = 0) -> WarmUpReport:

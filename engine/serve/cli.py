@@ -116,14 +116,12 @@ def _app(args: argparse.Namespace, config: EngineConfig, names: tuple[str, ...])
         if warm:
             log.info(warm)
         return app
-    from engine.llm_engine import LLMEngine
     from engine.serve.app import app_for_engine
-    from engine.warmup import wants_warm_up, warm_up
+    from engine.warmup import serving_engine
 
-    engine = LLMEngine(config)
-    if wants_warm_up(args.warm_up, engine):
-        log.info("warming up: every CUDA-graph batch size up to --max-num-seqs %d ...", args.max_num_seqs)
-        log.info(warm_up(engine).describe())
+    engine, report = serving_engine(config, args.warm_up)
+    if report is not None:
+        log.info(report.describe())
     return app_for_engine(
         engine, names[0], aliases=names[1:], num_spec_tokens=config.spec.k if config.spec else 0
     )

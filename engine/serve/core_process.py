@@ -65,19 +65,17 @@ def _core_main(config: EngineConfig, warm_up: bool | None, log_level: str, conn:
     """The child: build the engine, report, serve until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops the core
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from engine.llm_engine import LLMEngine
     from engine.serve.app import served_model_for
-    from engine.warmup import wants_warm_up
-    from engine.warmup import warm_up as run_warm_up
+    from engine.warmup import serving_engine
 
     try:
-        engine = LLMEngine(config)
-        report = run_warm_up(engine).describe() if wants_warm_up(warm_up, engine) else None
+        engine, report = serving_engine(config, warm_up)
     except EngineError as exc:
         conn.send(("error", str(exc)))
         return
     served = served_model_for(engine, config.model)
-    conn.send(("ready", CoreInfo(served.max_model_len, served.vocab_size, report)))
+    described = report.describe() if report is not None else None
+    conn.send(("ready", CoreInfo(served.max_model_len, served.vocab_size, described)))
     core = EngineCore(engine, MetricsRecorder())
     with contextlib.suppress(BrokenPipeError, OSError):
         core.run(lambda timeout: _child_receive(conn, timeout), conn.send)
