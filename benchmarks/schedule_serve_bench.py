@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixed-k", default=None, help="fixed k to run besides the schedule (default: all)")
     ap.add_argument("--draft-model", default=None, help="drafter for --method draft")
     ap.add_argument("--out", default=None, help="write the measurements as JSON here")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the configs --out holds at every concurrency; run the rest",
+    )
     a = ap.parse_args(argv)
 
     path = Path(a.profile)
@@ -116,7 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{path.name}: {meta.model.name} on {meta.hardware.gpu_name}; SLA {a.itl_ms:g} ms; isl {a.isl} "
           f"osl {a.osl}; {acc}; schedule {sched}", flush=True)  # fmt: skip
     rows: dict[str, dict[int, dict]] = {}
+    if a.resume and a.out and Path(a.out).exists():
+        earlier = json.loads(Path(a.out).read_text())
+        if earlier.get("schedule") == sched and earlier.get("sla_ms") == a.itl_ms:
+            rows = {cfg: {int(c): m for c, m in by_c.items()} for cfg, by_c in earlier["rows"].items()}
+        else:
+            print(f"note: {a.out} holds another schedule or SLA: measuring every config again", flush=True)
     for config in configs:
+        if set(conc) <= set(rows.get(config, {})):
+            print(f"  ({config}: kept from {a.out})", flush=True)
+            continue
         if config == "none":
             k = 0
         else:
@@ -135,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {config:>16} c={c:<3} ITL {m['itl_ms']:7.2f} ms  {m['thr']:8.1f} tok/s  "
                       f"{m['tokens_per_step']:.2f} tok/step", flush=True)  # fmt: skip
         print(f"  ({config}: {time.monotonic() - t0:.0f} s)", flush=True)
+        if a.out:  # after every server, so a run cut short keeps what it measured
+            out = {"schedule": sched, "sla_ms": a.itl_ms, "controlled": a.controlled, "rows": rows}
+            Path(a.out).write_text(json.dumps(out, indent=1))
 
     print()
     head = ["c", *configs, "sched k", "sched / best fixed", "sched / none"]
@@ -147,9 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         cells = [str(c), *(f"{g[cfg]:.0f}" for cfg in configs), str(k_at(sched, c))]
         cells += [f"{sg / best:.3f}" if best else "-", f"{sg / g['none']:.3f}" if g["none"] else "-"]
         print("| " + " | ".join(cells) + " |")
-    if a.out:
-        out = {"schedule": sched, "sla_ms": a.itl_ms, "controlled": a.controlled, "rows": rows}
-        Path(a.out).write_text(json.dumps(out, indent=1))
     return 0
 
 

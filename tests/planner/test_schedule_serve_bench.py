@@ -28,7 +28,9 @@ def test_random_weights_need_a_controlled_acceptance(tiny_profile: Path, capsys)
 
 
 @pytest.mark.slow
-def test_every_config_is_served_at_the_controlled_acceptance(tiny_profile: Path, tmp_path: Path) -> None:
+def test_every_config_is_served_at_the_controlled_acceptance(
+    tiny_profile: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "out.json"
     args = ["--profile", str(tiny_profile), "--itl-ms", "50", "--controlled", "alpha=0.9,coverage=1"]
     args += ["--concurrency", "1,2", "--isl", "64", "--osl", "16", "--out", str(out)]
@@ -45,3 +47,8 @@ def test_every_config_is_served_at_the_controlled_acceptance(tiny_profile: Path,
                 assert row["tokens_per_step"] == pytest.approx(1.0)
             else:
                 assert row["tokens_per_step"] > 1.5  # 1 + 0.9 + 0.81 at every step with k = 2
+    # a run resumed from a complete file starts no server and keeps every measurement
+    capsys.readouterr()
+    assert bench_main([*args, "--resume"]) == 0
+    assert capsys.readouterr().out.count("kept from") == 3
+    assert json.loads(out.read_text())["rows"] == result["rows"]
