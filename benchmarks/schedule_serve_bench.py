@@ -15,7 +15,7 @@ does) and the schedule is planned at the same acceptance. Servers run as validat
 caching, so every pass prefills its prompts.
 
     python benchmarks/schedule_serve_bench.py --profile runs/sched/smollm2.json --itl-ms 40 \
-        [--method ngram] [--concurrency 1,2,4,8] [--isl 256] [--osl 64] [--waves 2] [--out result.json]
+        [--method ngram] [--concurrency 1,2,4,8] [--isl 256] [--osl 64] [--waves 4] [--out result.json]
     python benchmarks/schedule_serve_bench.py --profile vicuna7b-h200.json --itl-ms 30 --method ngram \
         --controlled alpha=0.7,coverage=0.8 --fixed-k 2,4 --concurrency 1,4,16,64,128
 """
@@ -68,6 +68,56 @@ def measure(url: str, model: str, c: int, isl: int, osl: int, waves: int, k: int
     return {"itl_ms": statistics.mean(res.itl_ms()), "thr": res.throughput_per_gpu(1), "tokens_per_step": tps}
 
 
+def predicted_itl(ev, c: int) -> float | None:
+    """The planner's predicted mean ITL (ms) of ``ev`` at concurrency ``c``; None outside its range."""
+    lo, hi = int(ev.c[0]), int(ev.c[-1])
+    return float(ev.itl[c - lo]) if lo <= c <= hi else None
+
+
+def k_of(config: str, sched: list[list[int]], c: int) -> int:
+    """The k a config runs at concurrency ``c``."""
+    if config == "none":
+        return 0
+    return k_at(sched, c) if config.endswith("schedule") else int(config.split("=")[1])
+
+
+def print_tables(rows: dict, configs: list[str], conc: list[int], sched, fixed: dict, method: str) -> None:
+    """Goodput per config (with the schedule against the fixed config it runs at each concurrency: the same
+    configuration measured twice, i.e. the run-to-run spread), then measured vs predicted mean ITL."""
+    print()
+    head = ["c", *configs, "sched k", "sched / best fixed", "sched / none", "sched / same k"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for c in conc:
+        g = {cfg: rows[cfg][c]["goodput"] for cfg in configs}
+        sg = g[configs[-1]]
+        best = max(g[cfg] for cfg in configs[:-1])
+        k = k_at(sched, c)
+        same = g.get("none" if k == 0 else f"{method} k={k}")
+        cells = [str(c), *(f"{g[cfg]:.0f}" for cfg in configs), str(k)]
+        cells += [f"{sg / best:.3f}" if best else "-", f"{sg / g['none']:.3f}" if g["none"] else "-"]
+        cells.append(f"{sg / same:.3f}" if same else "-")
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print("measured mean ITL ms (error of the planner's prediction)")
+    print("| c | " + " | ".join(configs) + " |")
+    print("|" + "---|" * (len(configs) + 1))
+    errors: dict[str, list[float]] = {cfg: [] for cfg in configs}
+    for c in conc:
+        cells = [str(c)]
+        for cfg in configs:
+            meas = rows[cfg][c]["itl_ms"]
+            pred = predicted_itl(fixed[k_of(cfg, sched, c)], c)
+            if pred is None:
+                cells.append(f"{meas:.2f} (-)")
+                continue
+            errors[cfg].append(meas / pred - 1)
+            cells.append(f"{meas:.2f} ({errors[cfg][-1]:+.1%})")
+        print("| " + " | ".join(cells) + " |")
+    summary = [f"{cfg} {statistics.median(abs(e) for e in errs):.1%}" for cfg, errs in errors.items() if errs]
+    print("median |ITL error|: " + ", ".join(summary))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", required=True, help="a measured real-weights profile with none and --method")
@@ -77,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default=None, help="e.g. 1,2,4,8 (default: the profile's)")
     ap.add_argument("--isl", type=int, default=256, help="input length (default 256)")
     ap.add_argument("--osl", type=int, default=64, help="output tokens per request (default 64)")
-    ap.add_argument("--waves", type=int, default=2, help="closed-loop rounds per point (default 2)")
+    ap.add_argument(
+        "--waves",
+        type=int,
+        default=4,
+        help="closed-loop rounds per point (default 4: fewer leave the later waves without arrivals)",
+    )
     ap.add_argument(
         "--controlled", default=None, help="alpha=A,coverage=C: the controlled drafter at that acceptance"
     )
@@ -153,17 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             out = {"schedule": sched, "sla_ms": a.itl_ms, "controlled": a.controlled, "rows": rows}
             Path(a.out).write_text(json.dumps(out, indent=1))
 
-    print()
-    head = ["c", *configs, "sched k", "sched / best fixed", "sched / none"]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for c in conc:
-        g = {cfg: rows[cfg][c]["goodput"] for cfg in configs}
-        sg = g[configs[-1]]
-        best = max(g[cfg] for cfg in configs[:-1])
-        cells = [str(c), *(f"{g[cfg]:.0f}" for cfg in configs), str(k_at(sched, c))]
-        cells += [f"{sg / best:.3f}" if best else "-", f"{sg / g['none']:.3f}" if g["none"] else "-"]
-        print("| " + " | ".join(cells) + " |")
+    print_tables(rows, configs, conc, sched, fixed, a.method)
     return 0
 
 
