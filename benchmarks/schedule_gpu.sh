@@ -8,7 +8,8 @@
 # Knobs: SLA_MS (default 20), CONC (default 1,2,4,8,16,32,64,128), FIXED_K (default 2,4: two servers
 # of fixed k; issue 14's target compares with every fixed k, FIXED_K=1,2,3,4,5, seven servers), CONTROLLED
 # (default alpha=0.7,coverage=0.8), ISL (default 384), OSL (default 64), PROFILE (skip the sweep), RESUME=1
-# (keep the configs $OUT/schedule.json already holds, run the rest), WAVES (closed-loop rounds per
+# (keep the configs $OUT/schedule.json already holds, run the rest), REPEATS (measurements of every
+# concurrency per server, default 1; the median is kept), WAVES (closed-loop rounds per
 # point, default 4; seven servers at 4 take two calls of 600 s: the second with RESUME=1).
 # pydantic/fastapi/uvicorn travel as wheels in .whl/ (see benchmarks/validate_gpu.sh's header).
 set -uo pipefail
@@ -30,6 +31,7 @@ if [ -z "$PROFILE" ]; then
 fi
 timeout "${BENCH_LIMIT_S:-480}" python3 benchmarks/schedule_serve_bench.py --profile "$PROFILE" \
     --method ngram --itl-ms "${SLA_MS:-20}" --controlled "${CONTROLLED:-alpha=0.7,coverage=0.8}" \
-    --fixed-k "${FIXED_K:-2,4}" --concurrency "$CONC" --isl "${ISL:-384}" --osl "${OSL:-64}" --waves "${WAVES:-4}" \
+    --fixed-k "${FIXED_K:-2,4}" --concurrency "$CONC" --isl "${ISL:-384}" --osl "${OSL:-64}" \
+    --waves "${WAVES:-4}" --repeats "${REPEATS:-1}" \
     --out "$OUT/schedule.json" ${RESUME:+--resume} 2>&1 | tee "$OUT/schedule.txt"
 exit "${PIPESTATUS[0]}"

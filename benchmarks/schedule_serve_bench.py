@@ -12,7 +12,10 @@ With real weights, speculation is the engine's real drafter (acceptance is what 
 random-weight profile accepts nothing, so it needs ``--controlled alpha=A,coverage=C``: every server runs
 the controlled drafter at that acceptance (``engine serve --spec-controlled``, as ``profiler validate``
 does) and the schedule is planned at the same acceptance. Servers run as validate's do: no prefix
-caching, so every pass prefills its prompts.
+caching, so every pass prefills its prompts. ``--repeats N`` measures every concurrency N times per server
+(rounds over the concurrency list) and keeps the median; the table's "repeat spread" is the largest
+(max - min) / median of throughput over the configs at that concurrency, and "sched / same k" compares the
+schedule with the fixed-k server that runs its k there (one configuration on two servers).
 
     python benchmarks/schedule_serve_bench.py --profile runs/sched/smollm2.json --itl-ms 40 \
         [--method ngram] [--concurrency 1,2,4,8] [--isl 256] [--osl 64] [--waves 4] [--out result.json]
@@ -68,6 +71,20 @@ def measure(url: str, model: str, c: int, isl: int, osl: int, waves: int, k: int
     return {"itl_ms": statistics.mean(res.itl_ms()), "thr": res.throughput_per_gpu(1), "tokens_per_step": tps}
 
 
+def median_of(reps: list[dict]) -> dict:
+    """Median ITL, throughput and tokens per step of repeated measurements of one point, with the
+    throughput's spread ((max - min) / median; 0 for one measurement) and the repeats themselves."""
+    thr = [r["thr"] for r in reps]
+    med = statistics.median(thr)
+    return {
+        "itl_ms": statistics.median(r["itl_ms"] for r in reps),
+        "thr": med,
+        "tokens_per_step": statistics.median(r["tokens_per_step"] for r in reps),
+        "thr_spread": (max(thr) - min(thr)) / med if med else 0.0,
+        "repeats": reps,
+    }
+
+
 def predicted_itl(ev, c: int) -> float | None:
     """The planner's predicted mean ITL (ms) of ``ev`` at concurrency ``c``; None outside its range."""
     lo, hi = int(ev.c[0]), int(ev.c[-1])
@@ -85,7 +102,7 @@ def print_tables(rows: dict, configs: list[str], conc: list[int], sched, fixed: 
     """Goodput per config (with the schedule against the fixed config it runs at each concurrency: the same
     configuration measured twice, i.e. the run-to-run spread), then measured vs predicted mean ITL."""
     print()
-    head = ["c", *configs, "sched k", "sched / best fixed", "sched / none", "sched / same k"]
+    head = ["c", *configs, "sched k", "sched / best fixed", "sched / none", "sched / same k", "repeat spread"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for c in conc:
@@ -97,6 +114,8 @@ def print_tables(rows: dict, configs: list[str], conc: list[int], sched, fixed: 
         cells = [str(c), *(f"{g[cfg]:.0f}" for cfg in configs), str(k)]
         cells += [f"{sg / best:.3f}" if best else "-", f"{sg / g['none']:.3f}" if g["none"] else "-"]
         cells.append(f"{sg / same:.3f}" if same else "-")
+        spreads = [rows[cfg][c]["thr_spread"] for cfg in configs if len(rows[cfg][c].get("repeats", [])) > 1]
+        cells.append(f"{max(spreads):.1%}" if spreads else "-")  # the largest over configs at this c
         print("| " + " | ".join(cells) + " |")
     print()
     print("measured mean ITL ms (error of the planner's prediction)")
@@ -138,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--fixed-k", default=None, help="fixed k to run besides the schedule (default: all)")
     ap.add_argument("--draft-model", default=None, help="drafter for --method draft")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="measure every concurrency this many times per server (median)"
+    )
     ap.add_argument("--out", default=None, help="write the measurements as JSON here")
     ap.add_argument(
         "--resume",
@@ -145,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the configs --out holds at every concurrency; run the rest",
     )
     a = ap.parse_args(argv)
+    if a.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {a.repeats}")
 
     path = Path(a.profile)
     profile = load_profile(path)
@@ -195,14 +219,19 @@ def main(argv: list[str] | None = None) -> int:
             model, port, config, k, sched, max(conc), a.isl + longest_output(a.osl) + 2 * k + 2, meta, a
         )
         t0 = time.monotonic()
+        reps: dict[int, list[dict]] = {c: [] for c in conc}
         with running_server(cmd, port, timeout_s=600) as url:
-            for c in conc:
-                m = measure(url, model, c, a.isl, a.osl, a.waves, k)
-                m["k_run"] = k_at(sched, c) if config.endswith("schedule") else k
-                m["goodput"] = m["thr"] if m["itl_ms"] <= a.itl_ms else 0.0
-                rows.setdefault(config, {})[c] = m
-                print(f"  {config:>16} c={c:<3} ITL {m['itl_ms']:7.2f} ms  {m['thr']:8.1f} tok/s  "
-                      f"{m['tokens_per_step']:.2f} tok/step", flush=True)  # fmt: skip
+            for _ in range(a.repeats):  # rounds over the concurrencies: a slow drift shows as spread
+                for c in conc:
+                    m = measure(url, model, c, a.isl, a.osl, a.waves, k)
+                    reps[c].append(m)
+                    print(f"  {config:>16} c={c:<3} ITL {m['itl_ms']:7.2f} ms  {m['thr']:8.1f} tok/s  "
+                          f"{m['tokens_per_step']:.2f} tok/step", flush=True)  # fmt: skip
+        for c in conc:
+            m = median_of(reps[c])
+            m["k_run"] = k_at(sched, c) if config.endswith("schedule") else k
+            m["goodput"] = m["thr"] if m["itl_ms"] <= a.itl_ms else 0.0
+            rows.setdefault(config, {})[c] = m
         print(f"  ({config}: {time.monotonic() - t0:.0f} s)", flush=True)
         if a.out:  # after every server, so a run cut short keeps what it measured
             out = {"schedule": sched, "sla_ms": a.itl_ms, "controlled": a.controlled, "rows": rows}

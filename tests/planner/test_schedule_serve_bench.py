@@ -33,7 +33,8 @@ def test_every_config_is_served_at_the_controlled_acceptance(
 ) -> None:
     out = tmp_path / "out.json"
     args = ["--profile", str(tiny_profile), "--itl-ms", "50", "--controlled", "alpha=0.9,coverage=1"]
-    args += ["--concurrency", "1,2", "--isl", "64", "--osl", "16", "--waves", "2", "--out", str(out)]
+    args += ["--concurrency", "1,2", "--isl", "64", "--osl", "16", "--waves", "2", "--repeats", "2"]
+    args += ["--out", str(out)]
     assert bench_main(args) == 0
     result = json.loads(out.read_text())
     assert result["controlled"] == "alpha=0.9,coverage=1"
@@ -41,6 +42,9 @@ def test_every_config_is_served_at_the_controlled_acceptance(
     for config, rows in result["rows"].items():
         assert set(rows) == {"1", "2"}
         for row in rows.values():
+            assert len(row["repeats"]) == 2 and row["thr"] == pytest.approx(
+                (row["repeats"][0]["thr"] + row["repeats"][1]["thr"]) / 2
+            )  # the median of two
             assert math.isfinite(row["itl_ms"]) and row["itl_ms"] > 0 and row["thr"] > 0
             # random weights accept nothing by themselves: drafts are kept only at the controlled rate
             if config == "none" or row["k_run"] == 0:
