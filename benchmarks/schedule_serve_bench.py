@@ -137,7 +137,7 @@ def print_tables(rows: dict, configs: list[str], conc: list[int], sched, fixed: 
     print("median |ITL error|: " + ", ".join(summary))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", required=True, help="a measured real-weights profile with none and --method")
     ap.add_argument("--model", default=None, help="engine serve --model (default: the profile's model)")
@@ -169,7 +169,45 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {a.repeats}")
+    return a
 
+
+def earlier_rows(a: argparse.Namespace, sched: list[list[int]]) -> dict[str, dict[int, dict]]:
+    """With ``--resume``: the rows ``--out`` already holds, when measured for this schedule and SLA."""
+    if not (a.resume and a.out and Path(a.out).exists()):
+        return {}
+    earlier = json.loads(Path(a.out).read_text())
+    if earlier.get("schedule") != sched or earlier.get("sla_ms") != a.itl_ms:
+        print(f"note: {a.out} holds another schedule or SLA: measuring every config again", flush=True)
+        return {}
+    return {cfg: {int(c): m for c, m in by_c.items()} for cfg, by_c in earlier["rows"].items()}
+
+
+def serve_and_measure(config: str, k: int, sched, conc: list[int], model: str, meta, a) -> dict[int, dict]:
+    """One `engine serve` for ``config`` (its largest k is ``k``), every concurrency ``a.repeats`` times:
+    the row per concurrency (medians, goodput at the SLA, the k it ran)."""
+    port = _free_port()
+    max_len = a.isl + longest_output(a.osl) + 2 * k + 2
+    cmd = serve_command(model, port, config, k, sched, max(conc), max_len, meta, a)
+    reps: dict[int, list[dict]] = {c: [] for c in conc}
+    with running_server(cmd, port, timeout_s=600) as url:
+        for _ in range(a.repeats):  # rounds over the concurrencies: a slow drift shows as spread
+            for c in conc:
+                m = measure(url, model, c, a.isl, a.osl, a.waves, k)
+                reps[c].append(m)
+                print(f"  {config:>16} c={c:<3} ITL {m['itl_ms']:7.2f} ms  {m['thr']:8.1f} tok/s  "
+                      f"{m['tokens_per_step']:.2f} tok/step", flush=True)  # fmt: skip
+    rows = {}
+    for c in conc:
+        m = median_of(reps[c])
+        m["k_run"] = k_of(config, sched, c)
+        m["goodput"] = m["thr"] if m["itl_ms"] <= a.itl_ms else 0.0
+        rows[c] = m
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     path = Path(a.profile)
     profile = load_profile(path)
     meta = profile.metadata
@@ -199,39 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     acc = f"controlled {a.controlled}" if a.controlled else "the drafter's own acceptance"
     print(f"{path.name}: {meta.model.name} on {meta.hardware.gpu_name}; SLA {a.itl_ms:g} ms; isl {a.isl} "
           f"osl {a.osl}; {acc}; schedule {sched}", flush=True)  # fmt: skip
-    rows: dict[str, dict[int, dict]] = {}
-    if a.resume and a.out and Path(a.out).exists():
-        earlier = json.loads(Path(a.out).read_text())
-        if earlier.get("schedule") == sched and earlier.get("sla_ms") == a.itl_ms:
-            rows = {cfg: {int(c): m for c, m in by_c.items()} for cfg, by_c in earlier["rows"].items()}
-        else:
-            print(f"note: {a.out} holds another schedule or SLA: measuring every config again", flush=True)
+    rows = earlier_rows(a, sched)
     for config in configs:
         if set(conc) <= set(rows.get(config, {})):
             print(f"  ({config}: kept from {a.out})", flush=True)
             continue
-        if config == "none":
-            k = 0
-        else:
-            k = max(fixed) if config.endswith("schedule") else int(config.split("=")[1])
-        port = _free_port()
-        cmd = serve_command(
-            model, port, config, k, sched, max(conc), a.isl + longest_output(a.osl) + 2 * k + 2, meta, a
-        )
         t0 = time.monotonic()
-        reps: dict[int, list[dict]] = {c: [] for c in conc}
-        with running_server(cmd, port, timeout_s=600) as url:
-            for _ in range(a.repeats):  # rounds over the concurrencies: a slow drift shows as spread
-                for c in conc:
-                    m = measure(url, model, c, a.isl, a.osl, a.waves, k)
-                    reps[c].append(m)
-                    print(f"  {config:>16} c={c:<3} ITL {m['itl_ms']:7.2f} ms  {m['thr']:8.1f} tok/s  "
-                          f"{m['tokens_per_step']:.2f} tok/step", flush=True)  # fmt: skip
-        for c in conc:
-            m = median_of(reps[c])
-            m["k_run"] = k_at(sched, c) if config.endswith("schedule") else k
-            m["goodput"] = m["thr"] if m["itl_ms"] <= a.itl_ms else 0.0
-            rows.setdefault(config, {})[c] = m
+        k = max(fixed) if config.endswith("schedule") else k_of(config, sched, 0)
+        rows[config] = serve_and_measure(config, k, sched, conc, model, meta, a)
         print(f"  ({config}: {time.monotonic() - t0:.0f} s)", flush=True)
         if a.out:  # after every server, so a run cut short keeps what it measured
             out = {"schedule": sched, "sla_ms": a.itl_ms, "controlled": a.controlled, "rows": rows}
