@@ -18,7 +18,7 @@
 # The GPU host has torch, triton, httpx, scipy but not pydantic/fastapi/uvicorn: they travel as wheels
 # in .whl/ (ignored by git; carry it). Fill it on a machine with network access for the host's Python:
 #   pip download -d .whl --only-binary=:all: --python-version 3.12 pydantic fastapi uvicorn \
-#       prometheus_client pyyaml tqdm
+#       prometheus_client pyyaml tqdm openai   (openai: only for running tests/engine/serve there)
 set -uo pipefail
 OUT="${OUT:-runs/validate_gpu}"
 K="${K:-4}"
