@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -41,7 +42,7 @@ from schedule_bench import planned_schedule  # noqa: E402
 from engine.spec.controlled import ControlledAcceptance  # noqa: E402
 from planner.plan import Planner  # noqa: E402
 from planner.profile import load_profile  # noqa: E402
-from planner.schedule import k_at  # noqa: E402
+from planner.schedule import KCurve, k_at  # noqa: E402
 from profiler.validate import _free_port, longest_output, running_server, warm_then_measure  # noqa: E402
 
 
@@ -86,9 +87,10 @@ def median_of(reps: list[dict]) -> dict:
 
 
 def predicted_itl(ev, c: int) -> float | None:
-    """The planner's predicted mean ITL (ms) of ``ev`` at concurrency ``c``; None outside its range."""
-    lo, hi = int(ev.c[0]), int(ev.c[-1])
-    return float(ev.itl[c - lo]) if lo <= c <= hi else None
+    """The planner's predicted mean ITL (ms) of ``ev`` at concurrency ``c``, read as the schedule reads it
+    (``KCurve.itl_at``); None outside the measured range or beyond what KV holds."""
+    itl = KCurve(ev.c, ev.itl, ev.c_kv).itl_at(c)
+    return itl if math.isfinite(itl) else None
 
 
 def k_of(config: str, sched: list[list[int]], c: int) -> int:
